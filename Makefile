@@ -1,0 +1,49 @@
+# The embedded default: a venv in .venv, a sqlite Dagster instance in .dagster_home, artifacts in
+# .artifacts. `make quickstart` sets everything up and materializes the whole graph;
+# `make test` runs the tests (what .ci/run calls).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+UI_PORT ?= 3000
+
+.PHONY: quickstart install test test-fast ui plan bench clean
+
+$(BIN)/llm-assets: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is named first and pinned: pip then takes the CPU build and never pulls CUDA.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/llm-assets
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+quickstart: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/llm-assets plan
+	$(BIN)/llm-assets materialize
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
+
+plan: install
+	$(BIN)/llm-assets plan
+
+bench: install
+	$(BIN)/python bench/cache_rematerialize.py
+	$(BIN)/python bench/store_throughput.py
+
+clean:
+	rm -rf .dagster_home .artifacts .alerts

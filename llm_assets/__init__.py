@@ -1,0 +1,1 @@
+"""llm-assets: the lifecycle of a language model as one Dagster asset graph."""

@@ -1,0 +1,137 @@
+"""Fingerprints and early cutoff: the one way every asset turns work into a stored artifact.
+
+An asset body calls :func:`materialize_artifact` with its recipe, its input handles and a
+``build`` function that writes files into a directory. If the same fingerprint was built before
+and its object still verifies, the stored artifact is returned without calling ``build``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import BaseModel
+
+from resources.artifact_store import ArtifactStore
+from resources.handles import (
+    META_FINGERPRINT,
+    META_INPUTS,
+    ArtifactHandle,
+    handle_metadata,
+)
+
+Inputs = Mapping[str, ArtifactHandle | Mapping[str, ArtifactHandle]]
+BuildFn = Callable[[Path], Mapping[str, Any] | None]
+
+
+def canonical_json(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def flatten_inputs(inputs: Inputs) -> list[ArtifactHandle]:
+    """Every input handle, sorted by (asset, partition) so order of arguments never matters."""
+    handles: list[ArtifactHandle] = []
+    for value in inputs.values():
+        handles.extend(value.values() if isinstance(value, Mapping) else [value])
+    return sorted(handles, key=lambda h: (h.asset, h.partition or ""))
+
+
+def fingerprint(
+    asset: str,
+    partition: str | None,
+    code_version: str | None,
+    config: Any,
+    input_hashes: list[str],
+) -> str:
+    """sha256 of everything that determines an artifact: same fingerprint, same artifact."""
+    body = {
+        "asset": asset,
+        "partition": partition,
+        "code_version": code_version,
+        "config": json.loads(canonical_json(config)),
+        "inputs": sorted(input_hashes),
+    }
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def materialize_artifact(
+    context: dg.AssetExecutionContext,
+    store: ArtifactStore,
+    *,
+    kind: str,
+    build: BuildFn,
+    config: Any = None,
+    inputs: Inputs | None = None,
+) -> dg.Output[ArtifactHandle]:
+    """Build (or reuse) this asset partition's artifact and describe it for the UI.
+
+    ``config`` must hold everything outside the inputs that changes the result: the recipe,
+    and for assets that read external files, a signature of those files. ``build`` writes the
+    artifact's files into the directory it is given and may return extra metadata (JSON-able
+    values or Dagster ``MetadataValue``s); that metadata is cached with the artifact.
+    """
+    started = time.perf_counter()
+    asset = context.asset_key.to_user_string()
+    partition = context.partition_key if context.has_partition_key else None
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    handles = flatten_inputs(inputs or {})
+    fp = fingerprint(asset, partition, code_version, config, [h.sha256 for h in handles])
+
+    cached = store.index_lookup(asset, partition, fp)
+    cache_hit = False
+    if cached is not None:
+        report = store.verify(cached["artifact"])
+        if report.ok:
+            cache_hit = True
+            ref = store.ref(cached["artifact"])
+            extra = dg.deserialize_value(cached["metadata"]) if cached.get("metadata") else {}
+            context.log.info(f"{asset}: cache hit for fingerprint {fp[:12]} -> {ref.sha256[:12]}")
+        else:
+            context.log.warning(
+                f"{asset}: cached artifact {cached['artifact'][:12]} failed verification "
+                f"({'; '.join(report.problems)}); rebuilding"
+            )
+    if not cache_hit:
+        with store.staging_dir() as workdir:
+            extra = dict(build(workdir) or {})
+            ref = store.put_dir(workdir, move=True, progress=_progress_logger(context, asset))
+        store.index_record(asset, partition, fp, ref.sha256, dg.serialize_value(extra))
+
+    handle = ArtifactHandle(
+        asset=asset, partition=partition, kind=kind, sha256=ref.sha256, uri=ref.uri, bytes=ref.bytes
+    )
+    metadata = {
+        **handle_metadata(handle),
+        "files": ref.files,
+        META_FINGERPRINT: fp,
+        META_INPUTS: dg.MetadataValue.json([h.as_input_record() for h in handles]),
+        "code_version": code_version or "",
+        "cache_hit": cache_hit,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        **extra,
+    }
+    with warnings.catch_warnings():
+        # data_version on Output is marked beta; it is the hook Dagster's staleness runs on.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(handle, data_version=dg.DataVersion(ref.sha256), metadata=metadata)
+
+
+def _progress_logger(context: dg.AssetExecutionContext, asset: str) -> Callable[[str, int, int], None]:
+    """Log store writes at most every 10% so long uploads show progress without flooding."""
+    state = {"next": 0.1}
+
+    def report(path: str, done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        if fraction >= state["next"] or done == total:
+            context.log.info(f"{asset}: stored {done / 1e6:.1f}/{total / 1e6:.1f} MB ({path})")
+            state["next"] = fraction + 0.1
+
+    return report

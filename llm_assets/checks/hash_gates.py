@@ -1,0 +1,136 @@
+"""Hash gates, generated for every artifact asset rather than written by hand.
+
+- ``artifact_integrity``: re-hash the stored object of each materialization under check and
+  compare with its manifest. A flipped byte fails it and names the file.
+- ``input_chain`` (assets with parents only): the input hashes a materialization recorded are
+  the parents' current hashes. A downstream artifact built from a parent that has since
+  changed fails it and names the parent.
+
+Both are blocking with severity ERROR: a failure skips every downstream step of the same run.
+
+Which materializations a check looks at: those of its asset in the current run; in a run that
+only executes checks, the run's partition, or every partition when the run has none.
+"""
+
+
+from collections.abc import Iterable
+
+import dagster as dg
+
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import (
+    ArtifactHandle,
+    current_handles,
+    input_records,
+    latest_materializations,
+    materializations_in_run,
+)
+
+INTEGRITY = "artifact_integrity"
+INPUT_CHAIN = "input_chain"
+_MAX_LISTED = 20
+
+
+def _under_check(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey) -> list[dg.AssetMaterialization]:
+    in_run = materializations_in_run(context.instance, context.run.run_id, asset_key)
+    if in_run:
+        return in_run
+    partition = context.run.tags.get("dagster/partition")
+    partitions = [partition] if partition else None
+    return list(latest_materializations(context.instance, asset_key, partitions).values())
+
+
+def _label(mat: dg.AssetMaterialization) -> str:
+    name = mat.asset_key.to_user_string()
+    return name if mat.partition is None else f"{name}[{mat.partition}]"
+
+
+def _result(checked: list[dg.AssetMaterialization], problems: list[str], what: str) -> dg.AssetCheckResult:
+    if not checked:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="nothing to check: the asset has no materialization; materialize it first",
+        )
+    return dg.AssetCheckResult(
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(f"{len(checked)} {what} verified" if not problems else "\n".join(problems[:_MAX_LISTED])),
+        metadata={
+            "checked": len(checked),
+            "failures": len(problems),
+            "partitions": dg.MetadataValue.json(sorted(m.partition or "" for m in checked)[:200]),
+        },
+    )
+
+
+def _integrity_check(asset_key: dg.AssetKey) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=asset_key,
+        name=INTEGRITY,
+        blocking=True,
+        description="Re-hashes the stored artifact and compares every file with its manifest.",
+    )
+    def artifact_integrity(
+        context: dg.AssetCheckExecutionContext, artifact_store: ArtifactStoreResource
+    ) -> dg.AssetCheckResult:
+        store = artifact_store.get_store()
+        checked = _under_check(context, asset_key)
+        problems = []
+        for mat in checked:
+            handle = ArtifactHandle.from_materialization(mat)
+            report = store.verify(handle.sha256)
+            problems.extend(f"{_label(mat)} ({handle.sha256[:12]}): {p}" for p in report.problems)
+        return _result(checked, problems, "artifact(s)")
+
+    return artifact_integrity
+
+
+def _input_chain_check(asset_key: dg.AssetKey, parents: Iterable[dg.AssetKey]) -> dg.AssetChecksDefinition:
+    parent_keys = sorted(parents, key=lambda k: k.to_user_string())
+
+    @dg.asset_check(
+        asset=asset_key,
+        name=INPUT_CHAIN,
+        blocking=True,
+        description=(
+            "The input hashes each materialization consumed are its parents' current hashes: "
+            + ", ".join(k.to_user_string() for k in parent_keys)
+        ),
+    )
+    def input_chain(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        checked = _under_check(context, asset_key)
+        current = {
+            key.to_user_string(): current_handles(context.instance, key) for key in parent_keys
+        }
+        problems = []
+        for mat in checked:
+            records = input_records(mat)
+            consumed = {r["asset"] for r in records}
+            for missing in sorted(set(current) - consumed):
+                problems.append(f"{_label(mat)}: recorded no input from parent {missing}")
+            for record in records:
+                parent = current.get(record["asset"], {}).get(record["partition"])
+                name = record["asset"] + (f"[{record['partition']}]" if record["partition"] else "")
+                if parent is None:
+                    problems.append(f"{_label(mat)}: consumed {name}, which has no current materialization")
+                elif parent.sha256 != record["sha256"]:
+                    problems.append(
+                        f"{_label(mat)}: consumed {name} {record['sha256'][:12]} but its current "
+                        f"hash is {parent.sha256[:12]}; rematerialize {_label(mat)}"
+                    )
+        return _result(checked, problems, "input chain(s)")
+
+    return input_chain
+
+
+def build_hash_gates(assets: Iterable[dg.AssetsDefinition]) -> list[dg.AssetChecksDefinition]:
+    """Integrity gates for every asset, input-chain gates for every asset that has parents."""
+    checks = []
+    for assets_def in assets:
+        for key in assets_def.keys:
+            checks.append(_integrity_check(key))
+            parents = assets_def.asset_deps.get(key, set())
+            if parents:
+                checks.append(_input_chain_check(key, parents))
+    return checks

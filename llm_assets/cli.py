@@ -1,0 +1,135 @@
+"""`llm-assets`: plan a pipeline and materialize its asset graph."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from llm_assets.manifest import ManifestError, PipelineManifest, load_manifest
+from llm_assets.settings import PROJECT_ROOT
+
+EXIT_OK, EXIT_FAILED, EXIT_OVER_BUDGET = 0, 1, 2
+
+
+def ensure_dagster_home() -> Path:
+    """Use $DAGSTER_HOME, defaulting to .dagster_home/ in the checkout with our dagster.yaml."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", config)
+    return home
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def estimate_rows(manifest: PipelineManifest) -> list[dict]:
+    """Compute estimate per training stage and partition: FLOPs = 6·N·D."""
+    rows = []
+    recipe = manifest.stages.pretrain
+    if recipe is not None:
+        budget = manifest.budget
+        for size, spec in manifest.model_sizes.items():
+            n, d = spec.matmul_parameters(), recipe.tokens()
+            flops = 6 * n * d
+            gpu_hours = flops / (budget.peak_flops_per_gpu * budget.assumed_mfu) / 3600
+            rows.append({
+                "stage": "pretrain", "partition": size, "params": n, "tokens": d,
+                "flops": flops, "gpu_hours": gpu_hours, "usd": gpu_hours * budget.usd_per_gpu_hour,
+            })
+    return rows
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        print(f"manifest error:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
+    from llm_assets.definitions import build_definitions
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    print(f"pipeline {manifest.name!r} from {args.manifest}: valid\n")
+    print(f"asset graph ({len(graph.materializable_asset_keys)} assets, {len(graph.asset_check_keys)} checks):")
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        parents = ", ".join(sorted(p.to_user_string() for p in node.parent_keys)) or "(source)"
+        partitions = getattr(node.partitions_def, "name", None) or ("static" if node.partitions_def else "-")
+        checks = ", ".join(sorted(c.name for c in node.check_keys))
+        print(f"  {key.to_user_string():<22} <- {parents:<28} partitions: {partitions:<14} checks: {checks}")
+
+    rows = estimate_rows(manifest)
+    budget = manifest.budget
+    print("\nestimated compute (FLOPs = 6·N·D; GPU-hours at "
+          f"{budget.assumed_mfu:.0%} MFU of {_human(budget.peak_flops_per_gpu)}FLOP/s; "
+          f"${budget.usd_per_gpu_hour}/GPU-hour):")
+    print(f"  {'stage':<10} {'partition':<12} {'N params':>10} {'D tokens':>10} {'FLOPs':>10} {'GPU-h':>10} {'USD':>10}")
+    for r in rows:
+        print(f"  {r['stage']:<10} {r['partition']:<12} {_human(r['params']):>10} {_human(r['tokens']):>10} "
+              f"{_human(r['flops']):>10} {r['gpu_hours']:>10.4f} {r['usd']:>10.4f}")
+    print("  data stages run on CPU and are not charged GPU time")
+    total = sum(r["usd"] for r in rows)
+    print(f"\ntotal estimate ${total:.4f} against a cap of ${budget.usd_cap:.2f}")
+    if total > budget.usd_cap:
+        print(
+            f"refused: the estimate exceeds budget.usd_cap by ${total - budget.usd_cap:.2f}; "
+            "shrink the sweep or raise the cap in the manifest", file=sys.stderr,
+        )
+        return EXIT_OVER_BUDGET
+    return EXIT_OK
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    ensure_dagster_home()
+    os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
+    try:
+        load_manifest(args.manifest)
+    except ManifestError as exc:
+        print(f"manifest error:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    import dagster as dg
+
+    from llm_assets.definitions import build_definitions
+    from llm_assets.runner import materialize_graph
+
+    with dg.DagsterInstance.get() as instance:
+        result = materialize_graph(build_definitions(), instance, selection=args.select)
+    print(f"\n{'asset':<22} {'partition':<14} {'sha256':<14} {'cache':<6} {'seconds':>8}")
+    for o in result.outcomes:
+        print(f"{o.asset:<22} {o.partition or '-':<14} {o.sha256[:12]:<14} "
+              f"{'hit' if o.cache_hit else 'miss':<6} {o.seconds:>8.2f}")
+    print(f"\n{len(result.outcomes)} materialization(s), {result.cache_hits} cache hit(s), "
+          f"{result.seconds:.1f}s; instance at {os.environ['DAGSTER_HOME']}")
+    if not result.success:
+        print(f"FAILED runs: {', '.join(result.failed_runs)} (open the UI: make ui)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__)
+    parser.add_argument(
+        "--manifest", default=os.environ.get("LLM_ASSETS_MANIFEST", str(PROJECT_ROOT / "pipeline.yaml")),
+        help="pipeline manifest (default: $LLM_ASSETS_MANIFEST or pipeline.yaml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("plan", help="validate the manifest, print the DAG and the cost estimate")
+    mat = sub.add_parser("materialize", help="materialize the asset graph on the local instance")
+    mat.add_argument("--select", help="Dagster asset selection, e.g. 'key:raw_corpus+' (default: all)")
+    args = parser.parse_args(argv)
+    handler = {"plan": cmd_plan, "materialize": cmd_materialize}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

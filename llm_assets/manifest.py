@@ -1,0 +1,265 @@
+"""`pipeline.yaml`: the validated description of one pipeline.
+
+Every field is typed and unknown fields are refused, so a typo is an error, never a silent default.
+Errors name the file, the line and the dotted field path, and suggest the field that was probably
+meant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import dagster as dg
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MANIFEST_ENV = "LLM_ASSETS_MANIFEST"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PythonStdlibSource(Strict):
+    """The Python standard library of the running interpreter: sources and docstrings."""
+
+    kind: Literal["python_stdlib"]
+    name: str = "stdlib"
+    include_tests: bool = Field(False, description="Also ingest the stdlib's own test suite")
+    shard_mb: float = Field(2.0, gt=0, description="Target size of one raw shard, in MB of source")
+    min_docstring_chars: int = Field(
+        200, ge=0, description="Docstrings shorter than this are not ingested as documents of their own"
+    )
+
+
+Source = Annotated[PythonStdlibSource, Field(discriminator="kind")]
+# pydantic puts the discriminator's value in an error's location; it is no field of the file.
+_SOURCE_KINDS = {"python_stdlib"}
+
+
+class IngestRecipe(Strict):
+    max_doc_bytes: int = Field(
+        2_000_000, gt=0, description="Documents larger than this are split at line boundaries"
+    )
+
+
+class ModelSize(Strict):
+    """A decoder-only (Llama-style) architecture."""
+
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    max_seq_len: int = Field(gt=0)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSize:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % (self.num_kv_heads or self.num_heads):
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+    def matmul_parameters(self) -> int:
+        """Parameters touched by a matmul per token (transformer blocks + LM head): the N of 6·N·D."""
+        d, head_dim = self.hidden_size, self.hidden_size // self.num_heads
+        kv = (self.num_kv_heads or self.num_heads) * head_dim
+        attention = d * d * 2 + d * kv * 2
+        mlp = 3 * d * self.intermediate_size
+        return self.num_layers * (attention + mlp) + d * self.vocab_size
+
+
+class PretrainRecipe(Strict):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="Sequences per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    seq_len: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+    def tokens(self) -> int:
+        return self.steps * self.batch_size * self.grad_accum * self.seq_len
+
+
+class Stages(Strict):
+    ingest: IngestRecipe = IngestRecipe()
+    pretrain: PretrainRecipe | None = None
+
+
+class GateSpec(Strict):
+    """A numeric threshold, fixed before the run."""
+
+    min: float | None = None
+    max: float | None = None
+    blocking: bool = True
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GateSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs a threshold: set min, max or both")
+        return self
+
+
+class Budget(Strict):
+    usd_cap: float = Field(gt=0, description="Refuse plans whose estimate exceeds this")
+    usd_per_gpu_hour: float = Field(gt=0)
+    peak_flops_per_gpu: float = Field(gt=0, description="Peak FLOP/s of one accelerator (bf16)")
+    assumed_mfu: float = Field(gt=0, le=1, description="Model FLOPs utilisation assumed for estimates")
+
+
+class PipelineManifest(Strict):
+    version: Literal[1]
+    name: str
+    seed: int = 0
+    sources: list[Source] = Field(min_length=1)
+    stages: Stages = Stages()
+    model_sizes: dict[str, ModelSize] = Field(default_factory=dict)
+    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    budget: Budget
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> PipelineManifest:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used; the message names the file, line and field."""
+
+
+def _all_field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return set()
+    seen.add(model)
+    names = set(model.model_fields)
+    for info in model.model_fields.values():
+        for candidate in _types_in(info.annotation):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                names |= _all_field_names(candidate, seen)
+    return names
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None) or ()
+    metadata = getattr(annotation, "__metadata__", None)
+    found = [annotation]
+    if metadata is not None:
+        found += _types_in(annotation.__origin__)
+    for arg in args:
+        found += _types_in(arg)
+    return found
+
+
+def _node_at(root: yaml.Node, loc: tuple[Any, ...]) -> tuple[yaml.Node, bool]:
+    """The YAML node at a pydantic error location; the flag says whether it is a mapping key."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    node = value_node
+                    break
+            else:
+                return node, False
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node, False
+    return node, True
+
+
+def _key_node(root: yaml.Node, loc: tuple[Any, ...]) -> yaml.Node:
+    parent, _ = _node_at(root, loc[:-1])
+    if isinstance(parent, yaml.MappingNode):
+        for key_node, _ in parent.value:
+            if key_node.value == str(loc[-1]):
+                return key_node
+    return parent
+
+
+def _check_duplicate_keys(node: yaml.Node, path: Path) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.value in seen:
+                raise ManifestError(
+                    f"{path}:{key_node.start_mark.line + 1}: key {key_node.value!r} is repeated "
+                    f"(first at line {seen[key_node.value]}); a later value would silently win"
+                )
+            seen[key_node.value] = key_node.start_mark.line + 1
+            _check_duplicate_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path)
+
+
+def _format_error(path: Path, root: yaml.Node, error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if p not in _SOURCE_KINDS)
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        node = _key_node(root, loc)
+        close = difflib.get_close_matches(str(loc[-1]), sorted(_all_field_names(PipelineManifest)), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; remove it or check the spelling"
+        return f"{path}:{node.start_mark.line + 1}: unknown field {dotted!r}{hint}"
+    node, found = _node_at(root, loc)
+    line = node.start_mark.line + 1
+    if error["type"] == "missing" or not found:
+        return f"{path}:{line}: {dotted}: {error['msg'].lower()} (required field; add it)"
+    given = f" (got {error['input']!r})" if not isinstance(error.get("input"), (dict, list)) else ""
+    return f"{path}:{line}: {dotted}: {error['msg']}{given}"
+
+
+def load_manifest(path: str | Path) -> PipelineManifest:
+    """Parse and validate a manifest file; raise ManifestError naming file, line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest; pass --manifest or set ${MANIFEST_ENV}") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ManifestError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if root is None or not isinstance(data, dict):
+        raise ManifestError(f"{path}: the manifest must be a YAML mapping with version, name, sources, budget")
+    _check_duplicate_keys(root, path)
+    try:
+        return PipelineManifest.model_validate(data)
+    except ValidationError as exc:
+        messages = [_format_error(path, root, err) for err in exc.errors()]
+        raise ManifestError("\n".join(messages)) from None
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int) -> PipelineManifest:
+    return load_manifest(path)
+
+
+class PipelineResource(dg.ConfigurableResource):
+    """The pipeline manifest that every asset reads its recipe from."""
+
+    manifest_path: str = Field(description="Path of pipeline.yaml")
+
+    def load(self) -> PipelineManifest:
+        path = os.path.abspath(self.manifest_path)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no such manifest; set ${MANIFEST_ENV} or fix the resource config") from None
+        return _load_cached(path, mtime)

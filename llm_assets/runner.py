@@ -1,0 +1,143 @@
+"""Materialize the asset graph in-process on one Dagster instance: the embedded default's driver.
+
+In production the daemon, sensors and backfills launch runs. On a laptop this driver does the
+same work in order: it registers the corpus shards the landing sensor would find, then runs
+waves of assets that share a partitioning, one run per partition, with every check attached.
+A wave that fails stops the drive: its downstream would be blocked anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import dagster as dg
+
+from llm_assets.data.partitions import corpus_shards
+from llm_assets.data.sensors import landing_requests
+from llm_assets.manifest import PipelineResource
+
+RUN_TAG = "llm-assets/driver"
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    asset: str
+    partition: str | None
+    sha256: str
+    cache_hit: bool
+    seconds: float
+
+
+@dataclass
+class DriveResult:
+    success: bool
+    outcomes: list[StepOutcome]
+    failed_runs: list[str]
+    seconds: float
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(o.cache_hit for o in self.outcomes)
+
+
+def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+    """Add a corpus_shards partition for every shard the sources offer; returns the new keys."""
+    pipeline: PipelineResource = defs.resources["pipeline"]
+    existing = set(instance.get_dynamic_partitions(corpus_shards.name))
+    new, _, _ = landing_requests(pipeline.load(), existing, None)
+    if new:
+        instance.add_dynamic_partitions(corpus_shards.name, [s.key for s in new])
+    return [s.key for s in new]
+
+
+def _family(node: dg.AssetsDefinition | object) -> str:
+    partitions_def = getattr(node, "partitions_def", None)
+    if partitions_def is None:
+        return "unpartitioned"
+    return getattr(partitions_def, "name", None) or repr(partitions_def)
+
+
+def plan_waves(asset_graph, selected: set[dg.AssetKey]) -> list[list[dg.AssetKey]]:
+    """Order the selected assets into waves; each wave shares one partitioning."""
+    order = [k for k in asset_graph.toposorted_asset_keys if k in selected]
+    done: set[dg.AssetKey] = set()
+    waves = []
+    while len(done) < len(order):
+        wave: list[dg.AssetKey] = []
+        family = None
+        for key in order:
+            if key in done:
+                continue
+            node = asset_graph.get(key)
+            ready = all(p in done or p in wave or p not in selected for p in node.parent_keys)
+            if not ready:
+                continue
+            if family is None:
+                family = _family(node)
+            if _family(node) == family:
+                wave.append(key)
+        done.update(wave)
+        waves.append(wave)
+    return waves
+
+
+def _partition_keys(asset_graph, instance: dg.DagsterInstance, wave: Sequence[dg.AssetKey]) -> list[str | None]:
+    partitions_def = asset_graph.get(wave[0]).partitions_def
+    if partitions_def is None:
+        return [None]
+    return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+
+
+def materialize_graph(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    selection: str | None = None,
+    log: Callable[[str], None] = print,
+    console_log_level: str = "WARNING",
+) -> DriveResult:
+    started = time.perf_counter()
+    asset_graph = defs.resolve_asset_graph()
+    selected = (
+        dg.AssetSelection.from_string(selection).resolve(asset_graph)
+        if selection else set(asset_graph.materializable_asset_keys)
+    )
+    new_shards = register_shards(defs, instance)
+    if new_shards:
+        log(f"registered {len(new_shards)} new corpus shard(s)")
+    assets = list(defs.assets or [])
+    checks = list(defs.asset_checks or [])
+    outcomes: list[StepOutcome] = []
+    failed: list[str] = []
+    for wave in plan_waves(asset_graph, selected):
+        names = ", ".join(k.to_user_string() for k in wave)
+        keys = _partition_keys(asset_graph, instance, wave)
+        log(f"wave [{names}]: {len(keys)} run(s)")
+        for partition in keys:
+            result = dg.materialize(
+                [*assets, *checks],
+                selection=dg.AssetSelection.assets(*wave),
+                instance=instance,
+                resources=defs.resources,
+                partition_key=partition,
+                raise_on_error=False,
+                tags={RUN_TAG: "materialize"},
+                run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
+            )
+            for event in result.get_asset_materialization_events():
+                mat = event.step_materialization_data.materialization
+                meta = mat.metadata
+                outcomes.append(StepOutcome(
+                    asset=mat.asset_key.to_user_string(),
+                    partition=mat.partition,
+                    sha256=str(meta["sha256"].value),
+                    cache_hit=bool(meta["cache_hit"].value),
+                    seconds=float(meta["wall_seconds"].value),
+                ))
+            if not result.success:
+                failed.append(result.run_id)
+                log(f"  run {result.run_id} for {partition or 'all'} FAILED; see it in the UI")
+        if failed:
+            break
+    return DriveResult(not failed, outcomes, failed, time.perf_counter() - started)

@@ -1,0 +1,29 @@
+"""Where the embedded default keeps things, overridable by environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Settings:
+    manifest: str
+    store_uri: str
+    alerts_jsonl: str
+    alert_webhook_url: str | None
+    s3_endpoint_url: str | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        return cls(
+            manifest=env("LLM_ASSETS_MANIFEST", str(PROJECT_ROOT / "pipeline.yaml")),
+            store_uri=env("LLM_ASSETS_STORE", str(PROJECT_ROOT / ".artifacts")),
+            alerts_jsonl=env("LLM_ASSETS_ALERTS_JSONL", str(PROJECT_ROOT / ".alerts" / "alerts.jsonl")),
+            alert_webhook_url=env("LLM_ASSETS_ALERT_WEBHOOK_URL") or None,
+            s3_endpoint_url=env("LLM_ASSETS_S3_ENDPOINT_URL") or None,
+        )
