@@ -13,7 +13,6 @@ UI_PORT ?= 3000
 
 $(BIN)/llm-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch is named first and pinned: pip then takes the CPU build and never pulls CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'

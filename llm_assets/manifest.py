@@ -30,6 +30,9 @@ class PythonStdlibSource(Strict):
     kind: Literal["python_stdlib"]
     name: str = "stdlib"
     include_tests: bool = Field(False, description="Also ingest the stdlib's own test suite")
+    include: list[str] | None = Field(
+        None, description="Only files whose stdlib-relative path matches one of these globs, e.g. 'json/*'"
+    )
     shard_mb: float = Field(2.0, gt=0, description="Target size of one raw shard, in MB of source")
     min_docstring_chars: int = Field(
         200, ge=0, description="Docstrings shorter than this are not ingested as documents of their own"

@@ -9,9 +9,11 @@ raw_corpus fingerprint.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import hashlib
 import io
 import json
+import os
 import platform
 import sysconfig
 import tokenize
@@ -77,16 +79,21 @@ _TEST_DIRS = {"test", "tests", "idle_test"}
 
 def _stdlib_files(source: PythonStdlibSource) -> list[SourceFile]:
     root = stdlib_root()
+    skipped = _SKIPPED_DIRS if source.include_tests else _SKIPPED_DIRS | _TEST_DIRS
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if _SKIPPED_DIRS.intersection(parts):
-            continue
-        if not source.include_tests and _TEST_DIRS.intersection(parts[:-1]):
-            continue
-        stat = path.stat()
-        files.append(SourceFile(path, "/".join(parts), stat.st_size, stat.st_mtime_ns))
-    return files
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skipped)  # prune, never descend
+        base = Path(dirpath)
+        for name in filenames:
+            if not name.endswith(".py"):
+                continue
+            path = base / name
+            relpath = path.relative_to(root).as_posix()
+            if source.include is not None and not any(fnmatch.fnmatch(relpath, g) for g in source.include):
+                continue
+            stat = path.stat()
+            files.append(SourceFile(path, relpath, stat.st_size, stat.st_mtime_ns))
+    return sorted(files, key=lambda f: f.relpath)
 
 
 def _pack(files: list[SourceFile], target_bytes: int, prefix: str, source: str) -> list[ShardSpec]:

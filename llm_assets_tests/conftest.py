@@ -1,0 +1,131 @@
+"""Shared fixtures: real stores (local and S3 on a real SeaweedFS), real Dagster instances."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import dagster as dg
+import pytest
+import yaml
+
+from llm_assets.definitions import build_definitions
+from llm_assets.settings import Settings
+from resources.artifact_store import ArtifactStore, open_store
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# A manifest small enough for tests: two stdlib packages, cut into a few shards.
+TEST_MANIFEST = {
+    "version": 1,
+    "name": "test",
+    "seed": 7,
+    "sources": [
+        {"kind": "python_stdlib", "name": "stdlib", "include": ["json/*", "email/*"], "shard_mb": 0.1}
+    ],
+    "budget": {"usd_cap": 1.0, "usd_per_gpu_hour": 2.0, "peak_flops_per_gpu": 1e15, "assumed_mfu": 0.4},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory) -> Iterator[str]:
+    """A real S3 server (SeaweedFS `weed mini`) on 127.0.0.1; yields its endpoint URL."""
+    weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: _free_port() for name in ("s3", "master", "volume", "filer")}
+    cmd = [
+        weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-admin.ui=false",
+        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+    ]
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=data)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    deadline = time.time() + 60
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError(f"SeaweedFS did not start; log: {(data / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+    yield endpoint
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture
+def s3_client(seaweedfs, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return boto3.client("s3", endpoint_url=seaweedfs)
+
+
+@pytest.fixture
+def s3_bucket(s3_client) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path) -> ArtifactStore:
+    """The same contract, run against both backends."""
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    client = request.getfixturevalue("s3_client")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/llm", s3_client=client, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def manifest_path(tmp_path) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(TEST_MANIFEST, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path, manifest_path) -> Settings:
+    return Settings(
+        manifest=str(manifest_path),
+        store_uri=str(tmp_path / "artifacts"),
+        alerts_jsonl=str(tmp_path / "alerts.jsonl"),
+        alert_webhook_url=None,
+        s3_endpoint_url=None,
+    )
+
+
+@pytest.fixture
+def defs(settings) -> dg.Definitions:
+    return build_definitions(settings)
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.DagsterInstance.local_temp() as inst:
+        yield inst

@@ -1,0 +1,122 @@
+"""pipeline.yaml validation: errors name the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_assets.manifest import ManifestError, load_manifest
+from llm_assets.settings import PROJECT_ROOT
+
+GOOD = """\
+version: 1
+name: demo
+sources:
+  - kind: python_stdlib
+    shard_mb: 1.0
+stages:
+  ingest:
+    max_doc_bytes: 100000
+budget:
+  usd_cap: 10
+  usd_per_gpu_hour: 2
+  peak_flops_per_gpu: 1.0e15
+  assumed_mfu: 0.4
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_manifest_is_valid():
+    manifest = load_manifest(PROJECT_ROOT / "pipeline.yaml")
+    assert len(manifest.model_sizes) >= 2, "the default sweeps at least two sizes"
+
+
+def test_a_good_manifest_loads(tmp_path):
+    manifest = load_manifest(write(tmp_path, GOOD))
+    assert manifest.sources[0].shard_mb == 1.0
+    assert manifest.stages.ingest.max_doc_bytes == 100000
+
+
+def test_typo_names_field_line_and_suggestion(tmp_path):
+    path = write(tmp_path, GOOD.replace("max_doc_bytes", "max_doc_byte"))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert f"{path}:8:" in message
+    assert "stages.ingest.max_doc_byte" in message
+    assert "did you mean 'max_doc_bytes'" in message
+
+
+def test_wrong_type_names_field_line_and_value(tmp_path):
+    path = write(tmp_path, GOOD.replace("usd_cap: 10", "usd_cap: lots"))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert f"{path}:10:" in message and "budget.usd_cap" in message and "'lots'" in message
+
+
+def test_error_inside_a_list_item_points_at_its_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("shard_mb: 1.0", "shard_mb: -3"))
+    with pytest.raises(ManifestError, match=r":5: sources\.0\.shard_mb: Input should be greater than 0"):
+        load_manifest(path)
+
+
+def test_unknown_source_kind_is_named(tmp_path):
+    path = write(tmp_path, GOOD.replace("kind: python_stdlib", "kind: ftp"))
+    with pytest.raises(ManifestError, match=r":4: sources\.0"):
+        load_manifest(path)
+
+
+def test_missing_required_field(tmp_path):
+    path = write(tmp_path, GOOD.replace("  assumed_mfu: 0.4\n", ""))
+    with pytest.raises(ManifestError, match=r"budget\.assumed_mfu: field required"):
+        load_manifest(path)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = write(tmp_path, GOOD + "name: again\n")
+    with pytest.raises(ManifestError, match=r":14: key 'name' is repeated \(first at line 2\)"):
+        load_manifest(path)
+
+
+def test_several_errors_are_reported_together(tmp_path):
+    path = write(tmp_path, GOOD.replace("usd_cap: 10", "usd_cap: -1").replace("shard_mb: 1.0", "shard_mbb: 1"))
+    message = str(pytest.raises(ManifestError, load_manifest, path).value)
+    assert "budget.usd_cap" in message and "shard_mbb" in message
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "must be a YAML mapping"),
+        ("version: [1\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a YAML mapping"),
+    ],
+)
+def test_malformed_files(tmp_path, text, expected):
+    with pytest.raises(ManifestError, match=expected):
+        load_manifest(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_encoding(tmp_path):
+    with pytest.raises(ManifestError, match="no such manifest"):
+        load_manifest(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ManifestError, match="not valid UTF-8 at byte 9"):
+        load_manifest(bad)
+
+
+def test_model_size_consistency(tmp_path):
+    text = GOOD + (
+        "model_sizes:\n  odd:\n    hidden_size: 100\n    num_layers: 2\n    num_heads: 3\n"
+        "    intermediate_size: 256\n    vocab_size: 1000\n    max_seq_len: 64\n"
+    )
+    with pytest.raises(ManifestError, match=r"model_sizes\.odd: Value error, hidden_size 100 is not divisible"):
+        load_manifest(write(tmp_path, text))
