@@ -57,23 +57,19 @@ def check_alert(record: AssetCheckExecutionRecord) -> Alert:
     )
 
 
-def collect_check_alerts(
-    records: list[AssetCheckExecutionRecord], cursor: AlertCursor, run_finished: dict[str, bool]
-) -> tuple[list[Alert], AlertCursor]:
-    """Failed executions not sent yet, and the cursor that remembers them."""
+def settle_check_executions(
+    executions: list[tuple[int, str, str]], cursor: AlertCursor, run_finished: dict[str, bool]
+) -> tuple[list[int], AlertCursor]:
+    """From (id, run_id, status) triples: the failed execution ids to send, and the next cursor."""
     sent = set(cursor.checks_sent)
-    fresh = [r for r in records if r.id > cursor.check_watermark and r.id not in sent]
-    alerts = [check_alert(r) for r in fresh if r.status == AssetCheckExecutionRecordStatus.FAILED]
+    fresh = [e for e in executions if e[0] > cursor.check_watermark and e[0] not in sent]
+    to_send = [id_ for id_, _, status in fresh if status == "FAILED"]
     # A planned execution of a run that is still going may yet fail: hold the watermark below it.
-    pending = [
-        r.id for r in fresh
-        if r.status == AssetCheckExecutionRecordStatus.PLANNED and not run_finished.get(r.run_id, False)
-    ]
-    settled = [r.id for r in fresh if r.id not in pending]
-    top = max([cursor.check_watermark, *settled])
-    watermark = min(pending) - 1 if pending else top
+    pending = [id_ for id_, run_id, status in fresh if status == "PLANNED" and not run_finished.get(run_id, False)]
+    settled = [id_ for id_, _, _ in fresh if id_ not in pending]
+    watermark = min(pending) - 1 if pending else max([cursor.check_watermark, *settled, *sent])
     remembered = sorted(i for i in sent.union(settled) if i > watermark)
-    return alerts, AlertCursor(watermark, remembered, cursor.runs)
+    return to_send, AlertCursor(watermark, remembered, cursor.runs)
 
 
 def run_alert(record: dg.EventLogRecord) -> Alert:
@@ -108,7 +104,11 @@ def alert_sensor(context: dg.SensorEvaluationContext, alert_sinks: AlertSinksRes
     for run_id in planned_runs:
         run = instance.get_run_by_id(run_id)
         run_finished[run_id] = run is None or run.is_finished
-    alerts, next_cursor = collect_check_alerts(records, cursor, run_finished)
+    by_id = {r.id: r for r in records}
+    to_send, next_cursor = settle_check_executions(
+        [(r.id, r.run_id, r.status.value) for r in records], cursor, run_finished
+    )
+    alerts = [check_alert(by_id[i]) for i in sorted(to_send)]
 
     failures = instance.fetch_run_status_changes(
         dg.DagsterEventType.RUN_FAILURE, limit=_RUN_BATCH, cursor=cursor.runs, ascending=True
