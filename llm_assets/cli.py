@@ -116,6 +116,23 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    ensure_dagster_home()
+    os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
+    import dagster as dg
+
+    from llm_assets.definitions import build_definitions
+    from llm_assets.runner import verify_graph
+
+    with dg.DagsterInstance.get() as instance:
+        failures = verify_graph(build_definitions(), instance)
+    if failures:
+        print(f"{len(failures)} check(s) failed; rematerialize the assets named above", file=sys.stderr)
+        return EXIT_FAILED
+    print("every current artifact verifies and every input chain holds")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__)
     parser.add_argument(
@@ -126,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plan", help="validate the manifest, print the DAG and the cost estimate")
     mat = sub.add_parser("materialize", help="materialize the asset graph on the local instance")
     mat.add_argument("--select", help="Dagster asset selection, e.g. 'key:raw_corpus+' (default: all)")
+    sub.add_parser("verify", help="re-run the hash gates on every current artifact of every partition")
     args = parser.parse_args(argv)
-    handler = {"plan": cmd_plan, "materialize": cmd_materialize}[args.command]
+    handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify}[args.command]
     return handler(args)
 
 

@@ -17,6 +17,7 @@ import dagster as dg
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.sensors import landing_requests
 from llm_assets.manifest import PipelineResource
+from resources.handles import latest_materializations
 
 RUN_TAG = "llm-assets/driver"
 
@@ -88,6 +89,47 @@ def _partition_keys(asset_graph, instance: dg.DagsterInstance, wave: Sequence[dg
     if partitions_def is None:
         return [None]
     return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+
+
+def run_checks(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    asset_keys: Sequence[dg.AssetKey],
+    partition: str | None = None,
+    console_log_level: str = "WARNING",
+) -> dg.ExecuteInProcessResult:
+    """Run the checks of some assets, without materializing them, for one partition (or none).
+
+    The partition goes in as the run's partition tag: Dagster's partition-key validation looks
+    for a partitioned *asset* in the selection, and a check-only run has none.
+    """
+    return dg.materialize(
+        [*(defs.assets or []), *(defs.asset_checks or [])],
+        selection=dg.AssetSelection.checks_for_assets(*asset_keys),
+        instance=instance,
+        resources=defs.resources,
+        raise_on_error=False,
+        tags={RUN_TAG: "verify", **({"dagster/partition": partition} if partition else {})},
+        run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
+    )
+
+
+def verify_graph(
+    defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None] = print
+) -> list[dg.AssetCheckEvaluation]:
+    """Run every asset's checks on every partition that has a materialization; returns failures."""
+    asset_graph = defs.resolve_asset_graph()
+    failures: list[dg.AssetCheckEvaluation] = []
+    for key in asset_graph.toposorted_asset_keys:
+        partitions = latest_materializations(instance, key).keys()
+        for partition in sorted(partitions, key=lambda p: p or ""):
+            result = run_checks(defs, instance, [key], partition)
+            bad = [e for e in result.get_asset_check_evaluations() if not e.passed]
+            failures.extend(bad)
+            for evaluation in bad:
+                log(f"FAILED {key.to_user_string()}{f'[{partition}]' if partition else ''} "
+                    f"{evaluation.check_name}: {evaluation.description}")
+    return failures
 
 
 def materialize_graph(

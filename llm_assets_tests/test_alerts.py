@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from llm_assets.definitions import build_definitions
-from llm_assets.runner import materialize_graph
+from llm_assets.runner import materialize_graph, run_checks
 from llm_assets.sensors import alert_sensor
 from llm_assets_tests.resources.test_artifact_store import flip_byte
 from resources.alert_sinks import AlertDeliveryError
@@ -99,11 +99,7 @@ def test_failed_checks_and_runs_are_sent_once(alert_defs, instance, settings, re
         dg.AssetRecordsFilter(asset_key=RAW, asset_partitions=[shard]), limit=1
     ).records[0].asset_materialization.metadata["sha256"].value
     flip_byte(open_store(settings.store_uri), sha, "shard.parquet", offset=10)
-    failed = dg.materialize(
-        [*alert_defs.assets, *alert_defs.asset_checks],
-        selection=dg.AssetSelection.checks(dg.AssetCheckKey(RAW, "artifact_integrity")),
-        instance=instance, resources=alert_defs.resources, raise_on_error=False,
-    )
+    failed = run_checks(alert_defs, instance, [RAW], shard)
     assert not failed.success
 
     result, cursor = tick(alert_defs, instance, cursor)
@@ -112,9 +108,10 @@ def test_failed_checks_and_runs_are_sent_once(alert_defs, instance, settings, re
     error = [a for a in alerts if a["check"] == "artifact_integrity"]
     runs = [a for a in alerts if a["kind"] == "run_failed"]
     n_shards = len(instance.get_dynamic_partitions("corpus_shards"))
-    assert len(warn) == n_shards and {a["severity"] for a in warn} == {"WARN"}
+    # The WARN check ran once per shard in the drive, and once more in the check-only run.
+    assert len(warn) == n_shards + 1 and {a["severity"] for a in warn} == {"WARN"}
     assert warn[0]["metadata"] == {"documents": "3", "threshold": "10"}
-    assert len(error) == 1 and error[0]["severity"] == "ERROR"
+    assert len(error) == 1 and error[0]["severity"] == "ERROR" and error[0]["partition"] == shard
     assert "shard.parquet: sha256" in error[0]["description"] and error[0]["asset"] == "raw_corpus"
     assert [a["run_id"] for a in runs] == [failed.run_id]
     assert len(receiver.posts) == len(alerts)

@@ -8,11 +8,13 @@
 
 Both are blocking with severity ERROR: a failure skips every downstream step of the same run.
 
-Which materializations a check looks at: those of its asset in the current run; in a run that
-only executes checks, the run's partition, or every partition when the run has none.
+Each gate is partitioned like its asset, so the UI shows a verdict per partition. A gate looks at
+the materializations of its asset (and partition) in the current run; in a run that only
+executes checks, at the current materialization of its partition.
 """
 
 
+import warnings
 from collections.abc import Iterable
 
 import dagster as dg
@@ -31,12 +33,16 @@ INPUT_CHAIN = "input_chain"
 _MAX_LISTED = 20
 
 
-def _under_check(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey) -> list[dg.AssetMaterialization]:
-    in_run = materializations_in_run(context.instance, context.run.run_id, asset_key)
+def _under_check(
+    context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, partitioned: bool
+) -> list[dg.AssetMaterialization]:
+    partitions = list(context.partition_keys) if partitioned else None
+    in_run = [
+        m for m in materializations_in_run(context.instance, context.run.run_id, asset_key)
+        if partitions is None or m.partition in partitions
+    ]
     if in_run:
         return in_run
-    partition = context.run.tags.get("dagster/partition")
-    partitions = [partition] if partition else None
     return list(latest_materializations(context.instance, asset_key, partitions).values())
 
 
@@ -64,10 +70,11 @@ def _result(checked: list[dg.AssetMaterialization], problems: list[str], what: s
     )
 
 
-def _integrity_check(asset_key: dg.AssetKey) -> dg.AssetChecksDefinition:
+def _integrity_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=asset_key,
         name=INTEGRITY,
+        partitions_def=partitions_def,
         blocking=True,
         description="Re-hashes the stored artifact and compares every file with its manifest.",
     )
@@ -75,7 +82,7 @@ def _integrity_check(asset_key: dg.AssetKey) -> dg.AssetChecksDefinition:
         context: dg.AssetCheckExecutionContext, artifact_store: ArtifactStoreResource
     ) -> dg.AssetCheckResult:
         store = artifact_store.get_store()
-        checked = _under_check(context, asset_key)
+        checked = _under_check(context, asset_key, partitions_def is not None)
         problems = []
         for mat in checked:
             handle = ArtifactHandle.from_materialization(mat)
@@ -86,12 +93,15 @@ def _integrity_check(asset_key: dg.AssetKey) -> dg.AssetChecksDefinition:
     return artifact_integrity
 
 
-def _input_chain_check(asset_key: dg.AssetKey, parents: Iterable[dg.AssetKey]) -> dg.AssetChecksDefinition:
+def _input_chain_check(
+    asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None, parents: Iterable[dg.AssetKey]
+) -> dg.AssetChecksDefinition:
     parent_keys = sorted(parents, key=lambda k: k.to_user_string())
 
     @dg.asset_check(
         asset=asset_key,
         name=INPUT_CHAIN,
+        partitions_def=partitions_def,
         blocking=True,
         description=(
             "The input hashes each materialization consumed are its parents' current hashes: "
@@ -99,7 +109,7 @@ def _input_chain_check(asset_key: dg.AssetKey, parents: Iterable[dg.AssetKey]) -
         ),
     )
     def input_chain(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        checked = _under_check(context, asset_key)
+        checked = _under_check(context, asset_key, partitions_def is not None)
         current = {
             key.to_user_string(): current_handles(context.instance, key) for key in parent_keys
         }
@@ -127,10 +137,20 @@ def _input_chain_check(asset_key: dg.AssetKey, parents: Iterable[dg.AssetKey]) -
 def build_hash_gates(assets: Iterable[dg.AssetsDefinition]) -> list[dg.AssetChecksDefinition]:
     """Integrity gates for every asset, input-chain gates for every asset that has parents."""
     checks = []
-    for assets_def in assets:
-        for key in assets_def.keys:
-            checks.append(_integrity_check(key))
-            parents = assets_def.asset_deps.get(key, set())
-            if parents:
-                checks.append(_input_chain_check(key, parents))
+    with warnings.catch_warnings():
+        # Partitioned checks are a Dagster preview feature; dagster is pinned exactly in pyproject.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        for assets_def in assets:
+            checks.extend(_gates_for(assets_def))
+    return checks
+
+
+def _gates_for(assets_def: dg.AssetsDefinition) -> list[dg.AssetChecksDefinition]:
+    checks = []
+    for key in assets_def.keys:
+        partitions_def = assets_def.specs_by_key[key].partitions_def
+        checks.append(_integrity_check(key, partitions_def))
+        parents = assets_def.asset_deps.get(key, set())
+        if parents:
+            checks.append(_input_chain_check(key, partitions_def, parents))
     return checks

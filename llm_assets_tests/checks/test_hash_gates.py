@@ -6,7 +6,7 @@ import dagster as dg
 import yaml
 
 from llm_assets.checks import INPUT_CHAIN, INTEGRITY
-from llm_assets.runner import materialize_graph
+from llm_assets.runner import materialize_graph, run_checks, verify_graph
 from llm_assets_tests.resources.test_artifact_store import flip_byte
 from resources.artifact_store import open_store
 
@@ -29,6 +29,19 @@ def evaluations(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], dg.A
     return {
         (e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()
     }
+
+
+def test_clean_partitions_pass_next_to_a_corrupt_one(defs, instance, settings):
+    assert materialize_graph(defs, instance, log=quiet).success
+    bad, good = instance.get_dynamic_partitions("corpus_shards")[:2]
+    flip_byte(open_store(settings.store_uri), current_sha(instance, RAW, bad), "shard.parquet", offset=99)
+    verdicts = {
+        shard: evaluations(run_checks(defs, instance, [RAW], shard))[("raw_corpus", INTEGRITY)].passed
+        for shard in (bad, good)
+    }
+    assert verdicts == {bad: False, good: True}
+    failures = verify_graph(defs, instance, log=quiet)
+    assert [(f.asset_key, f.partition, f.check_name) for f in failures] == [(RAW, bad, INTEGRITY)]
 
 
 def test_every_asset_gets_generated_hash_gates(defs):
@@ -61,6 +74,7 @@ def test_flipped_byte_fails_integrity_names_the_file_and_blocks_downstream(defs,
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
         selection=dg.AssetSelection.checks_for_assets(RAW) | dg.AssetSelection.assets(INVENTORY),
+        tags={"dagster/partition": shard},  # see run_checks: no partitioned asset is selected
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,
@@ -69,7 +83,7 @@ def test_flipped_byte_fails_integrity_names_the_file_and_blocks_downstream(defs,
     failed = evaluations(result)[("raw_corpus", INTEGRITY)]
     assert not failed.passed and failed.severity == dg.AssetCheckSeverity.ERROR
     assert f"raw_corpus[{shard}]" in failed.description and "shard.parquet: sha256" in failed.description
-    assert failed.metadata["failures"].value == 1
+    assert failed.metadata["failures"].value == 1 and failed.partition == shard
     assert result.asset_materializations_for_node("corpus_inventory") == [], "downstream was skipped"
     assert current_sha(instance, INVENTORY) == inventory_before
     assert len(instance.get_runs()) == runs_before + 1
@@ -100,28 +114,17 @@ def test_stale_input_fails_the_input_chain_and_names_the_parent(defs, instance, 
     manifest_path.write_text(yaml.safe_dump(manifest))
     assert materialize_graph(defs, instance, selection="key:raw_corpus", log=quiet).success
 
-    chain = dg.AssetSelection.checks(dg.AssetCheckKey(INVENTORY, INPUT_CHAIN))
-    stale = dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=chain, instance=instance,
-        resources=defs.resources, raise_on_error=False,
-    )
+    stale = run_checks(defs, instance, [INVENTORY])
     evaluation = evaluations(stale)[("corpus_inventory", INPUT_CHAIN)]
     assert not evaluation.passed
     assert "consumed raw_corpus[stdlib-0000]" in evaluation.description
     assert "rematerialize corpus_inventory" in evaluation.description
 
     assert materialize_graph(defs, instance, selection="key:corpus_inventory", log=quiet).success
-    fresh = dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=chain, instance=instance, resources=defs.resources
-    )
+    fresh = run_checks(defs, instance, [INVENTORY])
     assert evaluations(fresh)[("corpus_inventory", INPUT_CHAIN)].passed
 
 
 def test_check_on_an_unmaterialized_asset_fails(defs, instance):
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        selection=dg.AssetSelection.checks(dg.AssetCheckKey(INVENTORY, INTEGRITY)),
-        instance=instance, resources=defs.resources, raise_on_error=False,
-    )
-    evaluation = evaluations(result)[("corpus_inventory", INTEGRITY)]
+    evaluation = evaluations(run_checks(defs, instance, [INVENTORY]))[("corpus_inventory", INTEGRITY)]
     assert not evaluation.passed and "no materialization" in evaluation.description
