@@ -50,6 +50,44 @@ class IngestRecipe(Strict):
     )
 
 
+PiiKind = Literal["email", "phone", "ip_address", "credit_card", "api_key"]
+PII_KINDS: tuple[str, ...] = ("email", "phone", "ip_address", "credit_card", "api_key")
+
+
+class CleanRecipe(Strict):
+    """Cleaning of one shard: HTML to text, unicode normalisation, PII redaction, quality filters."""
+
+    unicode_form: Literal["NFC", "NFKC"] = "NFKC"
+    redact: list[PiiKind] = Field(
+        default_factory=lambda: list(PII_KINDS),
+        description="PII kinds replaced by a typed placeholder; the residual scan always looks for all",
+    )
+    # Gopher-style quality heuristics; a document failing any is dropped (and counted by reason).
+    min_chars: int = Field(50, ge=0)
+    max_chars: int = Field(500_000, gt=0)
+    min_mean_word_length: float = Field(2.0, ge=0)
+    max_mean_word_length: float = Field(20.0, gt=0)
+    max_symbol_ratio: float = Field(0.25, ge=0, description="('#' + '...' + '…') per word")
+    max_duplicate_line_fraction: float = Field(0.5, ge=0, le=1)
+    min_alpha_word_fraction: float = Field(0.5, ge=0, le=1, description="Words containing a letter")
+
+
+class DedupRecipe(Strict):
+    """MinHash near-duplicate removal with LSH banding, plus exact-hash dedup."""
+
+    shingle_size: int = Field(5, gt=0, description="Words per shingle")
+    num_perm: int = Field(128, gt=0)
+    bands: int = Field(16, gt=0)
+    rows: int = Field(8, gt=0)
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard at or above which documents merge")
+
+    @model_validator(mode="after")
+    def _bands_cover_permutations(self) -> DedupRecipe:
+        if self.bands * self.rows != self.num_perm:
+            raise ValueError(f"bands × rows must equal num_perm: {self.bands} × {self.rows} != {self.num_perm}")
+        return self
+
+
 class ModelSize(Strict):
     """A decoder-only (Llama-style) architecture."""
 
@@ -93,6 +131,8 @@ class PretrainRecipe(Strict):
 
 class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
+    clean: CleanRecipe = CleanRecipe()
+    dedup: DedupRecipe = DedupRecipe()
     pretrain: PretrainRecipe | None = None
 
 
