@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import dagster as dg
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MANIFEST_ENV = "LLM_ASSETS_MANIFEST"
 
@@ -39,14 +39,55 @@ class PythonStdlibSource(Strict):
     )
 
 
-Source = Annotated[PythonStdlibSource, Field(discriminator="kind")]
+FileFormat = Literal["auto", "jsonl", "parquet", "text", "html"]
+
+
+class _FileSourceFields(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names the source's partitions")
+    format: FileFormat = Field("auto", description="auto: by extension (.jsonl .json .parquet .txt .md .html .htm)")
+    text_field: str = Field("text", description="JSONL/parquet field holding the document text")
+    id_field: str | None = Field(None, description="JSONL/parquet field holding a document id")
+
+
+class LocalSource(_FileSourceFields):
+    """Files on local disk, by glob; relative globs are resolved against the manifest's folder."""
+
+    kind: Literal["local"]
+    paths: list[str] = Field(min_length=1)
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        base = Path((info.context or {}).get("base_dir", "."))
+        return [str(Path(p).expanduser() if Path(p).expanduser().is_absolute() else base / p) for p in paths]
+
+
+class S3Source(_FileSourceFields):
+    """Objects under an S3 prefix (any S3-compatible endpoint; credentials from the environment)."""
+
+    kind: Literal["s3"]
+    uri: str = Field(pattern=r"^s3://[a-z0-9.-]{3,63}(/.*)?$", description="s3://bucket/prefix")
+    pattern: str = Field("*", description="Glob on the key below the prefix")
+    endpoint_url: str | None = None
+
+
+Source = Annotated[PythonStdlibSource | LocalSource | S3Source, Field(discriminator="kind")]
 # pydantic puts the discriminator's value in an error's location; it is no field of the file.
-_SOURCE_KINDS = {"python_stdlib"}
+_SOURCE_KINDS = {"python_stdlib", "local", "s3"}
 
 
 class IngestRecipe(Strict):
     max_doc_bytes: int = Field(
         2_000_000, gt=0, description="Documents larger than this are split at line boundaries"
+    )
+    chunk_mb: float = Field(
+        64.0, gt=0, description="JSONL/text files larger than this become several shards (streamed)"
+    )
+    invalid_utf8: Literal["repair", "drop"] = Field(
+        "repair", description="repair: undecodable bytes become U+FFFD; drop: the document is dropped"
+    )
+    malformed_records: Literal["fail", "quarantine"] = Field(
+        "fail", description="fail: stop naming file and line; quarantine: keep aside in quarantine.jsonl"
     )
 
 
@@ -283,7 +324,7 @@ def load_manifest(path: str | Path) -> PipelineManifest:
         raise ManifestError(f"{path}: the manifest must be a YAML mapping with version, name, sources, budget")
     _check_duplicate_keys(root, path)
     try:
-        return PipelineManifest.model_validate(data)
+        return PipelineManifest.model_validate(data, context={"base_dir": str(path.resolve().parent)})
     except ValidationError as exc:
         messages = [_format_error(path, root, err) for err in exc.errors()]
         raise ManifestError("\n".join(messages)) from None

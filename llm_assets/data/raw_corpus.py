@@ -2,48 +2,83 @@
 
 
 import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from llm_assets.artifacts import materialize_artifact
 from llm_assets.data.partitions import corpus_shards
-from llm_assets.data.sources import ReadStats, find_shard, read_shard
+from llm_assets.data.documents import Document, ReadStats
+from llm_assets.data.sources import find_shard, read_shard
 from llm_assets.manifest import PipelineManifest, PipelineResource
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 
 SHARD_FILE = "shard.parquet"
-RAW_SCHEMA = {
-    "id": pl.String,
-    "text": pl.String,
-    "source": pl.String,
-    "uri": pl.String,
-    "kind": pl.String,
-    "sha256": pl.String,
-}
+QUARANTINE_FILE = "quarantine.jsonl"
+RAW_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "text", "source", "uri", "kind", "sha256")])
+_BATCH = 2048
+
+
+def _batches(documents: Iterator[Document]) -> Iterator[pa.RecordBatch]:
+    rows: list[Document] = []
+    for doc in documents:
+        rows.append(doc)
+        if len(rows) == _BATCH:
+            yield _to_batch(rows)
+            rows = []
+    if rows:
+        yield _to_batch(rows)
+
+
+def _to_batch(rows: list[Document]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {
+            "id": [d.id for d in rows],
+            "text": [d.text for d in rows],
+            "source": [d.source for d in rows],
+            "uri": [d.uri for d in rows],
+            "kind": [d.kind for d in rows],
+            "sha256": [hashlib.sha256(d.text.encode()).hexdigest() for d in rows],
+        },
+        schema=RAW_SCHEMA,
+    )
 
 
 def build_raw_shard(manifest: PipelineManifest, shard_key: str, out_dir: Path) -> dict:
-    """Read one shard from its source and write it as parquet; returns its statistics."""
+    """Stream one shard from its source into parquet, batch by batch; returns its statistics."""
     shard = find_shard(manifest, shard_key)
     stats = ReadStats()
-    rows = [
-        (d.id, d.text, d.source, d.uri, d.kind, hashlib.sha256(d.text.encode()).hexdigest())
-        for d in read_shard(manifest, shard, stats)
-    ]
-    frame = pl.DataFrame(rows, schema=RAW_SCHEMA, orient="row")
-    frame.write_parquet(out_dir / SHARD_FILE, compression="zstd", statistics=True)
-    kinds = frame.group_by("kind").len().sort("kind")
+    documents = text_chars = 0
+    counts: dict[str, int] = {}
+    with pq.ParquetWriter(out_dir / SHARD_FILE, RAW_SCHEMA, compression="zstd") as writer:
+        for batch in _batches(read_shard(manifest, shard, stats)):
+            writer.write_batch(batch)
+            documents += batch.num_rows
+            text_chars += sum(len(t) for t in batch.column("text").to_pylist())
+            for kind in batch.column("kind").to_pylist():
+                counts[kind] = counts.get(kind, 0) + 1
+    if stats.quarantined:
+        with open(out_dir / QUARANTINE_FILE, "w", encoding="utf-8") as handle:
+            for record in stats.quarantined:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return {
-        "documents": frame.height,
+        "documents": documents,
         "source_files": stats.files,
         "source_bytes": shard.source_bytes,
-        "text_chars": int(frame["text"].str.len_chars().sum() or 0),
+        "text_chars": text_chars,
         "decode_errors": stats.decode_errors,
+        "dropped_undecodable": stats.dropped_undecodable,
+        "empty_files": stats.empty_files,
+        "binary_files_skipped": dg.MetadataValue.json(stats.binary_files),
+        "quarantined_records": len(stats.quarantined),
+        "split_documents": stats.split_documents,
         "syntax_errors": stats.syntax_errors,
-        "documents_by_kind": dg.MetadataValue.json(dict(zip(kinds["kind"], kinds["len"]))),
+        "documents_by_kind": dg.MetadataValue.json(dict(sorted(counts.items()))),
     }
 
 
@@ -51,7 +86,7 @@ def build_raw_shard(manifest: PipelineManifest, shard_key: str, out_dir: Path) -
     partitions_def=corpus_shards,
     code_version="1",
     io_manager_key="artifact_io",
-    kinds={"polars", "parquet"},
+    kinds={"python", "parquet"},
     group_name="data",
     description="Raw documents of one corpus shard (id, text, source, uri, kind, sha256), as read from its source.",
 )
