@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ def materialize_artifact(
     build: BuildFn,
     config: Any = None,
     inputs: Inputs | None = None,
+    narrowed_inputs: Inputs | None = None,
 ) -> dg.Output[ArtifactHandle]:
     """Build (or reuse) this asset partition's artifact and describe it for the UI.
 
@@ -77,6 +77,11 @@ def materialize_artifact(
     and for assets that read external files, a signature of those files. ``build`` writes the
     artifact's files into the directory it is given and may return extra metadata (JSON-able
     values or Dagster ``MetadataValue``s); that metadata is cached with the artifact.
+
+    ``narrowed_inputs`` are recorded in the lineage (and checked by the input-chain gate) but do
+    not enter the fingerprint: for an asset that reads only its own part of a shared artifact,
+    the caller puts the digest of that part into ``config`` instead, so a change elsewhere in the
+    shared artifact leaves this partition a cache hit.
     """
     started = time.perf_counter()
     asset = context.asset_key.to_user_string()
@@ -84,6 +89,7 @@ def materialize_artifact(
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     handles = flatten_inputs(inputs or {})
     fp = fingerprint(asset, partition, code_version, config, [h.sha256 for h in handles])
+    handles = sorted([*handles, *flatten_inputs(narrowed_inputs or {})], key=lambda h: (h.asset, h.partition or ""))
 
     cached = store.index_lookup(asset, partition, fp)
     cache_hit = False
@@ -118,10 +124,7 @@ def materialize_artifact(
         "wall_seconds": round(time.perf_counter() - started, 3),
         **extra,
     }
-    with warnings.catch_warnings():
-        # data_version on Output is marked beta; it is the hook Dagster's staleness runs on.
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        return dg.Output(handle, data_version=dg.DataVersion(ref.sha256), metadata=metadata)
+    return dg.Output(handle, data_version=dg.DataVersion(ref.sha256), metadata=metadata)
 
 
 def _progress_logger(context: dg.AssetExecutionContext, asset: str) -> Callable[[str, int, int], None]:

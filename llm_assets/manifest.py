@@ -111,6 +111,13 @@ class CleanRecipe(Strict):
     max_symbol_ratio: float = Field(0.25, ge=0, description="('#' + '...' + '…') per word")
     max_duplicate_line_fraction: float = Field(0.5, ge=0, le=1)
     min_alpha_word_fraction: float = Field(0.5, ge=0, le=1, description="Words containing a letter")
+    # Bounds of the kept fraction per shard: outside them, a (non-blocking) check warns and alerts.
+    min_kept_fraction: float = Field(0.5, ge=0, le=1)
+    max_kept_fraction: float = Field(1.0, ge=0, le=1)
+
+    def fingerprint_config(self) -> dict:
+        """What changes the cleaned text: everything but the alert bounds."""
+        return self.model_dump(mode="json", exclude={"min_kept_fraction", "max_kept_fraction"})
 
 
 class DedupRecipe(Strict):
@@ -127,6 +134,57 @@ class DedupRecipe(Strict):
         if self.bands * self.rows != self.num_perm:
             raise ValueError(f"bands × rows must equal num_perm: {self.bands} × {self.rows} != {self.num_perm}")
         return self
+
+
+class SplitRecipe(Strict):
+    """Deterministic train/val/test assignment by the hash of a document (or of its source file)."""
+
+    train: float = Field(0.98, ge=0, le=1)
+    val: float = Field(0.01, ge=0, le=1)
+    test: float = Field(0.01, ge=0, le=1)
+    group_by: Literal["document", "source_file"] = Field(
+        "source_file",
+        description="source_file keeps a module and its docstrings (same URI before '#') in one split",
+    )
+    salt: str = Field("", description="Change to draw a different split")
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> SplitRecipe:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-9:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class EvalSetSpec(Strict):
+    """An evaluation set (JSONL) that the training split must not contain."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    text_field: str = "text"
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str, info: ValidationInfo) -> str:
+        base = Path((info.context or {}).get("base_dir", "."))
+        return str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else base / path)
+
+
+class ContaminationRecipe(Strict):
+    """n-gram overlap between the training split and every evaluation set."""
+
+    ngram: int = Field(13, gt=0)
+    doc_overlap: float = Field(
+        0.5, gt=0, le=1, description="An eval document with this fraction of its n-grams in train is contaminated"
+    )
+    max_contaminated_fraction: float = Field(
+        0.01, ge=0, le=1, description="Blocking gate: contaminated documents per eval set at most this fraction"
+    )
+    eval_sets: list[EvalSetSpec] = Field(
+        default_factory=list, description="Besides the held-out val and test splits, which are always checked"
+    )
+
+    def fingerprint_config(self) -> dict:
+        return self.model_dump(mode="json", exclude={"max_contaminated_fraction"})
 
 
 class ModelSize(Strict):
@@ -174,6 +232,8 @@ class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
     clean: CleanRecipe = CleanRecipe()
     dedup: DedupRecipe = DedupRecipe()
+    splits: SplitRecipe = SplitRecipe()
+    contamination: ContaminationRecipe = ContaminationRecipe()
     pretrain: PretrainRecipe | None = None
 
 

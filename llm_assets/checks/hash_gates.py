@@ -8,42 +8,21 @@
 
 Both are blocking with severity ERROR: a failure skips every downstream step of the same run.
 
-Each gate is partitioned like its asset, so the UI shows a verdict per partition. A gate looks at
-the materializations of its asset (and partition) in the current run; in a run that only
-executes checks, at the current materialization of its partition.
+Each gate is partitioned like its asset, so the UI shows a verdict per partition; what it looks
+at is decided by ``checks.scope``.
 """
 
-
-import warnings
 from collections.abc import Iterable
 
 import dagster as dg
 
+from llm_assets.checks.scope import materializations_under_check
 from resources.artifact_store_resource import ArtifactStoreResource
-from resources.handles import (
-    ArtifactHandle,
-    current_handles,
-    input_records,
-    latest_materializations,
-    materializations_in_run,
-)
+from resources.handles import ArtifactHandle, current_handles, input_records
 
 INTEGRITY = "artifact_integrity"
 INPUT_CHAIN = "input_chain"
 _MAX_LISTED = 20
-
-
-def _under_check(
-    context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, partitioned: bool
-) -> list[dg.AssetMaterialization]:
-    partitions = list(context.partition_keys) if partitioned else None
-    in_run = [
-        m for m in materializations_in_run(context.instance, context.run.run_id, asset_key)
-        if partitions is None or m.partition in partitions
-    ]
-    if in_run:
-        return in_run
-    return list(latest_materializations(context.instance, asset_key, partitions).values())
 
 
 def _label(mat: dg.AssetMaterialization) -> str:
@@ -82,7 +61,7 @@ def _integrity_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefini
         context: dg.AssetCheckExecutionContext, artifact_store: ArtifactStoreResource
     ) -> dg.AssetCheckResult:
         store = artifact_store.get_store()
-        checked = _under_check(context, asset_key, partitions_def is not None)
+        checked = materializations_under_check(context, asset_key, partitions_def is not None)
         problems = []
         for mat in checked:
             handle = ArtifactHandle.from_materialization(mat)
@@ -109,7 +88,7 @@ def _input_chain_check(
         ),
     )
     def input_chain(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        checked = _under_check(context, asset_key, partitions_def is not None)
+        checked = materializations_under_check(context, asset_key, partitions_def is not None)
         current = {
             key.to_user_string(): current_handles(context.instance, key) for key in parent_keys
         }
@@ -137,11 +116,8 @@ def _input_chain_check(
 def build_hash_gates(assets: Iterable[dg.AssetsDefinition]) -> list[dg.AssetChecksDefinition]:
     """Integrity gates for every asset, input-chain gates for every asset that has parents."""
     checks = []
-    with warnings.catch_warnings():
-        # Partitioned checks are a Dagster preview feature; dagster is pinned exactly in pyproject.
-        warnings.simplefilter("ignore", dg.PreviewWarning)
-        for assets_def in assets:
-            checks.extend(_gates_for(assets_def))
+    for assets_def in assets:
+        checks.extend(_gates_for(assets_def))
     return checks
 
 
