@@ -32,7 +32,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
-        asset_checks=build_hash_gates(ASSETS),
+        asset_checks=[*build_hash_gates(ASSETS), *data.checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings or Settings.from_env()),
     )

@@ -174,10 +174,10 @@ class ContaminationRecipe(Strict):
 
     ngram: int = Field(13, gt=0)
     doc_overlap: float = Field(
-        0.5, gt=0, le=1, description="An eval document with this fraction of its n-grams in train is contaminated"
+        0.8, gt=0, le=1, description="An eval document with this fraction of its n-grams in train is contaminated"
     )
     max_contaminated_fraction: float = Field(
-        0.01, ge=0, le=1, description="Blocking gate: contaminated documents per eval set at most this fraction"
+        0.02, ge=0, le=1, description="Blocking gate: contaminated documents per eval set at most this fraction"
     )
     eval_sets: list[EvalSetSpec] = Field(
         default_factory=list, description="Besides the held-out val and test splits, which are always checked"

@@ -30,8 +30,9 @@ TEST_MANIFEST = {
     "name": "test",
     "seed": 7,
     "sources": [
-        {"kind": "python_stdlib", "name": "stdlib", "include": ["json/*", "email/*"], "shard_mb": 0.1}
+        {"kind": "python_stdlib", "name": "stdlib", "include": ["json/*", "email/*"], "shard_mb": 0.17}
     ],
+    "stages": {"splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
     "budget": {"usd_cap": 1.0, "usd_per_gpu_hour": 2.0, "peak_flops_per_gpu": 1e15, "assumed_mfu": 0.4},
 }
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llm_assets.artifacts import materialize_artifact
+from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.documents import Document, ReadStats
 from llm_assets.data.sources import find_shard, read_shard
@@ -103,4 +104,32 @@ def raw_corpus(
         # The shard's file signature stands in for the external input: a changed file is a new fingerprint.
         config={"source": source, "ingest": manifest.stages.ingest, "files": shard.signature},
         build=lambda out: build_raw_shard(manifest, context.partition_key, out),
+    )
+
+
+@dg.asset_check(
+    asset=raw_corpus,
+    blocking=True,
+    partitions_def=corpus_shards,
+    description="The shard has the raw schema (blocking) and at least one document (warns); decode errors are counted.",
+)
+def raw_schema_and_content(
+    context: dg.AssetCheckExecutionContext, artifact_store: ArtifactStoreResource
+) -> dg.AssetCheckResult:
+    store = artifact_store.get_store()
+    problems, empty, documents, decode_errors = [], [], 0, 0
+    for handle, mat in artifacts_under_check(context, raw_corpus.key, True, store):
+        schema = pq.read_schema(store.local_dir(handle.sha256) / SHARD_FILE)
+        if not schema.equals(RAW_SCHEMA):
+            problems.append(f"{handle.label}: schema {schema.names} is not {RAW_SCHEMA.names}")
+        n = int(mat.metadata["documents"].value)
+        documents += n
+        decode_errors += int(mat.metadata["decode_errors"].value)
+        if n == 0:
+            empty.append(handle.label)
+    return dg.AssetCheckResult(
+        passed=not problems and not empty,
+        severity=dg.AssetCheckSeverity.ERROR if problems else dg.AssetCheckSeverity.WARN,
+        description="; ".join(problems + [f"{label}: no documents" for label in empty]) or "schema ok, not empty",
+        metadata={"documents": documents, "decode_errors": decode_errors},
     )

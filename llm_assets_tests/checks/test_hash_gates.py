@@ -50,9 +50,15 @@ def test_every_asset_gets_generated_hash_gates(defs):
     assert dg.AssetCheckKey(INVENTORY, INTEGRITY) in keys
     assert dg.AssetCheckKey(INVENTORY, INPUT_CHAIN) in keys
     assert dg.AssetCheckKey(RAW, INPUT_CHAIN) not in keys, "a source asset has no parents to chain"
+    graph = defs.resolve_asset_graph()
+    for key in graph.materializable_asset_keys:
+        assert dg.AssetCheckKey(key, INTEGRITY) in keys, key
+        assert (dg.AssetCheckKey(key, INPUT_CHAIN) in keys) == bool(graph.get(key).parent_keys), key
     for check in defs.asset_checks:
         for spec in check.check_specs:
-            assert spec.blocking, f"{spec.key} must block downstream steps"
+            if spec.name in (INTEGRITY, INPUT_CHAIN):
+                assert spec.blocking, f"{spec.key} must block downstream steps"
+                assert spec.partitions_def == graph.get(spec.asset_key).partitions_def
 
 
 def test_gates_pass_on_a_clean_drive(defs, instance):

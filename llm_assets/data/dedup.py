@@ -1,0 +1,304 @@
+"""Near-duplicate detection: MinHash signatures, LSH banding and union-find clustering.
+
+Pure functions over numpy arrays, no Dagster; the assets wrap them.
+
+Method. A document is the set of its word k-shingles (k consecutive lowercase ``\\w+`` tokens),
+each hashed to 64 bits. The Jaccard similarity of two such sets is estimated by MinHash: for each of
+``num_perm`` random universal hash functions ``h(x) = (a·x + b) mod p`` (p = 2³¹ − 1, a Mersenne
+prime) a document keeps the minimum of ``h`` over its shingles, and two documents agree at a position
+with probability equal to their Jaccard similarity. Locality-sensitive hashing then cuts each
+signature into ``bands`` bands of ``rows`` rows; documents whose band is identical in at least one
+band become candidate pairs (probability ``1 − (1 − J^rows)^bands``, an S-curve around the
+threshold), candidates are kept when their estimated Jaccard reaches the threshold, and the kept
+pairs are joined into clusters with union-find. Exact copies are handled separately by content hash.
+
+Everything is vectorised with numpy across documents: tokenising and hashing run on the code points
+of a whole batch of texts at once, and each MinHash permutation is applied to the shingles of many
+documents in one call, the per-document minimum taken with ``np.minimum.reduceat``. Hashes are
+defined by fixed arithmetic on code points, so signatures are the same on every machine and in
+every process (unlike Python's ``hash()``).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+_WORD = re.compile(r"\w+")
+_IRREGULAR_CASE = "\u0130\u03a3"  # İ lowercases to two code points, Σ to σ or ς by position
+_P = 2**31 - 1  # a·x + b with a, x, b < 2³¹ stays below 2⁶³, so uint64 never overflows
+_EMPTY = np.iinfo(np.uint32).max  # signature of a document without shingles; above every (a·x + b) mod p
+_CHAR_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the polynomial hashes below lose no information
+_SHINGLE_BASE = np.uint64(0xC2B2AE3D27D4EB4F)
+_BATCH_CHARS = 1 << 18  # a tokenising pass's arrays stay a few MB: cached, and memory is reused
+_CHUNK_SHINGLES = 1 << 15  # per-permutation working arrays stay in the CPU's L2 cache
+_FULL_PAIRS_BUCKET = 64  # LSH buckets up to this size emit all their pairs, larger ones a star
+
+
+def tokens(text: str) -> list[str]:
+    """The lowercase word tokens of a text; the batch tokeniser below reproduces these exactly."""
+    return _WORD.findall(text.lower())
+
+
+def shingle_hashes(text: str, shingle_size: int) -> np.ndarray:
+    """The distinct 64-bit hashes of a text's word shingles (uint64, sorted).
+
+    A text with at least one but fewer than ``shingle_size`` tokens is one shingle of all of them;
+    a text without tokens has no shingles.
+    """
+    hashes, _ = _shingles([text], shingle_size)
+    return np.unique(hashes)
+
+
+def minhash_signatures(texts: Sequence[str], *, num_perm: int, shingle_size: int, seed: int) -> np.ndarray:
+    """MinHash signatures, shape ``(len(texts), num_perm)``, uint32, deterministic for a seed.
+
+    A text without shingles gets a row of ``2³² − 1``, a value no real signature contains.
+    """
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, _P, num_perm, dtype=np.uint64)
+    b = rng.integers(0, _P, num_perm, dtype=np.uint64)
+    signatures = np.full((len(texts), num_perm), _EMPTY, dtype=np.uint32)
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    for lo, hi in _spans(lengths, _BATCH_CHARS):
+        hashes, counts = _shingles(texts[lo:hi], shingle_size)
+        _minhash_into(signatures[lo:hi], hashes % np.uint64(_P), counts, a, b)
+    return signatures
+
+
+def lsh_candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int) -> np.ndarray:
+    """Pairs ``(i, j)``, ``i < j``, of documents identical in at least one band: int64, ``(m, 2)``,
+    unique and sorted.
+
+    Documents without shingles are never paired. A bucket larger than ``_FULL_PAIRS_BUCKET`` (say
+    ten thousand copies of one boilerplate page) would emit a quadratic number of pairs, so it
+    only links each member to its first (smallest) member: a star connects the bucket just as well
+    for union-find. The cost is that a star skips member-to-member pairs, so when a member is
+    filtered out against the first by the threshold it can still join through another band only.
+    """
+    if bands * rows > signatures.shape[1]:
+        raise ValueError(f"bands × rows = {bands * rows} exceeds the signature length {signatures.shape[1]}")
+    live = np.flatnonzero(~_is_empty(signatures))
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for band in range(bands):
+        key = np.zeros(len(live), dtype=np.uint64)
+        for column in signatures[live, band * rows : (band + 1) * rows].T.astype(np.uint64):
+            key = key * _SHINGLE_BASE + column
+        order = np.argsort(key, kind="stable")  # stable: members stay in ascending order
+        found.append(_bucket_pairs(key[order], live[order]))
+    pairs = np.concatenate(found)
+    n = np.int64(len(signatures))
+    codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([codes // n, codes % n], axis=1)
+
+
+def estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """For each pair, the fraction of signature positions where both documents agree (float64).
+
+    A pair involving a document without shingles estimates 0: empty documents are not duplicates
+    of each other.
+    """
+    empty = _is_empty(signatures)
+    estimate = np.empty(len(pairs), dtype=np.float64)
+    step = max(1, _CHUNK_SHINGLES * 16 // max(1, signatures.shape[1]))  # bounds the gathered rows
+    for lo in range(0, len(pairs), step):
+        i, j = pairs[lo : lo + step, 0], pairs[lo : lo + step, 1]
+        agree = np.count_nonzero(signatures[i] == signatures[j], axis=1) / signatures.shape[1]
+        estimate[lo : lo + step] = np.where(empty[i] | empty[j], 0.0, agree)
+    return estimate
+
+
+def cluster_near_duplicates(signatures: np.ndarray, *, bands: int, rows: int, threshold: float) -> np.ndarray:
+    """Cluster id per document (int64): the smallest index of its cluster; a singleton is its own.
+
+    Two documents are linked when LSH makes them candidates and their estimated Jaccard is at
+    least ``threshold``; clusters are the connected components of those links.
+    """
+    pairs = lsh_candidate_pairs(signatures, bands=bands, rows=rows)
+    links = pairs[estimated_jaccard(signatures, pairs) >= threshold]
+    return _components(len(signatures), links)
+
+
+def exact_duplicate_representatives(hashes: Sequence[str]) -> np.ndarray:
+    """Boolean mask: True at the first occurrence of each content hash."""
+    keep = np.zeros(len(hashes), dtype=bool)
+    if len(hashes):
+        _, first = np.unique(np.asarray(hashes, dtype=str), return_index=True)
+        keep[first] = True
+    return keep
+
+
+def jaccard(a: str, b: str, shingle_size: int) -> float:
+    """Exact Jaccard similarity of two texts' shingle sets; 0 when both have none."""
+    x, y = shingle_hashes(a, shingle_size), shingle_hashes(b, shingle_size)
+    union = len(np.union1d(x, y))
+    return len(np.intersect1d(x, y, assume_unique=True)) / union if union else 0.0
+
+
+@functools.cache
+def _lowercase_word_chars() -> np.ndarray:
+    """For every code point: its lowercase code point if that is a ``\\w`` character, else 0.
+
+    Derived from ``str.lower`` and ``re`` themselves, so the batch tokeniser cannot disagree with
+    :func:`tokens`. ``str.lower`` maps one code point to one, independently of its neighbours,
+    except for the characters in ``_IRREGULAR_CASE``: texts with those are lowercased by Python
+    first, and as lowercasing is idempotent the table then leaves them unchanged.
+    """
+    every = "".join(map(chr, range(sys.maxunicode + 1)))
+    lowered = every.translate(dict.fromkeys(map(ord, _IRREGULAR_CASE), " ")).lower()
+    words = re.sub(r"\W", " ", lowered)
+    as_points = functools.partial(np.frombuffer, dtype=np.uint32)
+    table = as_points(lowered.encode("utf-32-le", "surrogatepass")).copy()
+    table[as_points(words.encode("utf-32-le", "surrogatepass")) == ord(" ")] = 0
+    return table
+
+
+def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the tokens of all texts, concatenated in order, and the count per text.
+
+    Works on the code points of all texts at once; Python's ``re`` would create a string object per
+    token, which costs more than all the hashing that follows.
+    """
+    texts = [text.lower() if any(c in text for c in _IRREGULAR_CASE) else text for text in texts]
+    # A space is not a word character, so no token runs from one text into the next.
+    raw = np.frombuffer(" ".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    points = _lowercase_word_chars()[raw]
+    edges = np.flatnonzero(np.diff(points != 0, prepend=False, append=False))
+    starts, ends = edges[::2], edges[1::2]
+    text_starts = np.cumsum([0] + [len(text) + 1 for text in texts])
+    counts = np.diff(np.searchsorted(starts, text_starts))
+    # Polynomial hash of each token's code points, Σ c_(s+i) · B^i, from one prefix sum over all
+    # code points: (prefix[end] − prefix[start]) · B^(−start). Arithmetic wraps modulo 2⁶⁴.
+    power, inverse = _powers((len(points) - 1).bit_length())
+    prefix = np.zeros(len(points) + 1, dtype=np.uint64)
+    np.multiply(points, power[: len(points)], out=prefix[1:])
+    np.cumsum(prefix, out=prefix)
+    return _mix((prefix[ends] - prefix[starts]) * inverse[starts]), counts
+
+
+@functools.cache
+def _powers(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``B^i`` and ``B^(−i)`` modulo 2⁶⁴ for ``0 ≤ i < 2^bits`` (B is odd, so it has an inverse)."""
+
+    def ladder(base: int) -> np.ndarray:
+        out = np.ones(1 << bits, dtype=np.uint64)
+        np.cumprod(np.full(len(out) - 1, base, dtype=np.uint64), out=out[1:])
+        return out
+
+    return ladder(int(_CHAR_BASE)), ladder(pow(int(_CHAR_BASE), -1, 2**64))
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: spreads short tokens' small polynomial values over 64 bits."""
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+def _shingles(texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the k-shingles of all texts, concatenated in order (repeats kept), and the count
+    per text."""
+    if k < 1:
+        raise ValueError(f"shingle_size must be at least 1, got {k}")
+    token_hash, counts = _token_hashes(texts)
+    n = len(token_hash)
+    # Horner over the k tokens from every position on (zeros past the last one), computed on
+    # shifted slices; windows that run into the next text are dropped below.
+    padded = np.concatenate([token_hash, np.zeros(k - 1, dtype=np.uint64)])
+    window = padded[:n].copy()
+    for j in range(1, k):
+        window = window * _SHINGLE_BASE + padded[j : j + n]
+    keep = np.arange(n) + k <= np.repeat(np.cumsum(counts), counts)
+    # A text shorter than k is one shingle: its tokens followed by zeros in place of the next text's.
+    short = (counts > 0) & (counts < k)
+    first, size = (np.cumsum(counts) - counts)[short], counts[short]
+    h = np.zeros(len(first), dtype=np.uint64)
+    for j in range(k):
+        h = h * _SHINGLE_BASE + np.where(j < size, token_hash[np.minimum(first + j, n - 1)], 0)
+    window[first], keep[first] = h, True
+    return window[keep], np.where(counts >= k, counts - k + 1, np.minimum(counts, 1))
+
+
+def _minhash_into(out: np.ndarray, x: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Write into ``out`` the MinHash rows of texts whose shingles (already reduced mod p) are the
+    consecutive runs of ``x`` given by ``counts``; rows of texts without shingles are left alone."""
+    docs = np.flatnonzero(counts)
+    ends = np.cumsum(counts[docs])
+    starts = ends - counts[docs]
+    for lo, hi in _spans(counts[docs], _CHUNK_SHINGLES):
+        base = starts[lo]
+        xs, offsets = x[base : ends[hi - 1]], starts[lo:hi] - base
+        y, spare = np.empty_like(xs), np.empty_like(xs)
+        block = np.empty((len(a), hi - lo), dtype=out.dtype)
+        for j in range(len(a)):
+            np.multiply(xs, a[j], out=y)
+            y += b[j]
+            # Mersenne reduction: y = high·2³¹ + low ≡ high + low (mod p), which is below 2p + 2 ...
+            np.right_shift(y, np.uint64(31), out=spare)
+            y &= np.uint64(_P)
+            y += spare
+            # ... and below p after subtracting p where y ≥ p (below p, y − p wraps around to more
+            # than y). Only residue 0 may be left as p, so each shingle still gets its own value.
+            np.subtract(y, np.uint64(_P), out=spare)
+            np.minimum(y, spare, out=y)
+            np.minimum.reduceat(y, offsets, out=block[j])
+        out[docs[lo:hi]] = block.T
+
+
+def _spans(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Cut consecutive items into runs ``[lo, hi)`` of about ``budget`` total size, never splitting
+    an item (one larger than the budget gets a run of its own)."""
+    if not len(sizes):
+        return []
+    run = (np.cumsum(sizes) - sizes) // budget
+    cuts = np.flatnonzero(np.diff(run)) + 1
+    bounds = [0, *cuts.tolist(), len(sizes)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _is_empty(signatures: np.ndarray) -> np.ndarray:
+    return (signatures == np.iinfo(signatures.dtype).max).all(axis=1)
+
+
+def _bucket_pairs(key: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Pairs within runs of equal ``key`` (sorted), members ascending within a run: all pairs for
+    a small run, the first member with each other one for a large run."""
+    if not len(key):
+        return np.empty((0, 2), dtype=np.int64)
+    new = np.r_[True, key[1:] != key[:-1]]
+    run_start = np.flatnonzero(new)
+    size = np.diff(np.r_[run_start, len(key)])
+    run_of = np.cumsum(new) - 1
+    position = np.arange(len(key))
+    # Each position pairs with every later position of its run, or none in a large run unless it
+    # is the run's first.
+    later = run_start[run_of] + size[run_of] - 1 - position
+    partners = np.where((size[run_of] <= _FULL_PAIRS_BUCKET) | new, later, 0)
+    left = np.repeat(position, partners)
+    right = left + 1 + np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
+    return np.stack([member[left], member[right]], axis=1)
+
+
+def _components(n: int, links: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` nodes, each labelled with its smallest node.
+
+    Vectorised union-find: hook every link's larger root onto its smaller one, then jump pointers
+    until each node points at its root; repeat until no link joins two roots. A root only ever
+    points to a smaller node, so the last root of a component is its smallest node.
+    """
+    root = np.arange(n, dtype=np.int64)
+    i, j = links[:, 0], links[:, 1]
+    while True:
+        ri, rj = root[i], root[j]
+        apart = ri != rj
+        if not apart.any():
+            return root
+        np.minimum.at(root, np.maximum(ri, rj)[apart], np.minimum(ri, rj)[apart])
+        while not np.array_equal(jumped := root[root], root):
+            root = jumped
