@@ -4,13 +4,17 @@ Pure functions over numpy arrays, no Dagster; the assets wrap them.
 
 Method. A document is the set of its word k-shingles (k consecutive lowercase ``\\w+`` tokens),
 each hashed to 64 bits. The Jaccard similarity of two such sets is estimated by MinHash: for each of
-``num_perm`` random universal hash functions ``h(x) = (a·x + b) mod p`` (p = 2³¹ − 1, a Mersenne
-prime) a document keeps the minimum of ``h`` over its shingles, and two documents agree at a position
-with probability equal to their Jaccard similarity. Locality-sensitive hashing then cuts each
-signature into ``bands`` bands of ``rows`` rows; documents whose band is identical in at least one
-band become candidate pairs (probability ``1 − (1 − J^rows)^bands``, an S-curve around the
-threshold), candidates are kept when their estimated Jaccard reaches the threshold, and the kept
-pairs are joined into clusters with union-find. Exact copies are handled separately by content hash.
+``num_perm`` random universal hash functions ``h(x) = (a·x + b) mod p`` a document keeps the minimum
+of ``h`` over its shingles, and two documents agree at a position with probability equal to their
+Jaccard similarity. Locality-sensitive hashing then cuts each signature into ``bands`` bands of
+``rows`` rows; documents identical in at least one band become candidate pairs (probability
+``1 − (1 − J^rows)^bands``, an S-curve around the threshold), candidates are kept when their
+estimated Jaccard reaches the threshold, and the kept pairs are joined into clusters with
+union-find. Exact copies are handled separately, by content hash.
+
+p is the Mersenne prime 2³¹ − 1 rather than 2⁶¹ − 1 so that a·x + b fits in uint64 and reduces in a
+few cheap numpy passes. Shingle hashes are reduced modulo p first, so two distinct shingles collide
+with probability 2⁻³¹, far too rarely to move a Jaccard estimate.
 
 Everything is vectorised with numpy across documents: tokenising and hashing run on the code points
 of a whole batch of texts at once, and each MinHash permutation is applied to the shingles of many
@@ -32,10 +36,12 @@ _WORD = re.compile(r"\w+")
 _IRREGULAR_CASE = "\u0130\u03a3"  # İ lowercases to two code points, Σ to σ or ς by position
 _P = 2**31 - 1  # a·x + b with a, x, b < 2³¹ stays below 2⁶³, so uint64 never overflows
 _EMPTY = np.iinfo(np.uint32).max  # signature of a document without shingles; above every (a·x + b) mod p
-_CHAR_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the polynomial hashes below lose no information
-_SHINGLE_BASE = np.uint64(0xC2B2AE3D27D4EB4F)
-_BATCH_CHARS = 1 << 18  # a tokenising pass's arrays stay a few MB: cached, and memory is reused
-_CHUNK_SHINGLES = 1 << 15  # per-permutation working arrays stay in the CPU's L2 cache
+# Odd multipliers, hence invertible modulo 2⁶⁴, for the polynomial hashes of tokens (over code
+# points) and of shingles and LSH bands (over the hashes of tokens and of signature rows).
+_CHAR_BASE = np.uint64(0x9E3779B97F4A7C15)
+_COMBINE = np.uint64(0xC2B2AE3D27D4EB4F)
+_BATCH_CHARS = 1 << 20  # per tokenising pass: arrays of a few MB, not hundreds of fresh MB
+_CHUNK_SHINGLES = 1 << 16  # per-permutation working arrays of 512 KB stay in the L2 cache
 _FULL_PAIRS_BUCKET = 64  # LSH buckets up to this size emit all their pairs, larger ones a star
 
 
@@ -77,17 +83,18 @@ def lsh_candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int) -> np.
     Documents without shingles are never paired. A bucket larger than ``_FULL_PAIRS_BUCKET`` (say
     ten thousand copies of one boilerplate page) would emit a quadratic number of pairs, so it
     only links each member to its first (smallest) member: a star connects the bucket just as well
-    for union-find. The cost is that a star skips member-to-member pairs, so when a member is
-    filtered out against the first by the threshold it can still join through another band only.
+    for union-find. The cost: a member that fails the Jaccard threshold against the first member is
+    not tried against the others, and joins them only through another band.
     """
     if bands * rows > signatures.shape[1]:
         raise ValueError(f"bands × rows = {bands * rows} exceeds the signature length {signatures.shape[1]}")
     live = np.flatnonzero(~_is_empty(signatures))
     found = [np.empty((0, 2), dtype=np.int64)]
     for band in range(bands):
+        # One 64-bit key per band; a collision only adds a candidate, which the Jaccard check judges.
         key = np.zeros(len(live), dtype=np.uint64)
         for column in signatures[live, band * rows : (band + 1) * rows].T.astype(np.uint64):
-            key = key * _SHINGLE_BASE + column
+            key = key * _COMBINE + column
         order = np.argsort(key, kind="stable")  # stable: members stay in ascending order
         found.append(_bucket_pairs(key[order], live[order]))
     pairs = np.concatenate(found)
@@ -104,7 +111,7 @@ def estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """
     empty = _is_empty(signatures)
     estimate = np.empty(len(pairs), dtype=np.float64)
-    step = max(1, _CHUNK_SHINGLES * 16 // max(1, signatures.shape[1]))  # bounds the gathered rows
+    step = 1 << 14  # pairs at a time, to bound the two blocks of gathered signature rows
     for lo in range(0, len(pairs), step):
         i, j = pairs[lo : lo + step, 0], pairs[lo : lo + step, 1]
         agree = np.count_nonzero(signatures[i] == signatures[j], axis=1) / signatures.shape[1]
@@ -167,12 +174,14 @@ def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     # A space is not a word character, so no token runs from one text into the next.
     raw = np.frombuffer(" ".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     points = _lowercase_word_chars()[raw]
-    edges = np.flatnonzero(np.diff(points != 0, prepend=False, append=False))
+    word = np.concatenate([[False], points != 0, [False]])
+    edges = np.flatnonzero(word[1:] != word[:-1])
     starts, ends = edges[::2], edges[1::2]
     text_starts = np.cumsum([0] + [len(text) + 1 for text in texts])
     counts = np.diff(np.searchsorted(starts, text_starts))
     # Polynomial hash of each token's code points, Σ c_(s+i) · B^i, from one prefix sum over all
-    # code points: (prefix[end] − prefix[start]) · B^(−start). Arithmetic wraps modulo 2⁶⁴.
+    # code points: (prefix[end] − prefix[start]) · B^(−start). Arithmetic wraps modulo 2⁶⁴. It is
+    # no cryptographic hash: crafted long tokens can collide, which at worst adds a shared shingle.
     power, inverse = _powers((len(points) - 1).bit_length())
     prefix = np.zeros(len(points) + 1, dtype=np.uint64)
     np.multiply(points, power[: len(points)], out=prefix[1:])
@@ -213,15 +222,16 @@ def _shingles(texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     padded = np.concatenate([token_hash, np.zeros(k - 1, dtype=np.uint64)])
     window = padded[:n].copy()
     for j in range(1, k):
-        window = window * _SHINGLE_BASE + padded[j : j + n]
+        window = window * _COMBINE + padded[j : j + n]
     keep = np.arange(n) + k <= np.repeat(np.cumsum(counts), counts)
     # A text shorter than k is one shingle: its tokens followed by zeros in place of the next text's.
     short = (counts > 0) & (counts < k)
-    first, size = (np.cumsum(counts) - counts)[short], counts[short]
-    h = np.zeros(len(first), dtype=np.uint64)
-    for j in range(k):
-        h = h * _SHINGLE_BASE + np.where(j < size, token_hash[np.minimum(first + j, n - 1)], 0)
-    window[first], keep[first] = h, True
+    if short.any():
+        first, size = (np.cumsum(counts) - counts)[short], counts[short]
+        h = np.zeros(len(first), dtype=np.uint64)
+        for j in range(k):
+            h = h * _COMBINE + np.where(j < size, token_hash[np.minimum(first + j, n - 1)], 0)
+        window[first], keep[first] = h, True
     return window[keep], np.where(counts >= k, counts - k + 1, np.minimum(counts, 1))
 
 
@@ -239,12 +249,13 @@ def _minhash_into(out: np.ndarray, x: np.ndarray, counts: np.ndarray, a: np.ndar
         for j in range(len(a)):
             np.multiply(xs, a[j], out=y)
             y += b[j]
-            # Mersenne reduction: y = high·2³¹ + low ≡ high + low (mod p), which is below 2p + 2 ...
+            # Mersenne reduction: y < 2⁶² is high·2³¹ + low with high, low ≤ p, and 2³¹ ≡ 1, so
+            # high + low ≡ y (mod p) and is at most 2p ...
             np.right_shift(y, np.uint64(31), out=spare)
             y &= np.uint64(_P)
             y += spare
-            # ... and below p after subtracting p where y ≥ p (below p, y − p wraps around to more
-            # than y). Only residue 0 may be left as p, so each shingle still gets its own value.
+            # ... then subtract p where y ≥ p (where y < p, y − p wraps around above y). Only
+            # residue 0 may be left as p: each shingle still gets a value of its own.
             np.subtract(y, np.uint64(_P), out=spare)
             np.minimum(y, spare, out=y)
             np.minimum.reduceat(y, offsets, out=block[j])
@@ -252,8 +263,8 @@ def _minhash_into(out: np.ndarray, x: np.ndarray, counts: np.ndarray, a: np.ndar
 
 
 def _spans(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Cut consecutive items into runs ``[lo, hi)`` of about ``budget`` total size, never splitting
-    an item (one larger than the budget gets a run of its own)."""
+    """Cut consecutive items into runs ``[lo, hi)``, a new run starting at each multiple of
+    ``budget`` in their running total. Items are never split, so a run's last item may overrun."""
     if not len(sizes):
         return []
     run = (np.cumsum(sizes) - sizes) // budget

@@ -5,6 +5,8 @@ import json
 
 import dagster as dg
 
+from llm_assets.data.clean_corpus import clean_corpus
+from llm_assets.data.dedup_corpus import minhash_signatures
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import raw_corpus
 from llm_assets.data.sources import ShardSpec, discover
@@ -23,10 +25,11 @@ def landing_requests(
 
 
 @dg.sensor(
-    asset_selection=[raw_corpus],
+    # The per-shard chain; the cross-shard steps (dedup_clusters onward) run once for all shards.
+    asset_selection=[raw_corpus, clean_corpus, minhash_signatures],
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds a corpus_shards partition for every new shard of a source and materializes it.",
+    description="Adds a corpus_shards partition for every new shard of a source and runs its per-shard steps.",
 )
 def corpus_landing_sensor(context: dg.SensorEvaluationContext, pipeline: PipelineResource) -> dg.SensorResult:
     existing = set(context.instance.get_dynamic_partitions(corpus_shards.name))

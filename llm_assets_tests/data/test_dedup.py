@@ -1,0 +1,386 @@
+"""Near-duplicate detection: tokenising, MinHash, LSH and clustering against exact Jaccard.
+
+`planted_corpus` and `evaluate` are shared with bench/dedup_vs_datasketch.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from llm_assets.data import dedup
+from llm_assets.data.dedup import (
+    cluster_near_duplicates,
+    estimated_jaccard,
+    exact_duplicate_representatives,
+    jaccard,
+    lsh_candidate_pairs,
+    minhash_signatures,
+    shingle_hashes,
+    tokens,
+)
+from llm_assets.manifest import DedupRecipe
+
+RECIPE = DedupRecipe()
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzéüß")
+
+
+def signatures(texts: list[str], seed: int = 7) -> np.ndarray:
+    return minhash_signatures(texts, num_perm=RECIPE.num_perm, shingle_size=RECIPE.shingle_size, seed=seed)
+
+
+def clusters(texts: list[str]) -> np.ndarray:
+    return cluster_near_duplicates(signatures(texts), bands=RECIPE.bands, rows=RECIPE.rows, threshold=RECIPE.threshold)
+
+
+# --- A synthetic corpus with planted near-duplicates ------------------------------------------
+
+
+@dataclass
+class Corpus:
+    texts: list[str]
+    groups: list[list[int]]  # an original and its planted variants, as indices into texts
+
+
+class _Writer:
+    """Random documents of pseudo-words, kept as sentences of word ids so they can be edited."""
+
+    def __init__(self, rng: np.random.Generator, vocabulary_size: int = 4000) -> None:
+        self.rng = rng
+        words: set[str] = set()
+        while len(words) < vocabulary_size:
+            words.add("".join(rng.choice(ALPHABET, int(rng.integers(2, 11)))))
+        self.words = sorted(words)  # sorted: set order changes with PYTHONHASHSEED
+
+    def document(self, n_words: int) -> list[list[int]]:
+        ids = self.rng.integers(0, len(self.words), n_words).tolist()
+        cuts = np.cumsum(self.rng.integers(6, 19, n_words // 6 + 1))
+        return [ids[lo:hi] for lo, hi in itertools.pairwise([0, *cuts[cuts < n_words].tolist(), n_words])]
+
+    def render(self, sentences: list[list[int]]) -> str:
+        return " ".join(
+            " ".join([self.words[s[0]].capitalize(), *(self.words[w] for w in s[1:])]) + "." for s in sentences if s
+        )
+
+    def variant(self, doc: list[list[int]]) -> list[list[int]]:
+        """A near-duplicate whose shingle Jaccard with ``doc`` is about 0.85–1 (for 5-shingles)."""
+        doc = [list(s) for s in doc]
+        n = sum(map(len, doc))
+        kind = self.rng.choice(["copy", "edit", "swap", "truncate"], p=[0.1, 0.5, 0.2, 0.2])
+        if kind == "swap" and n >= 160:
+            # Two adjacent sentences change places: at most 3 × 4 shingles cross the new seams.
+            i = int(self.rng.integers(len(doc) - 1))
+            doc[i], doc[i + 1] = doc[i + 1], doc[i]
+        elif kind == "truncate":
+            for _ in range(int(self.rng.integers(3, max(4, n // 12)))):
+                doc[-1].pop()
+                if not doc[-1]:
+                    doc.pop()
+        elif kind in ("edit", "swap"):
+            # Each replaced, deleted or inserted word touches at most 5 shingles: J ≥ (n−5e)/(n+5e).
+            for _ in range(int(self.rng.integers(1, max(1, n // 70) + 1))):
+                sentence = doc[int(self.rng.integers(len(doc)))]
+                i, op = int(self.rng.integers(len(sentence))), self.rng.integers(3)
+                if op == 0:
+                    sentence[i] = int(self.rng.integers(len(self.words)))
+                elif op == 1 and len(sentence) > 1:
+                    del sentence[i]
+                else:
+                    sentence.insert(i, int(self.rng.integers(len(self.words))))
+        return doc
+
+    def related(self, doc: list[list[int]], kept: float) -> list[list[int]]:
+        """Shares its first ``kept`` of ``doc``'s words, then goes on differently: a Jaccard of about
+        kept / (2 − kept), well below the threshold (a template, a shared preamble)."""
+        n = sum(map(len, doc))
+        head = list(itertools.chain.from_iterable(doc))[: int(n * kept)]
+        return [head, *self.document(n - len(head))]
+
+
+def planted_corpus(n_docs: int, seed: int, variant_share: float = 0.2) -> Corpus:
+    """``n_docs`` documents of 80–300 words, shuffled: distinct random ones (pairwise Jaccard about
+    0) and ``variant_share`` of variants of them. Four in five variants are near-duplicates (small
+    edits, two sentences swapped, a few words cut off the end, or exact copies), the others only
+    share a head of 50–80 % of the words (Jaccard 0.33–0.67): LSH proposes many of those, and
+    merging them is a mistake."""
+    rng = np.random.default_rng(seed)
+    writer = _Writer(rng)
+    n_variants = round(n_docs * variant_share)
+    originals = [writer.document(int(rng.integers(80, 301))) for _ in range(n_docs - n_variants)]
+    parents = rng.integers(0, len(originals), n_variants)
+    docs = originals + [
+        writer.variant(originals[p]) if rng.random() < 0.8 else writer.related(originals[p], rng.uniform(0.5, 0.8))
+        for p in parents
+    ]
+    order = rng.permutation(n_docs)
+    position = np.argsort(order)
+    family: dict[int, list[int]] = {}
+    for variant, parent in enumerate(parents.tolist(), start=len(originals)):
+        family.setdefault(parent, [int(position[parent])]).append(int(position[variant]))
+    return Corpus([writer.render(docs[i]) for i in order], [sorted(g) for g in family.values()])
+
+
+@dataclass
+class Quality:
+    """``recall``: of the evaluated pairs with exact Jaccard ≥ threshold, the share put in one
+    cluster. ``precision``: of the documents merged into another's cluster, the share whose exact
+    Jaccard with the cluster's representative (its smallest member) is ≥ threshold − tolerance."""
+
+    recall: float
+    precision: float
+    true_pairs: int
+    merged: int
+
+
+def evaluate(
+    labels: np.ndarray, corpus: Corpus, *, threshold: float, shingle_size: int, random_pairs: int, seed: int,
+    tolerance: float = 0.1,
+) -> Quality:
+    """Recall and precision of a clustering against exact Jaccard on every pair within a planted
+    group plus ``random_pairs`` random pairs."""
+    rng = np.random.default_rng(seed)
+    n = len(corpus.texts)
+    pairs = {pair for group in corpus.groups for pair in itertools.combinations(group, 2)}
+    pairs |= {tuple(sorted(p)) for p in rng.integers(0, n, (random_pairs, 2)).tolist() if p[0] != p[1]}
+    sets: dict[int, np.ndarray] = {}
+
+    def exact(i: int, j: int) -> float:
+        for d in (i, j):
+            if d not in sets:
+                sets[d] = shingle_hashes(corpus.texts[d], shingle_size)
+        union = len(np.union1d(sets[i], sets[j]))
+        return len(np.intersect1d(sets[i], sets[j], assume_unique=True)) / union if union else 0.0
+
+    true = [(i, j) for i, j in sorted(pairs) if exact(i, j) >= threshold]
+    found = sum(labels[i] == labels[j] for i, j in true)
+    merged = np.flatnonzero(labels != np.arange(n))
+    right = sum(exact(int(labels[d]), int(d)) >= threshold - tolerance for d in merged)
+    return Quality(
+        recall=float(found / len(true)) if true else 1.0,
+        precision=float(right / len(merged)) if len(merged) else 1.0,
+        true_pairs=len(true),
+        merged=len(merged),
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return planted_corpus(400, seed=11, variant_share=0.25)
+
+
+# --- Tokens and shingles -----------------------------------------------------------------------
+
+UNICODE_TEXTS = [
+    "Hello, World_1! naïve CAFÉ",
+    "İstanbul'da ΣΑΣ ½ ٣٤ x\u0301y ǅungla ﬁne",
+    "tab\tsep\nnew-line -- 3.14 e=mc²",
+    "emoji 🙂 joiner a\u200db surrogate \ud800 end",
+    "",
+    " \t ",
+]
+
+
+def test_tokens_are_lowercase_words():
+    assert tokens("Hello, World_1! naïve CAFÉ 3.14") == ["hello", "world_1", "naïve", "café", "3", "14"]
+    assert tokens("...") == []
+
+
+def test_batch_tokeniser_agrees_with_tokens():
+    hashes, counts = dedup._token_hashes(UNICODE_TEXTS)
+    assert counts.tolist() == [len(tokens(t)) for t in UNICODE_TEXTS]
+    one_by_one = []
+    for token in itertools.chain.from_iterable(map(tokens, UNICODE_TEXTS)):
+        alone, count = dedup._token_hashes([token])
+        assert count.tolist() == [1], token
+        one_by_one.append(alone[0])
+    assert hashes.tolist() == one_by_one
+    assert len(set(one_by_one)) == len(set(itertools.chain.from_iterable(map(tokens, UNICODE_TEXTS))))
+
+
+def test_shingle_edge_cases():
+    k = RECIPE.shingle_size
+    for empty in ("", "  ", "!!! ... ???"):
+        hashes = shingle_hashes(empty, k)
+        assert hashes.dtype == np.uint64 and len(hashes) == 0
+    assert len(shingle_hashes("One two three.", k)) == 1
+    assert len(shingle_hashes("one two three four five", k)) == 1
+    assert len(shingle_hashes("one two three four five six", k)) == 2
+    assert len(shingle_hashes("a b a b a b a b", 2)) == 2  # {"a b", "b a"}: repeats count once
+    assert not np.array_equal(shingle_hashes("one two", k), shingle_hashes("two one", k))
+    assert np.array_equal(shingle_hashes("One, two!", k), shingle_hashes("one two", k))
+    with pytest.raises(ValueError):
+        shingle_hashes("one", 0)
+
+
+def test_hashes_are_pinned():
+    # Fixed arithmetic on code points, no per-process salt: these values hold on every machine.
+    assert shingle_hashes("the quick brown fox", 2).tolist() == [
+        1016070055023982132,
+        10130215796640564082,
+        14206112065614958442,
+    ]
+    sig = signatures(["the quick brown fox jumps over the lazy dog"])
+    assert hashlib.sha256(sig.tobytes()).hexdigest()[:16] == "d34b102909caa095"
+
+
+def test_jaccard_is_exact():
+    assert jaccard("a b c d", "a b c e", 1) == pytest.approx(3 / 5)
+    assert jaccard("a b c", "A, b. C!", 2) == 1.0
+    assert jaccard("a b c", "d e f", 1) == 0.0
+    assert jaccard("", "", 5) == 0.0
+
+
+# --- Signatures --------------------------------------------------------------------------------
+
+
+def test_signatures_are_deterministic_and_seeded(corpus):
+    texts = corpus.texts[:50]
+    first = signatures(texts, seed=7)
+    assert first.shape == (50, RECIPE.num_perm) and first.dtype == np.uint32
+    assert np.array_equal(first, signatures(texts, seed=7))
+    assert np.mean(first != signatures(texts, seed=8)) > 0.99
+
+
+def test_signatures_are_textbook_minhash():
+    text = "the quick brown fox jumps over the lazy dog and runs away from the quick brown fox"
+    p = 2**31 - 1
+    rng = np.random.default_rng(7)  # as minhash_signatures draws its permutations
+    a = rng.integers(1, p, RECIPE.num_perm, dtype=np.uint64).tolist()
+    b = rng.integers(0, p, RECIPE.num_perm, dtype=np.uint64).tolist()
+    x = [h % p for h in shingle_hashes(text, RECIPE.shingle_size).tolist()]
+    expected = [min((ai * xi + bi) % p for xi in x) for ai, bi in zip(a, b)]
+    assert signatures([text], seed=7)[0].tolist() == expected
+
+
+def test_modular_reduction_at_the_extremes():
+    p = 2**31 - 1
+    x = np.array([0, 1, 2, p - 2, p - 1, 2**30, 12345], dtype=np.uint64)
+    a = np.array([1, 2, p - 1, p - 2, 2**30 + 1], dtype=np.uint64)
+    b = np.array([0, p - 1, 1, p - 2, 7], dtype=np.uint64)
+    out = np.zeros((3, len(a)), dtype=np.uint32)
+    dedup._minhash_into(out, x, np.array([2, 0, 5]), a, b)
+    groups = [x[:2].tolist(), [], x[2:].tolist()]
+    for row, group in zip(out.tolist(), groups):
+        expected = [min(((ai * xi + bi) % p for xi in group), default=0) for ai, bi in zip(a.tolist(), b.tolist())]
+        assert [v % p for v in row] == expected  # residue 0 may come out as p
+    assert out[1].tolist() == [0] * len(a)  # a text without shingles is left alone
+
+
+def test_batching_does_not_change_signatures(corpus, monkeypatch):
+    texts = ["", "short text", *corpus.texts[:60], "!!!", "tail"]
+    whole = signatures(texts)
+    monkeypatch.setattr(dedup, "_BATCH_CHARS", 3000)
+    monkeypatch.setattr(dedup, "_CHUNK_SHINGLES", 100)
+    assert np.array_equal(signatures(texts), whole)
+    assert np.array_equal(np.vstack([signatures([t]) for t in texts]), whole)
+
+
+def test_identical_texts_have_identical_signatures():
+    text = "A sentence that appears twice, with some words in it."
+    sig = signatures([text, text.upper().replace(",", " ;"), text + " more"])
+    assert np.array_equal(sig[0], sig[1])
+    assert not np.array_equal(sig[0], sig[2])
+
+
+def test_estimated_jaccard_tracks_exact(corpus):
+    sig = signatures(corpus.texts)
+    pairs = np.array(sorted({p for g in corpus.groups for p in itertools.combinations(g, 2)}))
+    exact = np.array([jaccard(corpus.texts[i], corpus.texts[j], RECIPE.shingle_size) for i, j in pairs])
+    error = np.abs(estimated_jaccard(sig, pairs) - exact)
+    assert error.mean() < 0.04 and error.max() < 0.15
+
+
+# --- LSH and clustering ------------------------------------------------------------------------
+
+
+def test_empty_documents_never_cluster():
+    text = "a document with enough words to make several shingles of five words"
+    texts = ["", "", "!!! ???", text, text, "..."]
+    sig = signatures(texts)
+    assert (sig[[0, 1, 2, 5]] == np.iinfo(np.uint32).max).all()
+    assert lsh_candidate_pairs(sig, bands=RECIPE.bands, rows=RECIPE.rows).tolist() == [[3, 4]]
+    assert estimated_jaccard(sig, np.array([[0, 1], [3, 4]])).tolist() == [0.0, 1.0]
+    assert clusters(texts).tolist() == [0, 1, 2, 3, 3, 5]
+
+
+def test_candidate_pairs_are_unique_ordered_and_find_planted_copies(corpus):
+    sig = signatures(corpus.texts)
+    pairs = lsh_candidate_pairs(sig, bands=RECIPE.bands, rows=RECIPE.rows)
+    assert pairs.dtype == np.int64 and pairs.ndim == 2 and pairs.shape[1] == 2
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert len(np.unique(pairs, axis=0)) == len(pairs)
+    copies = [
+        (i, j)
+        for g in corpus.groups
+        for i, j in itertools.combinations(g, 2)
+        if corpus.texts[i] == corpus.texts[j]
+    ]
+    assert copies, "the corpus should plant exact copies"
+    assert set(copies) <= set(map(tuple, pairs.tolist()))
+
+
+def test_large_bucket_is_linked_as_a_star():
+    words = " ".join(f"w{i}" for i in range(40))
+    many = dedup._FULL_PAIRS_BUCKET + 30
+    texts = ["some other text entirely", *[words] * many, "x y z"]
+    sig = signatures(texts)
+    pairs = lsh_candidate_pairs(sig, bands=RECIPE.bands, rows=RECIPE.rows)
+    assert pairs.tolist() == [[1, j] for j in range(2, many + 1)]  # not many·(many−1)/2 pairs
+    assert clusters(texts).tolist() == [0, *[1] * many, many + 1]
+
+    few = ["some other text entirely", words, words, "x y z", words]
+    pairs = lsh_candidate_pairs(signatures(few), bands=RECIPE.bands, rows=RECIPE.rows)
+    assert pairs.tolist() == [[1, 2], [1, 4], [2, 4]]
+
+
+def test_cluster_id_is_the_smallest_member():
+    writer = _Writer(np.random.default_rng(3))
+    a, b, c = (writer.document(150) for _ in range(3))
+    texts = [writer.render(d) for d in (a, b, writer.variant(a), c, writer.variant(b), writer.variant(a))]
+    assert clusters(texts).tolist() == [0, 1, 0, 3, 1, 0]
+
+
+def test_planted_near_duplicates_are_found(corpus):
+    labels = clusters(corpus.texts)
+    quality = evaluate(
+        labels, corpus, threshold=RECIPE.threshold, shingle_size=RECIPE.shingle_size, random_pairs=2000, seed=5
+    )
+    assert quality.true_pairs >= 60  # the planted variants are near-duplicates by exact Jaccard
+    assert quality.recall >= 0.9, quality
+    assert quality.precision >= 0.9, quality
+    distinct = [g[0] for g in corpus.groups[:20]]
+    unrelated = itertools.combinations(distinct, 2)
+    assert max(jaccard(corpus.texts[i], corpus.texts[j], RECIPE.shingle_size) for i, j in unrelated) < 0.05
+
+
+@pytest.mark.parametrize("kept", [0.45, 0.75])
+def test_documents_well_below_threshold_are_not_merged(kept):
+    writer = _Writer(np.random.default_rng(int(kept * 100)))
+    texts = []
+    for _ in range(60):
+        doc = writer.document(int(writer.rng.integers(150, 301)))
+        texts += [writer.render(doc), writer.render(writer.related(doc, kept))]
+    exact = [jaccard(texts[i], texts[i + 1], RECIPE.shingle_size) for i in range(0, len(texts), 2)]
+    assert max(exact) < RECIPE.threshold - 0.1
+    sig = signatures(texts)
+    candidates = lsh_candidate_pairs(sig, bands=RECIPE.bands, rows=RECIPE.rows)
+    if kept > 0.5:
+        # LSH does propose some of these pairs: it is the Jaccard check that keeps them apart.
+        assert len(candidates) >= 3
+    assert (clusters(texts) == np.arange(len(texts))).all()
+
+
+def test_exact_duplicate_representatives_keep_the_first():
+    assert exact_duplicate_representatives(["a", "b", "a", "c", "b", "a"]).tolist() == [
+        True, True, False, True, False, False
+    ]
+    assert exact_duplicate_representatives([]).tolist() == []
+
+
+def test_bands_must_fit_the_signature():
+    with pytest.raises(ValueError, match="exceeds"):
+        lsh_candidate_pairs(np.zeros((3, 8), dtype=np.uint32), bands=3, rows=3)
