@@ -129,7 +129,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if failures:
         print(f"{len(failures)} check(s) failed; rematerialize the assets named above", file=sys.stderr)
         return EXIT_FAILED
-    print("every current artifact verifies and every input chain holds")
+    print("every check passes on every current artifact")
     return EXIT_OK
 
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plan", help="validate the manifest, print the DAG and the cost estimate")
     mat = sub.add_parser("materialize", help="materialize the asset graph on the local instance")
     mat.add_argument("--select", help="Dagster asset selection, e.g. 'key:raw_corpus+' (default: all)")
-    sub.add_parser("verify", help="re-run the hash gates on every current artifact of every partition")
+    sub.add_parser("verify", help="re-run every check (hash gates included) on the current artifact of every partition")
     args = parser.parse_args(argv)
     handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify}[args.command]
     return handler(args)

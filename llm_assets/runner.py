@@ -116,19 +116,28 @@ def run_checks(
 
 def verify_graph(
     defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None] = print
-) -> list[dg.AssetCheckEvaluation]:
+) -> list[str]:
     """Run every asset's checks on every partition that has a materialization; returns failures."""
     asset_graph = defs.resolve_asset_graph()
-    failures: list[dg.AssetCheckEvaluation] = []
+    failures: list[str] = []
     for key in asset_graph.toposorted_asset_keys:
         partitions = latest_materializations(instance, key).keys()
         for partition in sorted(partitions, key=lambda p: p or ""):
-            result = run_checks(defs, instance, [key], partition)
-            bad = [e for e in result.get_asset_check_evaluations() if not e.passed]
-            failures.extend(bad)
-            for evaluation in bad:
-                log(f"FAILED {key.to_user_string()}{f'[{partition}]' if partition else ''} "
-                    f"{evaluation.check_name}: {evaluation.description}")
+            label = key.to_user_string() + (f"[{partition}]" if partition else "")
+            result = run_checks(defs, instance, [key], partition, console_log_level="CRITICAL")
+            found = [
+                f"{label} {e.check_name}: {e.description}"
+                for e in result.get_asset_check_evaluations() if not e.passed
+            ]
+            found += [  # a check that raised instead of reporting
+                f"{label} {event.step_key}: {event.event_specific_data.error.message.strip()}"
+                for event in result.all_events
+                if event.is_step_failure and event.event_specific_data.error
+                and event.event_specific_data.error.cls_name != "DagsterAssetCheckFailedError"
+            ]
+            for line in found:
+                log(f"FAILED {line}")
+            failures.extend(found)
     return failures
 
 
