@@ -80,9 +80,12 @@ def _list_local(source: LocalSource) -> list[ShardItem]:
 
 
 def s3_client(source: S3Source) -> Any:
+    """A client through dagster-aws's S3Resource; without an endpoint of its own, a source uses
+    the artifact store's ($LLM_ASSETS_S3_ENDPOINT_URL), so one S3-compatible server serves both."""
     from dagster_aws.s3 import S3Resource
 
-    return S3Resource(endpoint_url=source.endpoint_url).get_client()
+    endpoint = source.endpoint_url or os.environ.get("LLM_ASSETS_S3_ENDPOINT_URL") or None
+    return S3Resource(endpoint_url=endpoint).get_client()
 
 
 def _bucket_prefix(source: S3Source) -> tuple[str, str]:
