@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from llm_assets import data
+from llm_assets import data, tokenizer
 from llm_assets.checks import build_hash_gates
 from llm_assets.manifest import PipelineResource
 from llm_assets.sensors import alert_sensor
@@ -14,7 +14,7 @@ from resources.alert_sinks import AlertSinksResource
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandleIOManager
 
-ASSETS = [*data.assets]
+ASSETS = [*data.assets, *tokenizer.assets]
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -32,7 +32,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
-        asset_checks=[*build_hash_gates(ASSETS), *data.checks],
+        asset_checks=[*build_hash_gates(ASSETS), *data.checks, *tokenizer.checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings or Settings.from_env()),
     )

@@ -187,6 +187,27 @@ class ContaminationRecipe(Strict):
         return self.model_dump(mode="json", exclude={"max_contaminated_fraction"})
 
 
+class TokenizerRecipe(Strict):
+    """Byte-level BPE trained with HF tokenizers on a deterministic sample of the training split."""
+
+    vocab_size: int = Field(4096, ge=300, description="Including the special tokens")
+    min_frequency: int = Field(2, ge=1)
+    sample_mb: float = Field(8.0, gt=0, description="MB of training text to learn merges from")
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+    extra_special_tokens: list[str] = Field(default_factory=list)
+    round_trip_docs: int = Field(200, gt=0, description="Held-out documents the round-trip check decodes")
+    encode_batch: int = Field(256, gt=0, description="Documents per encode_batch call in token_shards")
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.eos_token, self.pad_token, *self.extra_special_tokens]
+
+    def fingerprint_config(self) -> dict:
+        """What changes the trained tokenizer (not how it is checked or batched)."""
+        return self.model_dump(mode="json", exclude={"round_trip_docs", "encode_batch"})
+
+
 class ModelSize(Strict):
     """A decoder-only (Llama-style) architecture."""
 
@@ -234,6 +255,7 @@ class Stages(Strict):
     dedup: DedupRecipe = DedupRecipe()
     splits: SplitRecipe = SplitRecipe()
     contamination: ContaminationRecipe = ContaminationRecipe()
+    tokenizer: TokenizerRecipe = TokenizerRecipe()
     pretrain: PretrainRecipe | None = None
 
 
@@ -267,6 +289,16 @@ class PipelineManifest(Strict):
     model_sizes: dict[str, ModelSize] = Field(default_factory=dict)
     gates: dict[str, GateSpec] = Field(default_factory=dict)
     budget: Budget
+
+    @model_validator(mode="after")
+    def _models_hold_the_vocabulary(self) -> PipelineManifest:
+        vocab = self.stages.tokenizer.vocab_size
+        small = [name for name, size in self.model_sizes.items() if size.vocab_size < vocab]
+        if small:
+            raise ValueError(
+                f"model_sizes {', '.join(small)} have vocab_size below stages.tokenizer.vocab_size ({vocab})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> PipelineManifest:

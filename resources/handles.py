@@ -69,6 +69,16 @@ def input_records(mat: dg.AssetMaterialization) -> list[dict[str, Any]]:
     return json.loads(data) if isinstance(data, str) else list(data)
 
 
+def consumed_hash(mat: dg.AssetMaterialization, asset: str, partition: str | None = None) -> str:
+    """The hash of ``asset`` (and partition) that a materialization recorded as consumed."""
+    for record in input_records(mat):
+        if record["asset"] == asset and record["partition"] == partition:
+            return record["sha256"]
+    raise dg.DagsterInvariantViolationError(
+        f"{mat.asset_key.to_user_string()} recorded no input {asset}{f'[{partition}]' if partition else ''}"
+    )
+
+
 def latest_materializations(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions: Sequence[str] | None = None
 ) -> dict[str | None, dg.AssetMaterialization]:
