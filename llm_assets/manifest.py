@@ -280,6 +280,24 @@ class Budget(Strict):
     assumed_mfu: float = Field(gt=0, le=1, description="Model FLOPs utilisation assumed for estimates")
 
 
+class StageCompute(Strict):
+    """What one step's Kubernetes pod asks for."""
+
+    gpus: int = Field(0, ge=0)
+    cpu: str = Field("1", pattern=r"^\d+(\.\d+)?m?$")
+    memory: str = Field("4Gi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+
+class Compute(Strict):
+    """Per kind of stage, the pod resources of its steps on Kubernetes (ignored on a laptop)."""
+
+    data: StageCompute = StageCompute(cpu="1", memory="4Gi")
+    training: StageCompute = StageCompute(
+        gpus=1, cpu="8", memory="64Gi", node_selector={"nvidia.com/gpu.present": "true"}
+    )
+
+
 class PipelineManifest(Strict):
     version: Literal[1]
     name: str
@@ -288,6 +306,7 @@ class PipelineManifest(Strict):
     stages: Stages = Stages()
     model_sizes: dict[str, ModelSize] = Field(default_factory=dict)
     gates: dict[str, GateSpec] = Field(default_factory=dict)
+    compute: Compute = Compute()
     budget: Budget
 
     @model_validator(mode="after")

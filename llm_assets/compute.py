@@ -1,0 +1,59 @@
+"""Kubernetes placement of steps: the `dagster-k8s/config` tag built from the manifest's compute."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_assets.manifest import StageCompute
+
+K8S_CONFIG_TAG = "dagster-k8s/config"
+
+
+def k8s_config(compute: StageCompute) -> dict[str, Any]:
+    """The `dagster-k8s/config` value: container resources (GPUs as limits) and node placement."""
+    requests = {"cpu": compute.cpu, "memory": compute.memory}
+    limits: dict[str, str] = {"memory": compute.memory}
+    if compute.gpus:
+        # Extended resources must be limits (a request, if given, has to equal the limit).
+        limits["nvidia.com/gpu"] = str(compute.gpus)
+    config: dict[str, Any] = {"container_config": {"resources": {"requests": requests, "limits": limits}}}
+    pod_spec: dict[str, Any] = {}
+    if compute.node_selector:
+        pod_spec["node_selector"] = dict(compute.node_selector)
+    if compute.gpus:
+        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if pod_spec:
+        config["pod_spec_config"] = pod_spec
+    return config
+
+
+def k8s_op_tags(compute: StageCompute) -> dict[str, Any]:
+    return {K8S_CONFIG_TAG: k8s_config(compute)}
+
+
+def render_step_job(
+    step_key: str, op_tags: dict[str, Any], *, image: str, namespace: str = "dagster"
+) -> dict[str, Any]:
+    """The Kubernetes Job that dagster-k8s would launch for a step, rendered offline as a dict."""
+    import kubernetes
+    from dagster_k8s.job import (
+        DagsterK8sJobConfig,
+        UserDefinedDagsterK8sConfig,
+        construct_dagster_k8s_job,
+        get_k8s_job_name,
+    )
+
+    job_config = DagsterK8sJobConfig(
+        job_image=image, dagster_home="/opt/dagster/dagster_home", image_pull_policy="IfNotPresent",
+        image_pull_secrets=[], service_account_name=None, instance_config_map="dagster-instance",
+        postgres_password_secret=None, env_config_maps=[], env_secrets=[], env_vars=[],
+        volume_mounts=[], volumes=[], labels={}, resources={}, scheduler_name=None, security_context={},
+    )
+    user_config = UserDefinedDagsterK8sConfig.from_dict(op_tags.get(K8S_CONFIG_TAG, {}))
+    job = construct_dagster_k8s_job(
+        job_config, ["dagster", "api", "execute_step"], get_k8s_job_name("run", step_key),
+        user_defined_k8s_config=user_config, component="step_worker",
+    )
+    rendered = kubernetes.client.ApiClient().sanitize_for_serialization(job)
+    rendered["metadata"]["namespace"] = namespace
+    return rendered
