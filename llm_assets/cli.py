@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llm_assets.costs import training_estimate
 from llm_assets.manifest import ManifestError, PipelineManifest, load_manifest
 from llm_assets.settings import PROJECT_ROOT
 
@@ -33,19 +34,13 @@ def _human(n: float) -> str:
 
 def estimate_rows(manifest: PipelineManifest) -> list[dict]:
     """Compute estimate per training stage and partition: FLOPs = 6·N·D."""
-    rows = []
     recipe = manifest.stages.pretrain
-    if recipe is not None:
-        budget = manifest.budget
-        for size, spec in manifest.model_sizes.items():
-            n, d = spec.matmul_parameters(), recipe.tokens()
-            flops = 6 * n * d
-            gpu_hours = flops / (budget.peak_flops_per_gpu * budget.assumed_mfu) / 3600
-            rows.append({
-                "stage": "pretrain", "partition": size, "params": n, "tokens": d,
-                "flops": flops, "gpu_hours": gpu_hours, "usd": gpu_hours * budget.usd_per_gpu_hour,
-            })
-    return rows
+    if recipe is None:
+        return []
+    return [
+        {"stage": "pretrain", "partition": size, **training_estimate(spec, recipe, manifest.budget).__dict__}
+        for size, spec in manifest.model_sizes.items()
+    ]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -238,12 +238,21 @@ class ModelSize(Strict):
 
 
 class PretrainRecipe(Strict):
+    """The pretraining loop of every model size (see llm_assets/pretrain/loop.py)."""
+
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="Sequences per micro-batch")
     grad_accum: int = Field(1, gt=0)
     seq_len: int = Field(gt=0)
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine ends at learning_rate × this")
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping")
+    eval_every: int = Field(100, ge=0)
+    eval_batches: int = Field(10, gt=0)
+    checkpoint_every: int = Field(100, ge=0, description="Intermediate checkpoints, committed to the store")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def tokens(self) -> int:
         return self.steps * self.batch_size * self.grad_accum * self.seq_len

@@ -23,7 +23,10 @@ SIZES = {
 def with_training(manifest_path, sizes, steps):
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["model_sizes"] = {name: SIZES[name] for name in sizes}
-    manifest["stages"] = {"pretrain": {"steps": steps, "batch_size": 8, "seq_len": 128, "learning_rate": 1e-3}}
+    manifest["stages"] = {
+        "pretrain": {"steps": steps, "batch_size": 8, "seq_len": 128, "learning_rate": 1e-3},
+        "tokenizer": {"vocab_size": 1000},
+    }
     manifest_path.write_text(yaml.safe_dump(manifest))
 
 

@@ -1,0 +1,23 @@
+"""Compute and dollar estimates from the manifest's budget: one formula for `plan` and the cost gate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llm_assets.manifest import Budget, ModelSize, PretrainRecipe
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: int  # N: matmul parameters
+    tokens: int  # D
+    flops: float  # 6·N·D
+    gpu_hours: float
+    usd: float
+
+
+def training_estimate(size: ModelSize, recipe: PretrainRecipe, budget: Budget) -> Estimate:
+    n, d = size.matmul_parameters(), recipe.tokens()
+    flops = 6.0 * n * d
+    gpu_hours = flops / (budget.peak_flops_per_gpu * budget.assumed_mfu) / 3600
+    return Estimate(n, d, flops, gpu_hours, gpu_hours * budget.usd_per_gpu_hour)
