@@ -61,6 +61,18 @@ def fingerprint(
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+def fingerprint_of(context: dg.AssetExecutionContext, config: Any = None, inputs: Inputs | None = None) -> str:
+    """The fingerprint ``materialize_artifact`` will use for this step, for work that must key
+    its own progress (resumable training) by it."""
+    return fingerprint(
+        context.asset_key.to_user_string(),
+        context.partition_key if context.has_partition_key else None,
+        context.assets_def.code_versions_by_key.get(context.asset_key),
+        config,
+        [h.sha256 for h in flatten_inputs(inputs or {})],
+    )
+
+
 def materialize_artifact(
     context: dg.AssetExecutionContext,
     store: ArtifactStore,
@@ -87,9 +99,10 @@ def materialize_artifact(
     asset = context.asset_key.to_user_string()
     partition = context.partition_key if context.has_partition_key else None
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
-    handles = flatten_inputs(inputs or {})
-    fp = fingerprint(asset, partition, code_version, config, [h.sha256 for h in handles])
-    handles = sorted([*handles, *flatten_inputs(narrowed_inputs or {})], key=lambda h: (h.asset, h.partition or ""))
+    fp = fingerprint_of(context, config, inputs)
+    handles = sorted(
+        [*flatten_inputs(inputs or {}), *flatten_inputs(narrowed_inputs or {})], key=lambda h: (h.asset, h.partition or "")
+    )
 
     cached = store.index_lookup(asset, partition, fp)
     cache_hit = False

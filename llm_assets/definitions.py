@@ -1,4 +1,8 @@
-"""The Definitions: every part of the lifecycle, assembled."""
+"""The Definitions: every part of the lifecycle, assembled.
+
+The training stages are built from the manifest (its model sizes are their partitions), so the
+Definitions load the manifest once, here.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,13 @@ from dagster_aws.s3 import S3Resource
 
 from llm_assets import data, tokenizer
 from llm_assets.checks import build_hash_gates
-from llm_assets.manifest import PipelineResource
+from llm_assets.manifest import PipelineResource, load_manifest
+from llm_assets.pretrain.assets import build_pretrain_assets
 from llm_assets.sensors import alert_sensor
 from llm_assets.settings import Settings
 from resources.alert_sinks import AlertSinksResource
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandleIOManager
-
-ASSETS = [*data.assets, *tokenizer.assets]
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -30,11 +33,14 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings.from_env()
+    pretrain_assets, pretrain_checks = build_pretrain_assets(load_manifest(settings.manifest))
+    assets = [*data.assets, *tokenizer.assets, *pretrain_assets]
     return dg.Definitions(
-        assets=ASSETS,
-        asset_checks=[*build_hash_gates(ASSETS), *data.checks, *tokenizer.checks],
+        assets=assets,
+        asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks],
         sensors=[*data.sensors, alert_sensor],
-        resources=build_resources(settings or Settings.from_env()),
+        resources=build_resources(settings),
     )
 
 

@@ -92,14 +92,14 @@ def validate_hash(artifact_hash: str) -> str:
     return artifact_hash
 
 
-def index_key(asset: str, partition: str | None, fingerprint: str) -> str:
+def index_key(asset: str, partition: str | None, fingerprint: str, namespace: str = "index") -> str:
     """The store-relative key of an index entry; asset is a '/'-joined asset key path."""
     parts = asset.split("/")
     for part in parts:
         if not part or part in (".", "..") or not _KEY_PART_RE.match(part):
             raise InvalidKeyError(f"asset key {asset!r} has an unsafe component {part!r}")
     partition_part = "_unpartitioned" if partition is None else "p=" + quote(partition, safe="")
-    return "/".join(["index", *parts, partition_part, validate_hash(fingerprint) + ".json"])
+    return "/".join([namespace, *parts, partition_part, validate_hash(fingerprint) + ".json"])
 
 
 @dataclass(frozen=True)
@@ -550,6 +550,24 @@ class ArtifactStore:
     ) -> None:
         entry = {"artifact": validate_hash(artifact_hash), "metadata": metadata}
         self.backend.write_key(index_key(asset, partition, fingerprint), json.dumps(entry, sort_keys=True).encode())
+
+    # -- progress of unfinished work (resumable training) --------------------------------------
+    def progress_lookup(self, asset: str, partition: str | None, fingerprint: str) -> dict[str, Any] | None:
+        """The last intermediate artifact (e.g. a checkpoint) of an unfinished materialization."""
+        data = self.backend.read_key(index_key(asset, partition, fingerprint, namespace="progress"))
+        try:
+            entry = json.loads(data) if data is not None else None
+            return entry if entry is not None and self.exists(entry["artifact"]) else None
+        except (ValueError, KeyError, TypeError, InvalidKeyError):
+            return None
+
+    def progress_record(
+        self, asset: str, partition: str | None, fingerprint: str, artifact_hash: str, step: int
+    ) -> None:
+        entry = {"artifact": validate_hash(artifact_hash), "step": step}
+        self.backend.write_key(
+            index_key(asset, partition, fingerprint, namespace="progress"), json.dumps(entry, sort_keys=True).encode()
+        )
 
 
 def open_store(uri: str, *, s3_client: Any = None, cache_dir: str | Path | None = None) -> ArtifactStore:

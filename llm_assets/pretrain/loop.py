@@ -1,0 +1,325 @@
+"""The pretraining loop: AdamW, warmup + cosine LR, gradient accumulation, clipping, bf16 autocast,
+periodic evaluation and checkpoints, exact resume, data parallelism with DDP.
+
+Read `train` top to bottom; everything else here is a small helper it calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
+
+from llm_assets.manifest import PretrainRecipe
+from llm_assets.pretrain.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_temp_dirs,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llm_assets.pretrain.data import TokenBatches, TokenData
+from llm_assets.pretrain.distributed import DistInfo, barrier, dist_info, gather_objects, mean_across_ranks
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int  # optimizer steps
+    batch_size: int  # sequences per micro-batch, per rank
+    seq_len: int
+    learning_rate: float  # peak LR, reached at the end of warmup
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # the cosine ends at learning_rate × min_lr_ratio
+    weight_decay: float = 0.1  # on ≥2-D parameters only
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 100  # steps between val evaluations; 0: at the end only
+    eval_batches: int = 10  # global batches of val windows per evaluation (the same ones each time)
+    checkpoint_every: int = 1000  # 0: at the end only
+    seed: int = 0  # data order (and, by convention, the model init)
+    precision: Precision = "auto"
+    loss_window: int = 10  # final_train_loss is the mean of this many last steps
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "loss_window")
+        problems = [f"{name} must be > 0" for name in positive if getattr(self, name) <= 0]
+        if self.learning_rate <= 0:
+            problems.append("learning_rate must be > 0")
+        if not 0 <= self.warmup_steps <= self.steps:
+            problems.append("warmup_steps must be in [0, steps]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append("min_lr_ratio must be in [0, 1]")
+        non_negative = ("weight_decay", "grad_clip", "eval_every", "checkpoint_every")
+        problems += [f"{name} must be >= 0" for name in non_negative if getattr(self, name) < 0]
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_recipe(cls, recipe: PretrainRecipe, **overrides: Any) -> TrainConfig:
+        """The manifest's pretrain recipe, plus the fields it does not carry (as keyword arguments)."""
+        return cls(**{**recipe.model_dump(), **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `dataclasses.asdict` through JSON (which turns `betas` into a list)."""
+        return cls(**{**data, "betas": tuple(data["betas"])})
+
+
+# What a resumed run must share with the run that wrote the checkpoint for its steps to be the
+# ones the uninterrupted run would have taken. Eval and checkpoint cadence may change; so may
+# batch_size, grad_accum and the world size, as long as the global batch stays the same.
+_TRAJECTORY_FIELDS = ("steps", "seq_len", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
+                      "betas", "grad_clip", "seed")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int  # optimizer steps done, counting this one (1-based)
+    loss: float  # mean train loss of the step's global batch (averaged over ranks)
+    lr: float  # the LR this step's update used
+    grad_norm: float  # global grad norm before clipping
+    tokens_seen: int  # all ranks, since step 0
+    seconds: float  # wall time of this step's forward/backward/update (not eval or checkpoint)
+    val_loss: float | None = None  # set on evaluation steps
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    final_train_loss: float  # mean over the last `loss_window` steps
+    final_val_loss: float | None  # None without val data
+    history: list[StepRecord]  # every step since step 0, including steps restored from the checkpoint
+    tokens_seen: int
+    tokens_per_second: float  # tokens trained by this call / the seconds of its steps
+    steps_done: int
+    resumed_from_step: int | None
+    precision: Literal["fp32", "bf16"]
+    checkpoints: list[Path] = field(default_factory=list)  # committed by this call (rank 0)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The LR of the update made at optimizer step `step` (0-based).
+
+    Linear warmup from learning_rate/warmup_steps up to learning_rate over the first warmup_steps
+    updates, then a cosine from learning_rate down to learning_rate × min_lr_ratio, reached
+    exactly at the last update.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    """"auto" is bf16 on a CUDA device that supports it and fp32 elsewhere.
+
+    On CPU, bf16 autocast speeds training up only where the CPU has bf16 matrix units (AMX), and
+    it changes the numerics; CPU runs are mostly tests and debugging, which want the fp32
+    reference numbers. Ask for "bf16" explicitly to use it on such a CPU.
+    """
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return precision
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays matrices (weights, embeddings) but not vectors (norm gains, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=device.type == "cuda")
+
+
+def train(
+    model: PreTrainedModel,
+    train_data: TokenData,
+    val_data: TokenData | None,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+) -> TrainResult:
+    """Train `model` (already on its device) for `cfg.steps` optimizer steps.
+
+    Under torchrun (after `maybe_init_distributed()`) every rank calls this with the same
+    arguments: the model is wrapped in DDP, each rank trains on its slice of every global batch
+    (batch_size × grad_accum × world_size sequences), logged losses are averaged over ranks, and
+    only rank 0 writes checkpoints and calls `on_step` / `on_checkpoint`.
+
+    Checkpoints go to `checkpoint_dir` every `checkpoint_every` steps and after the last step;
+    `on_checkpoint(path, step)` runs after each commit. `resume_from` (a checkpoint directory,
+    e.g. `latest_checkpoint(checkpoint_dir)`) restores weights, optimizer, schedule, RNG and data
+    position, and training goes on to the same `cfg.steps`.
+    """
+    dist = dist_info()
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
+    batches = TokenBatches(train_data, seq_len=cfg.seq_len, global_batch=global_batch, seed=cfg.seed)
+    # Every evaluation reads the same val windows (the first eval_batches global batches), so
+    # successive val losses compare, and so do runs that split the global batch differently.
+    val_batches = (TokenBatches(val_data, seq_len=cfg.seq_len, global_batch=global_batch, seed=cfg.seed)
+                   if val_data is not None else None)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.learning_rate)
+
+    start, history = 0, []
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        _check_resumable(ckpt.state, cfg, global_batch, precision, resume_from)
+        start, history = ckpt.step, [StepRecord(**r) for r in ckpt.state["history"]]
+        # With a different world size than the saved run, extra ranks take rank 0's RNG state.
+        restore_rng_state(ckpt.rng_states[dist.rank if dist.rank < len(ckpt.rng_states) else 0])
+    elif checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
+        raise ValueError(f"{checkpoint_dir} already holds checkpoints of a run: resume with "
+                         f"resume_from=latest_checkpoint(checkpoint_dir), or use an empty directory")
+    if checkpoint_dir is not None and dist.is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_temp_dirs(checkpoint_dir)
+
+    # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
+    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                 if dist.world_size > 1 else model)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    tokens_per_step = global_batch * cfg.seq_len
+    checkpoints: list[Path] = []
+    model.train()
+
+    for step in range(start, cfg.steps):
+        started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = batches.micro_batch(step, micro=micro, grad_accum=cfg.grad_accum, rank=dist.rank,
+                                        world_size=dist.world_size).to(device)
+            # DDP all-reduces gradients in every backward unless told not to: only the last
+            # micro-batch's backward needs to.
+            last = micro == cfg.grad_accum - 1
+            with ddp_model.no_sync() if ddp_model is not model and not last else nullcontext():
+                with autocast:
+                    logits = ddp_model(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                # The step's loss is the mean over its micro-batches (all the same size).
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        # Returns the norm before clipping; an infinite max_norm measures without clipping.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = mean_across_ranks(loss_sum / cfg.grad_accum).item()  # syncs with the device
+        seconds = time.perf_counter() - started
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"step {step + 1}: train loss is {step_loss}; stopping")
+
+        done = step + 1
+        val_loss = None
+        if val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            val_loss = evaluate(model, val_batches, cfg, dist, autocast)
+        record = StepRecord(step=done, loss=step_loss, lr=lr, grad_norm=grad_norm.item(),
+                            tokens_seen=done * tokens_per_step, seconds=seconds, val_loss=val_loss)
+        history.append(record)
+        if on_step is not None and dist.is_main:
+            on_step(record)
+
+        if checkpoint_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                           or done == cfg.steps):
+            rng_states = gather_objects(capture_rng_state())  # a collective: every rank calls it
+            if dist.is_main:
+                state = _resume_state(cfg, done, global_batch, precision, dist, history)
+                path = save_checkpoint(checkpoint_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
+                                       rng_states=rng_states, state=state)
+                checkpoints.append(path)
+                if on_checkpoint is not None:
+                    on_checkpoint(path, done)
+            # Every rank leaves this step with the checkpoint committed (if rank 0 fails to write it,
+            # torchrun stops the others here rather than letting them train past it).
+            barrier()
+
+    this_run = history[start:]
+    losses = [r.loss for r in history[-cfg.loss_window:]]
+    val_losses = [r.val_loss for r in history if r.val_loss is not None]
+    return TrainResult(
+        final_train_loss=sum(losses) / len(losses),
+        final_val_loss=val_losses[-1] if val_losses else None,
+        history=history,
+        tokens_seen=cfg.steps * tokens_per_step,
+        tokens_per_second=len(this_run) * tokens_per_step / max(1e-9, sum(r.seconds for r in this_run)),
+        steps_done=cfg.steps,
+        resumed_from_step=start if resume_from is not None else None,
+        precision=precision,
+        checkpoints=checkpoints,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, val_batches: TokenBatches, cfg: TrainConfig, dist: DistInfo,
+             autocast: AbstractContextManager) -> float:
+    """Mean loss over the first `cfg.eval_batches` global val batches: each rank reads its slice,
+    in micro-batches of the training size (whose memory use is known to fit)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(cfg.eval_batches):
+        for micro in range(cfg.grad_accum):
+            batch = val_batches.micro_batch(i, micro=micro, grad_accum=cfg.grad_accum, rank=dist.rank,
+                                            world_size=dist.world_size).to(device)
+            with autocast:
+                logits = model(input_ids=batch[:, :-1]).logits
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    model.train()
+    return mean_across_ranks(total / (cfg.eval_batches * cfg.grad_accum)).item()
+
+
+def _resume_state(cfg: TrainConfig, step: int, global_batch: int, precision: str, dist: DistInfo,
+                  history: list[StepRecord]) -> dict[str, Any]:
+    """What state.json records: enough to check and continue the run (weights etc. are files)."""
+    return {
+        "step": step,
+        # The batch of a step is a function of these alone (see data.py): the data position.
+        "data": {"position": step, "seed": cfg.seed, "global_batch": global_batch, "seq_len": cfg.seq_len},
+        "precision": precision,
+        "world_size": dist.world_size,
+        "config": dataclasses.asdict(cfg),
+        "history": [dataclasses.asdict(r) for r in history],
+    }
+
+
+def _check_resumable(state: dict[str, Any], cfg: TrainConfig, global_batch: int, precision: str, path: Path) -> None:
+    saved = TrainConfig.from_dict(state["config"])
+    differences = [f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(cfg, name)!r}"
+                   for name in _TRAJECTORY_FIELDS if getattr(saved, name) != getattr(cfg, name)]
+    if state["data"]["global_batch"] != global_batch:
+        differences.append(f"global batch (batch_size × grad_accum × world_size): checkpoint "
+                           f"{state['data']['global_batch']}, now {global_batch}")
+    if state["precision"] != precision:
+        differences.append(f"precision: checkpoint {state['precision']}, now {precision}")
+    if differences:
+        raise ValueError(f"cannot resume from {path}: the run would not continue the same trajectory; "
+                         + "; ".join(differences))
