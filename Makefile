@@ -41,8 +41,12 @@ plan: install
 	$(BIN)/llm-assets plan
 
 bench: install
-	$(BIN)/python bench/cache_rematerialize.py
 	$(BIN)/python bench/store_throughput.py
+	$(BIN)/python bench/dedup_vs_datasketch.py
+	$(BIN)/python bench/cleaning_throughput.py
+	$(BIN)/python bench/tokenize_throughput.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/cache_rematerialize.py
 
 clean:
 	rm -rf .dagster_home .artifacts .alerts
