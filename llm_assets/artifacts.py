@@ -61,6 +61,15 @@ def fingerprint(
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+def part_digest(store: ArtifactStore, handle: ArtifactHandle, relpath: str, remedy: str) -> str:
+    """The sha256 of one file of an artifact: what a step reading only that part fingerprints
+    (with the artifact itself passed as a narrowed input)."""
+    for entry in store.manifest(handle.sha256).files:
+        if entry.path == relpath:
+            return entry.sha256
+    raise dg.Failure(f"{handle.label} {handle.sha256[:12]} has no {relpath}; {remedy}")
+
+
 def fingerprint_of(context: dg.AssetExecutionContext, config: Any = None, inputs: Inputs | None = None) -> str:
     """The fingerprint ``materialize_artifact`` will use for this step, for work that must key
     its own progress (resumable training) by it."""

@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from llm_assets.artifacts import materialize_artifact
+from llm_assets.artifacts import materialize_artifact, part_digest
 from llm_assets.data.clean_corpus import clean_corpus
 from llm_assets.data.dedup import cluster_near_duplicates, exact_duplicate_representatives, minhash_signatures as signatures_of
 from llm_assets.data.partitions import corpus_shards
@@ -132,12 +132,9 @@ def dedup_corpus(
 ) -> dg.Output[ArtifactHandle]:
     store = artifact_store.get_store()
     keep_path = keep_list_path(context.partition_key)
-    entries = {f.path: f.sha256 for f in store.manifest(dedup_clusters.sha256).files}
-    if keep_path not in entries:
-        raise dg.Failure(
-            f"dedup_clusters {dedup_clusters.sha256[:12]} has no keep-list for shard "
-            f"{context.partition_key!r}; rematerialize dedup_clusters after minhash_signatures of this shard"
-        )
+    keep_digest = part_digest(
+        store, dedup_clusters, keep_path, "rematerialize dedup_clusters after minhash_signatures of this shard"
+    )
 
     def build(out):
         frame = pl.read_parquet(store.local_dir(clean_corpus.sha256) / SHARD_FILE)
@@ -153,6 +150,6 @@ def dedup_corpus(
         return {"documents_in": frame.height, "documents": kept.height, "removed": frame.height - kept.height}
 
     return materialize_artifact(
-        context, store, kind="parquet_shard", config={"keep_list": entries[keep_path]},
+        context, store, kind="parquet_shard", config={"keep_list": keep_digest},
         inputs={"clean_corpus": clean_corpus}, narrowed_inputs={"dedup_clusters": dedup_clusters}, build=build,
     )

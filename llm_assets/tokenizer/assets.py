@@ -8,7 +8,7 @@ import polars as pl
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from llm_assets.artifacts import materialize_artifact
+from llm_assets.artifacts import materialize_artifact, part_digest
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.dataset_splits import HELD_OUT, train_path
 from llm_assets.data.partitions import corpus_shards
@@ -142,15 +142,12 @@ def token_shards(
     store = artifact_store.get_store()
     recipe = pipeline.load().stages.tokenizer
     part = train_path(context.partition_key)
-    entries = {f.path: f.sha256 for f in store.manifest(dataset_splits.sha256).files}
-    if part not in entries:
-        raise dg.Failure(
-            f"dataset_splits {dataset_splits.sha256[:12]} has no training part for shard "
-            f"{context.partition_key!r}; rematerialize dataset_splits after this shard's dedup_corpus"
-        )
+    part_sha = part_digest(
+        store, dataset_splits, part, "rematerialize dataset_splits after this shard's dedup_corpus"
+    )
     return materialize_artifact(
         context, store, kind="packed_tokens",
-        config={"train_part": entries[part], "eos_token": recipe.eos_token},
+        config={"train_part": part_sha, "eos_token": recipe.eos_token},
         inputs={"tokenizer": tokenizer}, narrowed_inputs={"dataset_splits": dataset_splits},
         build=lambda out: _pack_frame(store, tokenizer, recipe, store.local_dir(dataset_splits.sha256) / part, out),
     )
