@@ -61,6 +61,12 @@ def fingerprint(
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+def artifact_asset(**kwargs: Any) -> Callable:
+    """``@dg.asset`` for assets whose output is an artifact handle: they all use the artifact IO
+    manager, which passes handles (never data) to their children."""
+    return dg.asset(io_manager_key="artifact_io", **kwargs)
+
+
 def part_digest(store: ArtifactStore, handle: ArtifactHandle, relpath: str, remedy: str) -> str:
     """The sha256 of one file of an artifact: what a step reading only that part fingerprints
     (with the artifact itself passed as a narrowed input)."""

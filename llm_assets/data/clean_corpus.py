@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from llm_assets.artifacts import materialize_artifact
+from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.scope import artifacts_under_check, materializations_under_check
 from llm_assets.data.cleaning import clean_frame, scan_pii_frame
 from llm_assets.data.partitions import corpus_shards
@@ -13,10 +13,9 @@ from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 
 
-@dg.asset(
+@artifact_asset(
     partitions_def=corpus_shards,
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"polars", "parquet"},
     group_name="data",
     description="One shard after HTML-to-text, unicode normalisation, typed PII redaction and quality filters.",

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import dagster as dg
 import polars as pl
 
-from llm_assets.artifacts import materialize_artifact
+from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.contamination import measure_contamination
 from llm_assets.data.documents import SourceError
@@ -107,9 +107,8 @@ def build_splits(store: ArtifactStore, shards: dict[str, ArtifactHandle], manife
     }
 
 
-@dg.asset(
+@artifact_asset(
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"polars", "parquet"},
     group_name="data",
     description="Deduplicated corpus split into train (per shard) / val / test by hash, with a contamination report.",

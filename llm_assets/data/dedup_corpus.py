@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from llm_assets.artifacts import materialize_artifact, part_digest
+from llm_assets.artifacts import artifact_asset, materialize_artifact, part_digest
 from llm_assets.data.dedup import cluster_near_duplicates, exact_duplicate_representatives, minhash_signatures as signatures_of
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import SHARD_FILE
@@ -28,10 +28,9 @@ def keep_list_path(shard: str) -> str:
     return f"keep/{quote(shard, safe='')}.parquet"
 
 
-@dg.asset(
+@artifact_asset(
     partitions_def=corpus_shards,
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"numpy"},
     group_name="data",
     description="MinHash signatures of every cleaned document of one shard (word shingles, universal hashing).",
@@ -62,9 +61,8 @@ def minhash_signatures(
     )
 
 
-@dg.asset(
+@artifact_asset(
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"numpy", "polars"},
     group_name="data",
     description="Near-duplicate clusters over all shards (LSH banding + union-find) and exact-hash duplicates: a keep-list per shard.",
@@ -115,10 +113,9 @@ def dedup_clusters(
     )
 
 
-@dg.asset(
+@artifact_asset(
     partitions_def=corpus_shards,
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"polars", "parquet"},
     group_name="data",
     description="One cleaned shard with near- and exact duplicates removed (one representative per cluster).",

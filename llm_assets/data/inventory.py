@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from llm_assets.artifacts import materialize_artifact
+from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.data.raw_corpus import SHARD_FILE
 from resources.artifact_store import ArtifactStore
 from resources.artifact_store_resource import ArtifactStoreResource
@@ -52,9 +52,8 @@ def _markdown(table: pl.DataFrame) -> str:
     return header + "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in table.iter_rows())
 
 
-@dg.asset(
+@artifact_asset(
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"polars", "parquet"},
     group_name="data",
     description="Per-shard profile of the raw corpus (documents, kinds, lengths, distinct texts) and its totals.",

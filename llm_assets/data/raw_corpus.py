@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm_assets.artifacts import materialize_artifact
+from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.documents import Document, ReadStats
@@ -83,10 +83,9 @@ def build_raw_shard(manifest: PipelineManifest, shard_key: str, out_dir: Path) -
     }
 
 
-@dg.asset(
+@artifact_asset(
     partitions_def=corpus_shards,
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"python", "parquet"},
     group_name="data",
     description="Raw documents of one corpus shard (id, text, source, uri, kind, sha256), as read from its source.",

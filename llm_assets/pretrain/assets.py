@@ -18,7 +18,7 @@ import dagster as dg
 import numpy as np
 import torch
 
-from llm_assets.artifacts import fingerprint_of, materialize_artifact
+from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import training_estimate
@@ -83,11 +83,10 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         return [], []
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
 
-    @dg.asset(
+    @artifact_asset(
         partitions_def=model_sizes,
         ins={"token_shards": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
         code_version="1",
-        io_manager_key="artifact_io",
         kinds={"pytorch", "huggingface"},
         group_name="pretrain",
         op_tags=k8s_op_tags(manifest.compute.training),
@@ -210,10 +209,9 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
             metadata={**meta, "gate_max_val_loss": gate.max if gate and gate.max is not None else float("nan")},
         )
 
-    @dg.asset(
+    @artifact_asset(
         ins={"pretrain_checkpoint": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
         code_version="1",
-        io_manager_key="artifact_io",
         kinds={"numpy"},
         group_name="pretrain",
         description="Power law of final val loss against parameters over the model sizes, with the next size up predicted.",

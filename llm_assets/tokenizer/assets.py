@@ -8,7 +8,7 @@ import polars as pl
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from llm_assets.artifacts import materialize_artifact, part_digest
+from llm_assets.artifacts import artifact_asset, materialize_artifact, part_digest
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.dataset_splits import HELD_OUT, train_path
 from llm_assets.data.partitions import corpus_shards
@@ -46,9 +46,8 @@ def load_tokenizer(store: ArtifactStore, handle: ArtifactHandle) -> Tokenizer:
     return Tokenizer.from_file(str(store.local_dir(handle.sha256) / TOKENIZER_FILE))
 
 
-@dg.asset(
+@artifact_asset(
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"huggingface"},
     group_name="tokenizer",
     description="Byte-level BPE trained on a deterministic sample of the training split, in the Hugging Face layout.",
@@ -124,10 +123,9 @@ def _pack_frame(store: ArtifactStore, tokenizer_handle: ArtifactHandle, recipe: 
     return {"tokens": packed.tokens, "documents": packed.documents, "dtype": packed.dtype}
 
 
-@dg.asset(
+@artifact_asset(
     partitions_def=corpus_shards,
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"numpy"},
     group_name="tokenizer",
     description="The training documents of one shard as packed token ids (EOS-separated) with a document index.",
@@ -153,9 +151,8 @@ def token_shards(
     )
 
 
-@dg.asset(
+@artifact_asset(
     code_version="1",
-    io_manager_key="artifact_io",
     kinds={"numpy"},
     group_name="tokenizer",
     description="The held-out val and test splits as packed token ids, for validation loss and perplexity.",
