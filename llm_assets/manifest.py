@@ -24,6 +24,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _against_manifest(path: str, info: ValidationInfo) -> str:
+    """A relative path in the manifest means relative to the manifest's folder."""
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else Path((info.context or {}).get("base_dir", ".")) / path)
+
+
 class PythonStdlibSource(Strict):
     """The Python standard library of the running interpreter: sources and docstrings."""
 
@@ -58,8 +64,7 @@ class LocalSource(_FileSourceFields):
     @field_validator("paths")
     @classmethod
     def _absolute(cls, paths: list[str], info: ValidationInfo) -> list[str]:
-        base = Path((info.context or {}).get("base_dir", "."))
-        return [str(Path(p).expanduser() if Path(p).expanduser().is_absolute() else base / p) for p in paths]
+        return [_against_manifest(p, info) for p in paths]
 
 
 class S3Source(_FileSourceFields):
@@ -165,8 +170,7 @@ class EvalSetSpec(Strict):
     @field_validator("path")
     @classmethod
     def _absolute(cls, path: str, info: ValidationInfo) -> str:
-        base = Path((info.context or {}).get("base_dir", "."))
-        return str(Path(path).expanduser() if Path(path).expanduser().is_absolute() else base / path)
+        return _against_manifest(path, info)
 
 
 class ContaminationRecipe(Strict):
@@ -258,6 +262,90 @@ class PretrainRecipe(Strict):
         return self.steps * self.batch_size * self.grad_accum * self.seq_len
 
 
+class TrainerRecipe(Strict):
+    """What every trl training stage shares: steps, batch, schedule, checkpoints."""
+
+    steps: int = Field(gt=0, description="Optimizer steps")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, gt=0, description="Tokens per example; longer examples are truncated")
+    eval_every: int = Field(0, ge=0, description="Steps between val evaluations; 0: at the end only")
+    checkpoint_every: int = Field(50, ge=0, description="Intermediate checkpoints, committed to the store; 0: none")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class LoraSpec(Strict):
+    """peft LoRA adapters; merged into the weights for export."""
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class SftRecipe(TrainerRecipe):
+    """trl SFTTrainer from the pretrain checkpoint: full fine-tuning or LoRA."""
+
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSpec = LoraSpec()
+    completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not the prompt")
+
+
+class RewardRecipe(TrainerRecipe):
+    """trl RewardTrainer: a sequence-classification head on the SFT model, trained on preference pairs."""
+
+
+class GrpoSpec(Strict):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group)")
+    max_completion_length: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class PolicyRecipe(TrainerRecipe):
+    """Preference alignment of the SFT model: DPO against the SFT model as reference, or GRPO
+    with the reward model as the reward."""
+
+    algorithm: Literal["dpo", "grpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference (DPO beta / GRPO KL coefficient)")
+    grpo: GrpoSpec = GrpoSpec()
+    kl_prompts: int = Field(64, gt=0, description="Held-out prompts on which KL(policy‖reference) is measured")
+
+
+class JsonlDataSource(Strict):
+    """A user-supplied JSONL file of examples; relative paths are resolved against the manifest's folder."""
+
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str, info: ValidationInfo) -> str:
+        return _against_manifest(path, info)
+
+
+class PosttrainDataRecipe(Strict):
+    """The SFT and preference data sets: user JSONL files, and/or pairs derived from the corpus.
+
+    SFT records are chat ``{"messages": [{"role", "content"}, ...]}`` or
+    ``{"prompt": ..., "completion": ...}``; preference records are
+    ``{"prompt": ..., "chosen": ..., "rejected": ...}``.
+    """
+
+    sft_files: list[JsonlDataSource] = Field(default_factory=list)
+    preference_files: list[JsonlDataSource] = Field(default_factory=list)
+    derive_from_corpus: bool = Field(
+        True, description="Ask what a documented function, class or module does; answer with its docstring"
+    )
+    max_examples: int = Field(4000, gt=0, description="Per data set and split, after dedup")
+    max_answer_chars: int = Field(400, gt=0, description="Derived answers: the docstring's first paragraphs, cut here")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="User-file examples held out (by a hash of the prompt)")
+    ngram: int = Field(8, gt=0, description="A prompt sharing an n-gram of this many words with an eval set is dropped")
+
+
 class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
     clean: CleanRecipe = CleanRecipe()
@@ -266,6 +354,10 @@ class Stages(Strict):
     contamination: ContaminationRecipe = ContaminationRecipe()
     tokenizer: TokenizerRecipe = TokenizerRecipe()
     pretrain: PretrainRecipe | None = None
+    posttrain_data: PosttrainDataRecipe = PosttrainDataRecipe()
+    sft: SftRecipe | None = None
+    reward: RewardRecipe | None = None
+    policy: PolicyRecipe | None = None
 
 
 class GateSpec(Strict):
