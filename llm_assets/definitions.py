@@ -20,12 +20,13 @@ from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandleIOManager
 
 
-def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+def build_resources(settings: Settings) -> dict[str, object]:
     s3 = S3Resource(endpoint_url=settings.s3_endpoint_url) if settings.store_uri.startswith("s3://") else None
     return {
         "artifact_store": ArtifactStoreResource(uri=settings.store_uri, s3=s3),
         "artifact_io": ArtifactHandleIOManager(),
         "pipeline": PipelineResource(manifest_path=settings.manifest),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "alert_sinks": AlertSinksResource(
             jsonl_path=settings.alerts_jsonl, webhook_url=settings.alert_webhook_url
         ),

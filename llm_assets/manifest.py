@@ -388,6 +388,15 @@ class StageCompute(Strict):
     cpu: str = Field("1", pattern=r"^\d+(\.\d+)?m?$")
     memory: str = Field("4Gi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$")
     node_selector: dict[str, str] = Field(default_factory=dict)
+    nproc_per_node: int | None = Field(
+        None, gt=0, description="Training processes torchrun starts in the pod; default: one per GPU, 1 on CPU"
+    )
+
+    def processes(self, cuda_devices: int) -> int:
+        """How many ranks a training step starts on a machine with this many CUDA devices."""
+        if self.nproc_per_node is not None:
+            return self.nproc_per_node
+        return max(1, min(self.gpus, cuda_devices)) if cuda_devices else 1
 
 
 class Compute(Strict):

@@ -60,6 +60,19 @@ def shingle_hashes(text: str, shingle_size: int) -> np.ndarray:
     return np.unique(hashes)
 
 
+def text_shingles(texts: Sequence[str], shingle_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hashes of every text's shingles, concatenated in order (repeats kept), and the index of
+    the text each belongs to; hashed in batches of bounded memory. A text shorter than
+    ``shingle_size`` is one shingle of all its tokens, which equals no full-length shingle."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    hashes, owners = [np.empty(0, dtype=np.uint64)], [np.empty(0, dtype=np.int64)]
+    for lo, hi in _spans(lengths, _BATCH_CHARS):
+        batch, counts = _shingles(texts[lo:hi], shingle_size)
+        hashes.append(batch)
+        owners.append(np.repeat(np.arange(lo, hi, dtype=np.int64), counts))
+    return np.concatenate(hashes), np.concatenate(owners)
+
+
 def minhash_signatures(texts: Sequence[str], *, num_perm: int, shingle_size: int, seed: int) -> np.ndarray:
     """MinHash signatures, shape ``(len(texts), num_perm)``, uint32, deterministic for a seed.
 

@@ -1,15 +1,19 @@
 """pretrain_checkpoint and scaling_law: the sweep over the manifest's model sizes.
 
 Built from the manifest (the `model_size` partitions are its `model_sizes`), so the factory runs
-when the Definitions load. Training resumes across crashes and pods: every intermediate
-checkpoint is committed to the artifact store and recorded under the step's fingerprint, and a
-rematerialization with the same fingerprint continues from the last one.
+when the Definitions load. Each size trains in its own process (torchrun's ranks when the
+manifest's compute asks for several), launched through Dagster Pipes: rank 0 streams progress
+into the run's log and reports the training figures (see `job.py`). Training resumes across
+crashes and pods: every intermediate checkpoint is committed to the artifact store and recorded
+under the step's fingerprint, and a rematerialization with the same fingerprint continues from
+the last one.
 """
 
 import base64
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +27,8 @@ from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import training_estimate
 from llm_assets.manifest import PipelineManifest, PipelineResource
-from llm_assets.pretrain.checkpoint import CheckpointError
-from llm_assets.pretrain.data import TokenData
-from llm_assets.pretrain.export import save_hf
-from llm_assets.pretrain.loop import StepRecord, TrainConfig, train
-from llm_assets.pretrain.model import build_model, flops_per_token
+from llm_assets.pretrain.job import RunSpec, StoreProgress
+from llm_assets.pretrain.loop import TrainConfig
 from llm_assets.pretrain.scaling import fit_power_law
 from llm_assets.tokenizer.packing import TOKENS_FILE, read_packed
 from resources.artifact_store_resource import ArtifactStoreResource
@@ -36,29 +37,17 @@ from resources.handles import ArtifactHandle, latest_materializations
 VAL_LOSS_GATE = "pretrain_val_loss"
 
 
-def measured_peak_flops(precision: str) -> float:
-    """FLOP/s of a large matmul in the training precision on this device: the MFU denominator."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 1024
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    reps, started = 8, time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - started)
-
-
-def loss_plot_markdown(history: list[StepRecord], title: str) -> str:
-    """The loss curve as an inline PNG, for the asset's metadata in the UI."""
+def loss_plot_markdown(losses: list[list[float]], val_losses: list[list[float]], title: str) -> str:
+    """The loss curve as an inline PNG, for the asset's metadata in the UI: [step, loss] pairs and
+    [step, tokens, val loss] triples, as the training job reports them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.2), dpi=90)
-    axis.plot([r.step for r in history], [r.loss for r in history], label="train", linewidth=1)
-    evals = [r for r in history if r.val_loss is not None]
-    axis.plot([r.step for r in evals], [r.val_loss for r in evals], "o-", label="val", markersize=3)
+    axis.plot([step for step, _ in losses], [loss for _, loss in losses], label="train", linewidth=1)
+    axis.plot([p[0] for p in val_losses], [p[2] for p in val_losses], "o-", label="val", markersize=3)
     axis.set(xlabel="step", ylabel="loss", title=title)
     axis.legend()
     figure.tight_layout()
@@ -66,6 +55,14 @@ def loss_plot_markdown(history: list[StepRecord], title: str) -> str:
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return f"![loss curve](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+
+def launch_command(spec_path: Path, processes: int) -> list[str]:
+    """The training job's command: the entry point itself, or torchrun starting it once per rank."""
+    entry = ["-m", "llm_assets.pretrain", "--spec", str(spec_path)]
+    if processes == 1:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *entry]
 
 
 def _spent_elsewhere(context: dg.AssetExecutionContext) -> float:
@@ -96,6 +93,7 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         context: dg.AssetExecutionContext,
         pipeline: PipelineResource,
         artifact_store: ArtifactStoreResource,
+        pipes_subprocess_client: dg.PipesSubprocessClient,
         token_shards: dict[str, ArtifactHandle],
         heldout_tokens: ArtifactHandle,
         tokenizer: ArtifactHandle,
@@ -123,60 +121,50 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         def build(out: Path) -> dict:
             train_bins = [store.local_dir(token_shards[k].sha256) / TOKENS_FILE for k in sorted(token_shards)]
             _, _, meta = read_packed(store.local_dir(token_shards[sorted(token_shards)[0]].sha256))
-            val_root = store.local_dir(heldout_tokens.sha256) / "val"
-            train_data = TokenData.from_bin_files([p for p in train_bins if p.stat().st_size], meta.dtype)
-            val_data = TokenData.from_bin_files([val_root / TOKENS_FILE], meta.dtype)
-            progress = store.progress_lookup(asset_name, size_name, fp)
-            resume_from = store.local_dir(progress["artifact"], verify=True) if progress else None
-            if progress:
-                context.log.info(f"resuming {size_name} from the checkpoint of step {progress['step']}")
-            model = build_model(size, seed=current.seed)
-            started = time.perf_counter()
-
-            def on_step(record: StepRecord) -> None:
-                if record.step % max(1, cfg.steps // 20) == 0 or record.val_loss is not None:
-                    val = f", val {record.val_loss:.4f}" if record.val_loss is not None else ""
-                    context.log.info(f"{size_name} step {record.step}/{cfg.steps}: loss {record.loss:.4f}{val}")
-
-            def on_checkpoint(path: Path, step: int) -> None:
-                ref = store.put_dir(path)
-                store.progress_record(asset_name, size_name, fp, ref.sha256, step)
-                context.log.info(f"{size_name}: checkpoint of step {step} committed as {ref.sha256[:12]}")
-
-            with tempfile.TemporaryDirectory(prefix="llm-assets-ckpt-") as scratch:
+            store_config, secrets = artifact_store.for_child_process()
+            processes = current.compute.training.processes(torch.cuda.device_count())
+            with tempfile.TemporaryDirectory(prefix="llm-assets-train-") as scratch:
+                spec = RunSpec(
+                    model=size,
+                    train=config["train"],
+                    train_bins=[str(p) for p in train_bins if p.stat().st_size],
+                    val_bins=[str(store.local_dir(heldout_tokens.sha256) / "val" / TOKENS_FILE)],
+                    token_dtype=meta.dtype,
+                    checkpoint_dir=str(Path(scratch) / "checkpoints"),
+                    progress=StoreProgress(store=store_config, asset=asset_name, partition=size_name, fingerprint=fp),
+                    export_dir=str(out),
+                    tokenizer_dir=str(store.local_dir(tokenizer.sha256)),
+                    error_file=str(Path(scratch) / "error.txt"),
+                )
+                spec_path = Path(scratch) / "spec.json"
+                spec_path.write_text(spec.model_dump_json(indent=1))
+                context.log.info(f"training {size_name} in {processes} process(es): {estimate.flops:.3g} FLOPs")
+                started = time.perf_counter()
                 try:
-                    result = train(
-                        model, train_data, val_data, cfg, checkpoint_dir=Path(scratch), resume_from=resume_from,
-                        on_step=on_step, on_checkpoint=on_checkpoint,
+                    invocation = pipes_subprocess_client.run(
+                        context=context, command=launch_command(spec_path, processes), env=secrets,
                     )
-                except CheckpointError as exc:
-                    raise dg.Failure(f"{exc}; delete the progress entry or rematerialize from scratch") from exc
-            save_hf(model, out, store.local_dir(tokenizer.sha256))
-            wall = time.perf_counter() - started
-            achieved = flops_per_token(size) * result.tokens_per_second
-            peak = measured_peak_flops(result.precision)
-            initial = result.history[0].loss if result.history else float("nan")
+                except Exception:
+                    # The worker's traceback is in the run's log (stderr and the Pipes closing event);
+                    # the step's failure says what went wrong in one line.
+                    error = Path(spec.error_file)
+                    if not error.exists():
+                        raise
+                    raise dg.Failure(f"training {size_name} failed: {error.read_text().splitlines()[0]}") from None
+                wall = time.perf_counter() - started
+            reported = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
             return {
                 "parameters": size.matmul_parameters(),
-                "steps": result.steps_done,
-                "resumed_from_step": result.resumed_from_step if result.resumed_from_step is not None else -1,
-                "initial_loss": round(initial, 4),
-                "final_train_loss": round(result.final_train_loss, 4),
-                "final_val_loss": round(result.final_val_loss, 4) if result.final_val_loss is not None else float("nan"),
-                "tokens_seen": result.tokens_seen,
-                "tokens_per_second": round(result.tokens_per_second, 1),
-                "achieved_flops_per_second": round(achieved, 1),
-                "mfu": round(achieved / peak, 4),
-                "measured_peak_flops_per_second": round(peak, 1),
-                "precision": result.precision,
+                **reported,
                 "estimated_cost_usd": round(estimate.usd, 6),
                 # On a laptop's CPU nothing is billed; on GPUs, the GPU-hours this step held.
-                "cost_usd": round(wall / 3600 * budget.usd_per_gpu_hour * current.compute.training.gpus
+                "cost_usd": round(wall / 3600 * budget.usd_per_gpu_hour * processes
                                   if torch.cuda.is_available() else 0.0, 6),
-                "loss_curve": dg.MetadataValue.md(loss_plot_markdown(result.history, f"{size_name}")),
-                "loss_history": dg.MetadataValue.json(
-                    [[r.step, round(r.loss, 4)] for r in result.history[:: max(1, len(result.history) // 200)]]
+                "loss_curve": dg.MetadataValue.md(
+                    loss_plot_markdown(reported["loss_history"], reported["val_history"], size_name)
                 ),
+                "loss_history": dg.MetadataValue.json(reported["loss_history"]),
+                "val_history": dg.MetadataValue.json(reported["val_history"]),
             }
 
         return materialize_artifact(

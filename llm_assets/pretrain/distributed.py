@@ -71,3 +71,12 @@ def gather_objects(obj: object) -> list[object]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (`obj` itself when not distributed)."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -39,16 +39,32 @@ def latest(instance, partition):
     ).records[0].asset_materialization
 
 
-def test_the_sweep_trains_every_size_and_fits_a_scaling_law(settings, manifest_path):
+def mat_run_id(instance, partition):
+    return instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=PRETRAIN, asset_partitions=[partition]), limit=1
+    ).records[0].run_id
+
+
+def test_the_sweep_trains_every_size_under_torchrun_and_fits_a_scaling_law(settings, manifest_path):
     with_training(manifest_path)
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["compute"] = {"training": {"gpus": 0, "nproc_per_node": 2}}  # two gloo ranks per size
+    manifest_path.write_text(yaml.safe_dump(manifest))
     defs = build_definitions(settings)
     with dg.DagsterInstance.local_temp() as instance:
         assert materialize_graph(defs, instance, log=lambda _: None).success
         for size in ("xs", "s"):
-            meta = latest(instance, size).metadata
-            assert meta["steps"].value == 40 and meta["final_train_loss"].value < meta["initial_loss"].value
+            mat = latest(instance, size)
+            meta = mat.metadata
+            # Reported by rank 0 through Dagster Pipes, once.
+            assert meta["world_size"].value == 2 and meta["steps"].value == 40
+            assert meta["final_train_loss"].value < meta["initial_loss"].value
             assert meta["tokens_per_second"].value > 0 and 0 < meta["mfu"].value < 1
+            assert [p[0] for p in meta["val_history"].value] == [10, 20, 30, 40]
             assert meta["loss_curve"].value.startswith("![loss curve](data:image/png;base64,")
+            logs = [e.user_message for e in instance.all_logs(mat_run_id(instance, size))]
+            assert sum("step 40/40: loss" in m for m in logs) == 1, "rank 0 streams progress, the others do not"
+            assert sum("checkpoint of step 20 committed" in m for m in logs) == 1
         law = instance.get_latest_materialization_event(dg.AssetKey("scaling_law")).asset_materialization.metadata
         assert law["points_fitted"].value == 2 and law["next_params"].value > 0
 
@@ -103,3 +119,17 @@ def test_the_cost_gate_refuses_a_run_over_budget(settings, manifest_path, instan
     )
     assert "refused: training" in failure.dagster_event.event_specific_data.error.message
     assert "over budget.usd_cap $0.01" in failure.dagster_event.event_specific_data.error.message
+
+    # Within budget but a recipe the model cannot take: the worker's own error becomes the step's.
+    manifest["budget"].update({"usd_cap": 100.0, "peak_flops_per_gpu": 1e15})
+    manifest["stages"]["pretrain"]["seq_len"] = 128  # the models hold 64 positions
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    result = materialize_graph(build_definitions(settings), instance, selection="key:pretrain_checkpoint",
+                               log=lambda _: None)
+    assert not result.success
+    messages = [
+        e.dagster_event.event_specific_data.error.message for run in instance.get_runs() if run.is_failure
+        for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.is_step_failure
+    ]
+    assert any("training xs failed: ValueError: seq_len 128 exceeds the model's max_position_embeddings 64" in m
+               for m in messages), messages

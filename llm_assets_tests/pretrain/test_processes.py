@@ -61,7 +61,8 @@ def test_sigkill_mid_run_then_resume_from_the_latest_checkpoint(corpus, referenc
         try:
             for line in proc.stdout:
                 # Kill as soon as the step-10 checkpoint is committed: 50 steps are still to go.
-                if json.loads(line)["step"] >= 10:
+                event = json.loads(line)
+                if event["event"] == "checkpoint" and event["step"] >= 10:
                     proc.send_signal(signal.SIGKILL)
                     break
         finally:
@@ -107,9 +108,11 @@ def test_ddp_two_ranks_train_what_one_process_trains(corpus, reference, tmp_path
     assert result["final_val_loss"] == pytest.approx(reference.result.final_val_loss, rel=1e-5)
     assert result["tokens_seen"] == reference.result.tokens_seen
 
-    # Only rank 0 commits checkpoints and announces them: one line per checkpoint, not one per rank.
+    # Only rank 0 commits checkpoints and reports: one line per checkpoint and one result, not one per rank.
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
-    assert [e["step"] for e in events] == [20, 40, 60]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [20, 40, 60]
+    reported = [e["metadata"] for e in events if e["event"] == "result"]
+    assert len(reported) == 1 and reported[0]["world_size"] == 2 and reported[0]["steps"] == 60
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step_00000020", "step_00000040", "step_00000060"]
     state = json.loads((checkpoint_dir / "step_00000020" / "state.json").read_text())
     assert state["world_size"] == 2 and state["data"]["global_batch"] == 8

@@ -1,0 +1,205 @@
+"""One training job as every torchrun rank runs it: the spec the launcher writes, and the run.
+
+The pretrain_checkpoint asset writes a `RunSpec` and starts `python -m llm_assets.pretrain --spec`
+(under torchrun when it asks for more than one process) through Dagster Pipes. Rank 0 talks back:
+progress lines into the run's log, and at the end the training figures as the materialization's
+metadata. With `progress` set, rank 0 also opens the artifact store itself: it resumes from the
+step's last committed checkpoint and commits every new one, so a killed pod or run loses at most
+`checkpoint_every` steps. Started by hand (no Pipes), it prints the same events as JSON lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
+from pydantic import BaseModel, ConfigDict
+
+from llm_assets.manifest import ModelSize
+from llm_assets.pretrain.checkpoint import CheckpointError, latest_checkpoint
+from llm_assets.pretrain.data import TokenData
+from llm_assets.pretrain.distributed import DistInfo, broadcast_object, maybe_init_distributed
+from llm_assets.pretrain.export import save_hf
+from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
+from llm_assets.pretrain.model import build_model, flops_per_token
+from resources.artifact_store import ArtifactCorruptError, ArtifactStore, index_key
+from resources.artifact_store_resource import store_from_config
+
+HISTORY_POINTS = 200  # loss-curve points reported to the UI
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreProgress(_Spec):
+    """Where rank 0 commits checkpoints: the store, and the step they belong to."""
+
+    store: dict[str, Any]  # ArtifactStoreResource.for_child_process()
+    asset: str
+    partition: str | None
+    fingerprint: str
+
+
+class RunSpec(_Spec):
+    model: ModelSize
+    train: dict[str, Any]  # TrainConfig fields
+    train_bins: list[str]
+    val_bins: list[str] = []
+    token_dtype: Literal["uint16", "uint32"]
+    checkpoint_dir: str  # local scratch where checkpoints are written before they are committed
+    resume: Literal["latest"] | str | None = None  # "latest" in checkpoint_dir, a checkpoint path, or none
+    progress: StoreProgress | None = None  # resume from / commit to the store (overrides `resume`)
+    export_dir: str | None = None  # the HF model directory rank 0 writes at the end
+    tokenizer_dir: str | None = None  # copied into export_dir
+    result: str | None = None  # a JSON TrainResult rank 0 writes at the end
+    error_file: str | None = None  # rank 0 writes the failure here, for the launcher's message
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train)
+
+
+class Reporter:
+    """Rank 0's voice: Dagster Pipes when a Pipes client launched us, JSON lines on stdout otherwise."""
+
+    def __init__(self, pipes: PipesContext | None) -> None:
+        self.pipes = pipes
+
+    @classmethod
+    def open(cls, dist: DistInfo) -> Reporter:
+        launched_by_pipes = dist.is_main and PipesEnvVarParamsLoader().is_dagster_pipes_process()
+        return cls(open_dagster_pipes() if launched_by_pipes else None)
+
+    def event(self, event: str, message: str, **fields: Any) -> None:
+        if self.pipes is not None:
+            self.pipes.log.info(message)
+        else:
+            print(json.dumps({"event": event, "message": message, **fields}), flush=True)
+
+    def report(self, metadata: dict[str, Any]) -> None:
+        if self.pipes is not None:
+            self.pipes.report_asset_materialization(metadata=metadata)
+        else:
+            print(json.dumps({"event": "result", "metadata": metadata}), flush=True)
+
+    def close(self) -> None:
+        if self.pipes is not None:
+            self.pipes.close()
+
+
+def measured_peak_flops(precision: str, device: torch.device) -> float:
+    """FLOP/s of a large matmul in the training precision on this device: the MFU denominator."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    torch.matmul(a, b)
+    reps = 8
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - started)
+
+
+def summary(result: TrainResult, size: ModelSize, device: torch.device, world_size: int) -> dict[str, Any]:
+    """The figures rank 0 reports: losses, throughput, MFU against the measured peak of all ranks."""
+    achieved = flops_per_token(size) * result.tokens_per_second
+    peak = measured_peak_flops(result.precision, device) * world_size
+    history = result.history
+    initial = history[0].loss if history else float("nan")
+    return {
+        "steps": result.steps_done,
+        "resumed_from_step": result.resumed_from_step if result.resumed_from_step is not None else -1,
+        "initial_loss": round(initial, 4),
+        "final_train_loss": round(result.final_train_loss, 4),
+        "final_val_loss": round(result.final_val_loss, 4) if result.final_val_loss is not None else float("nan"),
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "achieved_flops_per_second": round(achieved, 1),
+        "mfu": round(achieved / peak, 4),
+        "measured_peak_flops_per_second": round(peak, 1),
+        "precision": result.precision,
+        "world_size": world_size,
+        "loss_history": [[r.step, round(r.loss, 4)] for r in history[:: max(1, len(history) // HISTORY_POINTS)]],
+        # (step, tokens seen, val loss) at every evaluation: the scaling fit's points over D.
+        "val_history": [[r.step, r.tokens_seen, round(r.val_loss, 4)] for r in history if r.val_loss is not None],
+    }
+
+
+def _resume_point(spec: RunSpec, store: ArtifactStore | None, reporter: Reporter) -> str | None:
+    """The checkpoint to resume from (decided by rank 0, which alone reads the store)."""
+    if spec.progress is not None and store is not None:
+        progress = store.progress_lookup(spec.progress.asset, spec.progress.partition, spec.progress.fingerprint)
+        if progress is None:
+            return None
+        reporter.event("resume", f"resuming from the committed checkpoint of step {progress['step']}",
+                       step=progress["step"])
+        try:
+            return str(store.local_dir(progress["artifact"], verify=True))
+        except ArtifactCorruptError as exc:
+            key = index_key(spec.progress.asset, spec.progress.partition, spec.progress.fingerprint, namespace="progress")
+            raise CheckpointError(f"the committed checkpoint of step {progress['step']} is corrupt ({exc}); "
+                                  f"delete {key} in the store to train this step from step 0") from exc
+    if spec.resume == "latest":
+        latest = latest_checkpoint(Path(spec.checkpoint_dir))
+        return str(latest) if latest else None
+    return spec.resume
+
+
+def run(spec: RunSpec) -> TrainResult:
+    """Train as `spec` says; every rank calls this (see the module docstring for who does what)."""
+    dist = maybe_init_distributed()
+    reporter = Reporter.open(dist)
+    try:
+        return _run(spec, dist, reporter)
+    except BaseException as exc:
+        if dist.is_main and spec.error_file:
+            Path(spec.error_file).write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        raise
+    finally:
+        reporter.close()
+
+
+def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
+    cfg = spec.train_config()
+    model = build_model(spec.model, seed=cfg.seed).to(dist.device)
+    train_data = TokenData.from_bin_files(spec.train_bins, spec.token_dtype)
+    val_data = TokenData.from_bin_files(spec.val_bins, spec.token_dtype) if spec.val_bins else None
+    store = store_from_config(spec.progress.store) if spec.progress is not None and dist.is_main else None
+    resume = broadcast_object(_resume_point(spec, store, reporter) if dist.is_main else None)
+    every = max(1, cfg.steps // 20)
+
+    def on_step(record: StepRecord) -> None:
+        if record.step % every == 0 or record.val_loss is not None:
+            val = f", val {record.val_loss:.4f}" if record.val_loss is not None else ""
+            reporter.event("step", f"step {record.step}/{cfg.steps}: loss {record.loss:.4f}{val}",
+                           step=record.step, loss=record.loss, val_loss=record.val_loss)
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        if store is None:
+            reporter.event("checkpoint", f"checkpoint of step {step} written to {path}", step=step, path=str(path))
+            return
+        ref = store.put_dir(path)
+        progress = spec.progress
+        store.progress_record(progress.asset, progress.partition, progress.fingerprint, ref.sha256, step)
+        reporter.event("checkpoint", f"checkpoint of step {step} committed as {ref.sha256[:12]}",
+                       step=step, artifact=ref.sha256)
+
+    result = train(model, train_data, val_data, cfg, checkpoint_dir=Path(spec.checkpoint_dir),
+                   resume_from=Path(resume) if resume else None, on_step=on_step, on_checkpoint=on_checkpoint)
+    if dist.is_main:
+        if spec.export_dir:
+            save_hf(model, Path(spec.export_dir), Path(spec.tokenizer_dir) if spec.tokenizer_dir else None)
+        if spec.result:
+            Path(spec.result).write_text(json.dumps(dataclasses.asdict(result), default=str, indent=1))
+        reporter.report(summary(result, spec.model, dist.device, dist.world_size))
+    return result
