@@ -430,6 +430,19 @@ class PipelineManifest(Strict):
         return self
 
     @model_validator(mode="after")
+    def _post_training_builds_on_its_stages(self) -> PipelineManifest:
+        stages, needs = self.stages, []
+        if (stages.sft or stages.reward or stages.policy) and stages.pretrain is None:
+            needs.append("post-training starts from pretrain checkpoints: add stages.pretrain")
+        if (stages.reward or stages.policy) and stages.sft is None:
+            needs.append("the reward model and the policy start from the SFT model: add stages.sft")
+        if stages.policy and stages.reward is None:
+            needs.append("the policy is trained after the reward model (GRPO is scored by it): add stages.reward")
+        if needs:
+            raise ValueError("; ".join(needs))
+        return self
+
+    @model_validator(mode="after")
     def _unique_source_names(self) -> PipelineManifest:
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})

@@ -59,7 +59,7 @@ def read_eval_set(spec: EvalSetSpec) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except FileNotFoundError:
@@ -125,7 +125,7 @@ def dataset_splits(
     config = {
         "splits": stages.splits,
         "contamination": stages.contamination.fingerprint_config(),
-        "eval_set_digests": {s.name: _file_digest(s.path) for s in stages.contamination.eval_sets},
+        "eval_set_digests": {s.name: file_digest(s.path) for s in stages.contamination.eval_sets},
     }
     return materialize_artifact(
         context, store, kind="dataset_splits", config=config, inputs={"dedup_corpus": dedup_corpus},

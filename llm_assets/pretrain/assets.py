@@ -9,8 +9,6 @@ under the step's fingerprint, and a rematerialization with the same fingerprint 
 the last one.
 """
 
-import base64
-import io
 import json
 import math
 import sys
@@ -19,7 +17,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
@@ -27,34 +24,15 @@ from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import training_estimate
 from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.plots import loss_curve_markdown
 from llm_assets.pretrain.job import RunSpec, StoreProgress
 from llm_assets.pretrain.loop import TrainConfig
-from llm_assets.pretrain.scaling import fit_power_law
+from llm_assets.pretrain.scaling import PARAMETERS_FITTED, fit_scaling_law
 from llm_assets.tokenizer.packing import TOKENS_FILE, read_packed
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 
 VAL_LOSS_GATE = "pretrain_val_loss"
-
-
-def loss_plot_markdown(losses: list[list[float]], val_losses: list[list[float]], title: str) -> str:
-    """The loss curve as an inline PNG, for the asset's metadata in the UI: [step, loss] pairs and
-    [step, tokens, val loss] triples, as the training job reports them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=90)
-    axis.plot([step for step, _ in losses], [loss for _, loss in losses], label="train", linewidth=1)
-    axis.plot([p[0] for p in val_losses], [p[2] for p in val_losses], "o-", label="val", markersize=3)
-    axis.set(xlabel="step", ylabel="loss", title=title)
-    axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return f"![loss curve](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
 def launch_command(spec_path: Path, processes: int) -> list[str]:
@@ -161,7 +139,7 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                 "cost_usd": round(wall / 3600 * budget.usd_per_gpu_hour * processes
                                   if torch.cuda.is_available() else 0.0, 6),
                 "loss_curve": dg.MetadataValue.md(
-                    loss_plot_markdown(reported["loss_history"], reported["val_history"], size_name)
+                    loss_curve_markdown(reported["loss_history"], [[v[0], v[2]] for v in reported["val_history"]], size_name)
                 ),
                 "loss_history": dg.MetadataValue.json(reported["loss_history"]),
                 "val_history": dg.MetadataValue.json(reported["val_history"]),
@@ -202,7 +180,7 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         code_version="1",
         kinds={"numpy"},
         group_name="pretrain",
-        description="Power law of final val loss against parameters over the model sizes, with the next size up predicted.",
+        description="Power law of val loss in parameters and tokens over the sweep, with the next size up predicted.",
     )
     def scaling_law(
         context: dg.AssetExecutionContext,
@@ -211,28 +189,40 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
     ) -> dg.Output[ArtifactHandle]:
         mats = latest_materializations(context.instance, dg.AssetKey("pretrain_checkpoint"), sorted(pretrain_checkpoint))
         points = sorted(
-            (int(m.metadata["parameters"].value), float(m.metadata["final_val_loss"].value), p) for p, m in mats.items()
+            (float(m.metadata["parameters"].value), float(tokens), float(loss))
+            for m in mats.values() for _, tokens, loss in m.metadata["val_history"].value
         )
+        labels = {float(m.metadata["parameters"].value): p for p, m in mats.items()}
 
         def build(out: Path) -> dict:
-            fit = fit_power_law(np.array([n for n, _, _ in points], float), np.array([l for _, l, _ in points]))
+            fit = fit_scaling_law(points)
             (out / "scaling_law.json").write_text(json.dumps({**fit.as_dict(), "points": points}, indent=1, sort_keys=True))
-            return {**fit.as_dict(), "plot": dg.MetadataValue.md(fit.plot_markdown([p for *_, p in points]))}
+            return {**fit.as_dict(), "plot": dg.MetadataValue.md(fit.plot_markdown(labels))}
 
         return materialize_artifact(
             context, artifact_store.get_store(), kind="scaling_law", inputs={"pretrain_checkpoint": pretrain_checkpoint},
             config={"points": points}, build=build,
         )
 
-    @dg.asset_check(asset=scaling_law, description="Loss falls with size (exponent > 0) and, with 3+ sizes, R² ≥ 0.9.")
+    @dg.asset_check(
+        asset=scaling_law,
+        description="Loss falls with size and with tokens (both exponents > 0), and the law fits: R² ≥ 0.9.",
+    )
     def fit_quality(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         mats = materializations_under_check(context, scaling_law.key, False)
-        meta = {k: mats[0].metadata[k].value for k in ("alpha", "r_squared", "points_fitted")} if mats else {}
-        passed = bool(meta) and meta["alpha"] > 0 and (meta["points_fitted"] < 3 or meta["r_squared"] >= 0.9)
+        meta = {k: mats[0].metadata[k].value for k in ("alpha", "beta", "r_squared", "points_fitted")} if mats else {}
+        problems = [] if meta else ["no scaling_law materialization"]
+        if meta and meta["alpha"] <= 0:
+            problems.append(f"alpha {meta['alpha']} ≤ 0: the larger sizes are not better at the same tokens")
+        if meta and meta["beta"] <= 0:
+            problems.append(f"beta {meta['beta']} ≤ 0: loss does not fall with tokens")
+        # With no more points than parameters the fit is exact and R² says nothing.
+        if meta and meta["points_fitted"] > PARAMETERS_FITTED and meta["r_squared"] < 0.9:
+            problems.append(f"R² {meta['r_squared']} < 0.9 over {meta['points_fitted']} points")
         return dg.AssetCheckResult(
-            passed=passed,
+            passed=not problems,
             severity=dg.AssetCheckSeverity.WARN,
-            description=f"alpha {meta.get('alpha')}, R² {meta.get('r_squared')} over {meta.get('points_fitted')} sizes",
+            description="; ".join(problems) or f"alpha {meta['alpha']}, beta {meta['beta']}, R² {meta['r_squared']}",
             metadata=meta,
         )
 

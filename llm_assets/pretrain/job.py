@@ -22,13 +22,13 @@ from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pi
 from pydantic import BaseModel, ConfigDict
 
 from llm_assets.manifest import ModelSize
-from llm_assets.pretrain.checkpoint import CheckpointError, latest_checkpoint
+from llm_assets.pretrain.checkpoint import latest_checkpoint
 from llm_assets.pretrain.data import TokenData
 from llm_assets.pretrain.distributed import DistInfo, broadcast_object, maybe_init_distributed
 from llm_assets.pretrain.export import save_hf
 from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
 from llm_assets.pretrain.model import build_model, flops_per_token
-from resources.artifact_store import ArtifactCorruptError, ArtifactStore, index_key
+from llm_assets.progress import StepProgress
 from resources.artifact_store_resource import store_from_config
 
 HISTORY_POINTS = 200  # loss-curve points reported to the UI
@@ -135,20 +135,14 @@ def summary(result: TrainResult, size: ModelSize, device: torch.device, world_si
     }
 
 
-def _resume_point(spec: RunSpec, store: ArtifactStore | None, reporter: Reporter) -> str | None:
+def _resume_point(spec: RunSpec, progress: StepProgress | None, reporter: Reporter) -> str | None:
     """The checkpoint to resume from (decided by rank 0, which alone reads the store)."""
-    if spec.progress is not None and store is not None:
-        progress = store.progress_lookup(spec.progress.asset, spec.progress.partition, spec.progress.fingerprint)
-        if progress is None:
+    if progress is not None:
+        found = progress.resume_point()
+        if found is None:
             return None
-        reporter.event("resume", f"resuming from the committed checkpoint of step {progress['step']}",
-                       step=progress["step"])
-        try:
-            return str(store.local_dir(progress["artifact"], verify=True))
-        except ArtifactCorruptError as exc:
-            key = index_key(spec.progress.asset, spec.progress.partition, spec.progress.fingerprint, namespace="progress")
-            raise CheckpointError(f"the committed checkpoint of step {progress['step']} is corrupt ({exc}); "
-                                  f"delete {key} in the store to train this step from step 0") from exc
+        reporter.event("resume", f"resuming from the committed checkpoint of step {found[1]}", step=found[1])
+        return str(found[0])
     if spec.resume == "latest":
         latest = latest_checkpoint(Path(spec.checkpoint_dir))
         return str(latest) if latest else None
@@ -174,8 +168,11 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
     model = build_model(spec.model, seed=cfg.seed).to(dist.device)
     train_data = TokenData.from_bin_files(spec.train_bins, spec.token_dtype)
     val_data = TokenData.from_bin_files(spec.val_bins, spec.token_dtype) if spec.val_bins else None
-    store = store_from_config(spec.progress.store) if spec.progress is not None and dist.is_main else None
-    resume = broadcast_object(_resume_point(spec, store, reporter) if dist.is_main else None)
+    progress = None
+    if spec.progress is not None and dist.is_main:
+        where = spec.progress
+        progress = StepProgress(store_from_config(where.store), where.asset, where.partition, where.fingerprint)
+    resume = broadcast_object(_resume_point(spec, progress, reporter) if dist.is_main else None)
     every = max(1, cfg.steps // 20)
 
     def on_step(record: StepRecord) -> None:
@@ -185,12 +182,10 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
                            step=record.step, loss=record.loss, val_loss=record.val_loss)
 
     def on_checkpoint(path: Path, step: int) -> None:
-        if store is None:
+        if progress is None:
             reporter.event("checkpoint", f"checkpoint of step {step} written to {path}", step=step, path=str(path))
             return
-        ref = store.put_dir(path)
-        progress = spec.progress
-        store.progress_record(progress.asset, progress.partition, progress.fingerprint, ref.sha256, step)
+        ref = progress.commit(path, step)
         reporter.event("checkpoint", f"checkpoint of step {step} committed as {ref.sha256[:12]}",
                        step=step, artifact=ref.sha256)
 

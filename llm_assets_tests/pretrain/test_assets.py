@@ -66,7 +66,7 @@ def test_the_sweep_trains_every_size_under_torchrun_and_fits_a_scaling_law(setti
             assert sum("step 40/40: loss" in m for m in logs) == 1, "rank 0 streams progress, the others do not"
             assert sum("checkpoint of step 20 committed" in m for m in logs) == 1
         law = instance.get_latest_materialization_event(dg.AssetKey("scaling_law")).asset_materialization.metadata
-        assert law["points_fitted"].value == 2 and law["next_params"].value > 0
+        assert law["points_fitted"].value == 8 and law["sizes"].value == 2 and law["next_params"].value > 0
 
 
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manifest_path, tmp_path):
