@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 UI_PORT ?= 3000
 
 .PHONY: quickstart install test test-fast ui plan bench clean

@@ -23,6 +23,8 @@ from resources.artifact_store import ArtifactStore, open_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 # A manifest small enough for tests: two stdlib packages, cut into a few shards.
 TEST_MANIFEST = {

@@ -48,7 +48,8 @@ def _tokenizer_dir(path: Path) -> Path:
     vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="t1",
+                            pad_token="t2").save_pretrained(path)
     return path
 
 
@@ -62,7 +63,11 @@ def test_save_hf_reloads_with_the_same_logits(tmp_path: Path) -> None:
         ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
-        assert AutoTokenizer.from_pretrained(out)("t5 t7").input_ids == [5, 7]
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        assert tokenizer("t5 t7").input_ids == [5, 7]
+        # Generation stops on the tokenizer's EOS, not on Llama's default id.
+        assert reloaded.config.eos_token_id == reloaded.generation_config.eos_token_id == 1
+        assert reloaded.config.pad_token_id == 2
 
 
 def test_save_hf_refuses_a_tokenizer_file_that_would_overwrite_the_model(tmp_path: Path) -> None:

@@ -1,0 +1,313 @@
+"""Post-training assets: sft_dataset, preference_dataset, and per model size sft_model,
+reward_model and policy, each trained with trl and saved in the Hugging Face layout.
+
+Built from the manifest like the pretraining sweep (the model stages are partitioned by its
+`model_sizes`). Every trainer commits its `checkpoint-N` directories to the store under the
+step's fingerprint, so a crashed step resumes where its last checkpoint left it. Each model
+stage has a blocking gate whose threshold comes from the manifest's `gates`.
+"""
+
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
+from llm_assets.checks.gates import gate_metadata, gate_problems
+from llm_assets.checks.scope import materializations_under_check
+from llm_assets.compute import k8s_op_tags
+from llm_assets.data.dataset_splits import file_digest, read_eval_set
+from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.plots import loss_curve_markdown
+from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
+from llm_assets.posttrain.datasets import (
+    DataSetError,
+    build_preference_dataset,
+    build_sft_dataset,
+    read_dataset,
+    write_dataset,
+)
+from llm_assets.posttrain.policy import run_policy
+from llm_assets.posttrain.reward import run_reward
+from llm_assets.posttrain.sft import run_sft
+from llm_assets.progress import ResumeError, StepProgress
+from resources.artifact_store import ArtifactStore
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import ArtifactHandle
+
+SFT_VAL_LOSS_GATE = "sft_val_loss"
+REWARD_ACCURACY_GATE = "reward_accuracy"
+POLICY_KL_GATE = "policy_kl"
+
+# (train, val, test) frames of the dataset_splits artifact; see data/dataset_splits.py.
+_SPLIT_COLUMNS = ["id", "text", "source", "kind"]
+
+
+def _split_frames(store: ArtifactStore, splits: ArtifactHandle) -> tuple[list[pl.DataFrame], pl.DataFrame, pl.DataFrame]:
+    root = store.local_dir(splits.sha256)
+    train = [pl.read_parquet(p, columns=_SPLIT_COLUMNS) for p in sorted((root / "train").glob("*.parquet"))]
+    return train, pl.read_parquet(root / "val.parquet", columns=_SPLIT_COLUMNS), pl.read_parquet(
+        root / "test.parquet", columns=_SPLIT_COLUMNS)
+
+
+def _eval_texts(manifest: PipelineManifest, test: pl.DataFrame) -> dict[str, list[str]]:
+    """What post-training data must not overlap: the held-out test split (the evaluations read it)
+    and every eval set the manifest names."""
+    texts = {"test": test["text"].to_list()}
+    for spec in manifest.stages.contamination.eval_sets:
+        texts[spec.name] = read_eval_set(spec)[1]
+    return texts
+
+
+def _data_config(manifest: PipelineManifest, files: list[str]) -> dict[str, Any]:
+    recipe = manifest.stages.posttrain_data
+    return {
+        "recipe": recipe,
+        "seed": manifest.seed,
+        "file_digests": {path: file_digest(path) for path in files},
+        "eval_set_digests": {s.name: file_digest(s.path) for s in manifest.stages.contamination.eval_sets},
+    }
+
+
+def _data_asset(name: str, description: str, files_of: Callable[[PipelineManifest], list[str]],
+                build: Callable[..., Any]) -> dg.AssetsDefinition:
+    """sft_dataset and preference_dataset: the same steps around a different builder."""
+
+    @artifact_asset(name=name, code_version="1", kinds={"polars", "json"}, group_name="posttrain",
+                    description=description)
+    def data_asset(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                   artifact_store: ArtifactStoreResource, dataset_splits: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        store, manifest = artifact_store.get_store(), pipeline.load()
+        files = files_of(manifest)
+
+        def write(out: Path) -> dict:
+            train, val, test = _split_frames(store, dataset_splits)
+            try:
+                data = build(train, val, [Path(f) for f in files], manifest, _eval_texts(manifest, test))
+            except DataSetError as exc:
+                raise dg.Failure(str(exc)) from None
+            meta = write_dataset(data, out)
+            stats = data.stats
+            return {
+                **{k: v for k, v in meta.items() if k != "preview_markdown"},
+                "preview": dg.MetadataValue.md(meta["preview_markdown"]),
+                "dropped_eval_overlap": stats.get("dropped_overlap_total", 0),
+                "stats": dg.MetadataValue.json(stats),
+            }
+
+        return materialize_artifact(context, store, kind=name, config=_data_config(manifest, files),
+                                    inputs={"dataset_splits": dataset_splits}, build=write)
+
+    return data_asset
+
+
+sft_dataset = _data_asset(
+    "sft_dataset",
+    "Prompt/completion pairs for SFT: the manifest's JSONL files and questions about documented "
+    "corpus objects answered by their docstrings; decontaminated against every eval set.",
+    lambda m: [f.path for f in m.stages.posttrain_data.sft_files],
+    lambda train, val, files, m, evals: build_sft_dataset(train, val, files, m.stages.posttrain_data, evals),
+)
+preference_dataset = _data_asset(
+    "preference_dataset",
+    "Prompt/chosen/rejected triples for the reward model and DPO: the manifest's JSONL files and "
+    "corpus questions whose rejected answer is another object's docstring; decontaminated.",
+    lambda m: [f.path for f in m.stages.posttrain_data.preference_files],
+    lambda train, val, files, m, evals: build_preference_dataset(
+        train, val, files, m.stages.posttrain_data, evals, seed=m.seed),
+)
+
+
+def _train_step(
+    context: dg.AssetExecutionContext,
+    store: ArtifactStore,
+    *,
+    config: dict[str, Any],
+    inputs: dict[str, ArtifactHandle],
+    narrowed_inputs: dict[str, ArtifactHandle] | None = None,
+    train: Callable[[Path, Path, Path | None, OnCheckpoint, OnLog], dict[str, Any]],
+) -> dg.Output[ArtifactHandle]:
+    """A trl stage as an artifact: resume from the step's committed checkpoint, commit new ones,
+    log progress, and store the exported model. `train(out, work_dir, resume_from, on_checkpoint,
+    on_log)` trains and returns the stage's metadata."""
+    label = f"{context.asset_key.to_user_string()}[{context.partition_key}]"
+    progress = StepProgress(store, context.asset_key.to_user_string(), context.partition_key,
+                            fingerprint_of(context, config, inputs))
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        ref = progress.commit(path, step)
+        context.log.info(f"{label}: checkpoint of step {step} committed as {ref.sha256[:12]}")
+
+    def on_log(entry: dict) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "epoch")
+        context.log.info(f"{label}: {shown}")
+
+    def build(out: Path) -> dict:
+        try:
+            found = progress.resume_point()
+        except ResumeError as exc:
+            raise dg.Failure(f"{label}: {exc}") from None
+        if found is not None:
+            context.log.info(f"{label}: resuming from the committed checkpoint of step {found[1]}")
+        with tempfile.TemporaryDirectory(prefix="llm-assets-trl-") as work_dir:
+            return train(out, Path(work_dir), found[0] if found else None, on_checkpoint, on_log)
+
+    return materialize_artifact(context, store, kind="hf_model", config=config, inputs=inputs,
+                                narrowed_inputs=narrowed_inputs, build=build)
+
+
+def _training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
+    """What every trl stage shows: steps, losses, throughput and the loss curve."""
+    return {
+        "steps": run.steps_done,
+        "resumed_from_step": run.resumed_from_step if run.resumed_from_step is not None else -1,
+        "initial_train_loss": round(run.history[0].loss, 4) if run.history else float("nan"),
+        "final_train_loss": round(run.final_train_loss, 4),
+        "train_samples": run.train_samples,
+        "steps_per_second": round(run.steps_per_second, 3),
+        "precision": run.precision,
+        "loss_curve": dg.MetadataValue.md(loss_curve_markdown([[r.step, r.loss] for r in run.history], [], title)),
+    }
+
+
+def _gate_check(asset: dg.AssetsDefinition, partitions: dg.PartitionsDefinition, gate: str, metric: str,
+                description: str, extra: Callable[[dict], list[str]] | None = None) -> dg.AssetChecksDefinition:
+    """A blocking check of one metric of a model stage against gates.`gate`, per partition."""
+
+    @dg.asset_check(asset=asset, name=f"{gate}_gate", blocking=True, partitions_def=partitions,
+                    description=description)
+    def check(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource) -> dg.AssetCheckResult:
+        gates = pipeline.load().gates
+        problems, values = [], {}
+        mats = materializations_under_check(context, asset.key, True)
+        for mat in mats:
+            meta = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
+            values = meta
+            problems += gate_problems(gates, gate, float(meta.get(metric, float("nan"))), mat.partition)
+            problems += extra(meta) if extra else []
+        if not mats:
+            problems.append(f"no materialization of {asset.key.to_user_string()} to check")
+        return dg.AssetCheckResult(
+            passed=not problems,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(problems) or f"{metric} {values.get(metric)} within gates.{gate}",
+            metadata={metric: values.get(metric, float("nan")), **gate_metadata(gates, gate)},
+        )
+
+    return check
+
+
+def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    """The post-training stages the manifest configures (none without an SFT recipe or sizes)."""
+    stages = manifest.stages
+    if stages.sft is None or stages.pretrain is None or not manifest.model_sizes:
+        return [], []
+    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
+    op_tags = k8s_op_tags(manifest.compute.training)
+    assets: list[dg.AssetsDefinition] = [sft_dataset]
+    checks: list[dg.AssetChecksDefinition] = []
+
+    @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"trl", "huggingface"},
+                    group_name="posttrain", op_tags=op_tags,
+                    description="The pretrained model fine-tuned on sft_dataset by trl's SFTTrainer (full or LoRA, merged).")
+    def sft_model(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
+                  pretrain_checkpoint: ArtifactHandle, sft_dataset: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        store, current = artifact_store.get_store(), pipeline.load()
+        recipe = current.stages.sft
+
+        def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
+            rows_train, rows_val = read_dataset(store.local_dir(sft_dataset.sha256))
+            result = run_sft(store.local_dir(pretrain_checkpoint.sha256), rows_train, rows_val, recipe, out, work,
+                             seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
+            return {**_training_metadata(result.training, f"SFT {context.partition_key}"),
+                    "val_loss": round(result.val_loss, 4), "base_val_loss": round(result.base_val_loss, 4),
+                    "val_rows": result.val_rows, "method": recipe.method}
+
+        return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+                           inputs={"pretrain_checkpoint": pretrain_checkpoint, "sft_dataset": sft_dataset}, train=train)
+
+    assets.append(sft_model)
+    checks.append(_gate_check(
+        sft_model, model_sizes, SFT_VAL_LOSS_GATE, "val_loss",
+        f"Val loss on the SFT val set at most gates.{SFT_VAL_LOSS_GATE}.max, and below the base model's.",
+        lambda meta: [] if meta.get("val_loss", float("inf")) < meta.get("base_val_loss", float("-inf")) else
+        [f"val loss {meta.get('val_loss')} is not below the base model's {meta.get('base_val_loss')}"],
+    ))
+
+    if stages.reward is not None or stages.policy is not None:
+        assets.append(preference_dataset)
+
+    if stages.reward is not None:
+        @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"trl", "huggingface"},
+                        group_name="posttrain", op_tags=op_tags,
+                        description="A scalar-head reward model trained from the SFT model by trl's RewardTrainer.")
+        def reward_model(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                         artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle,
+                         preference_dataset: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+            store, current = artifact_store.get_store(), pipeline.load()
+            recipe = current.stages.reward
+
+            def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
+                pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
+                result = run_reward(store.local_dir(sft_model.sha256), pairs_train, pairs_val, recipe, out, work,
+                                    seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
+                return {**_training_metadata(result.training, f"reward {context.partition_key}"),
+                        "accuracy": round(result.held_out.accuracy, 4),
+                        "mean_margin": round(result.held_out.mean_margin, 4),
+                        "accuracy_before_training": round(result.held_out_before.accuracy, 4),
+                        "val_pairs": result.held_out.pairs}
+
+            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+                               inputs={"sft_model": sft_model, "preference_dataset": preference_dataset}, train=train)
+
+        assets.append(reward_model)
+        checks.append(_gate_check(
+            reward_model, model_sizes, REWARD_ACCURACY_GATE, "accuracy",
+            f"Held-out pairwise accuracy (chosen scored above rejected) at least gates.{REWARD_ACCURACY_GATE}.min.",
+        ))
+
+    if stages.policy is not None:
+        uses_reward = stages.policy.algorithm == "grpo"
+
+        @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"trl", "huggingface"},
+                        group_name="posttrain", op_tags=op_tags,
+                        description="The SFT model aligned on preference_dataset: DPO against the SFT model as "
+                                    "reference, or GRPO scored by the reward model.")
+        def policy(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                   artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle,
+                   preference_dataset: ArtifactHandle, reward_model: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+            store, current = artifact_store.get_store(), pipeline.load()
+            recipe = current.stages.policy
+
+            def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
+                pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
+                reward_dir = store.local_dir(reward_model.sha256) if uses_reward else None
+                result = run_policy(store.local_dir(sft_model.sha256), reward_dir, pairs_train, pairs_val, recipe,
+                                    out, work, seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint,
+                                    on_log=on_log)
+                implicit = result.implicit_reward
+                return {**_training_metadata(result.training, f"policy {context.partition_key}"),
+                        "algorithm": result.algorithm, "beta": recipe.beta,
+                        "kl_nats_per_sequence": round(result.kl_nats_per_sequence, 6), "kl_rows": result.kl_rows,
+                        "reference_sha256": sft_model.sha256,
+                        **({"implicit_reward_accuracy": round(implicit.accuracy, 4)} if implicit else {})}
+
+            inputs = {"sft_model": sft_model, "preference_dataset": preference_dataset}
+            # DPO does not read the reward model: it stays in the lineage (the policy waits for the
+            # reward gate) but out of the fingerprint, so retraining the reward model keeps DPO cached.
+            scored_by = {"reward_model": reward_model}
+            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+                               inputs={**inputs, **(scored_by if uses_reward else {})},
+                               narrowed_inputs=None if uses_reward else scored_by, train=train)
+
+        assets.append(policy)
+        checks.append(_gate_check(
+            policy, model_sizes, POLICY_KL_GATE, "kl_nats_per_sequence",
+            f"KL(policy‖reference) on held-out prompts, nats per sequence, at most gates.{POLICY_KL_GATE}.max "
+            "(the KL budget).",
+        ))
+    return assets, checks

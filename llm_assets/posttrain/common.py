@@ -1,0 +1,228 @@
+"""What every trl stage shares: its config from a `TrainerRecipe`, loading and exporting a model
+directory, callbacks that hand each checkpoint and log line to the caller, resume, and the record
+of the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llm_assets.manifest import TrainerRecipe
+from llm_assets.pretrain.loop import resolve_precision
+
+# peft and trl read the model's is_gradient_checkpointing, which transformers 5 renamed; pinned
+# versions, so the warning carries no news (pytest needs the same filter in pyproject.toml).
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+OnCheckpoint = Callable[[Path, int], None]
+OnLog = Callable[[dict[str, Any]], None]
+
+# final_train_loss is the mean of this many last steps, as in the pretraining loop.
+LOSS_WINDOW = 10
+
+
+@dataclass(frozen=True)
+class StepLog:
+    step: int
+    loss: float  # the step's train loss (mean over its gradient-accumulation micro-batches)
+    metrics: dict[str, float]  # the rest of trl's log line: learning_rate, grad_norm, the stage's own figures
+
+
+@dataclass(frozen=True)
+class EvalLog:
+    step: int
+    metrics: dict[str, float]  # trl's eval_* figures on the val rows
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What trl's training did, from step 0 (a resumed run's history includes the steps before it)."""
+
+    history: list[StepLog]
+    evals: list[EvalLog]  # every eval_every steps; none when eval_every is 0
+    final_train_loss: float  # mean loss of the last LOSS_WINDOW steps
+    steps_done: int
+    resumed_from_step: int | None
+    train_samples: int  # rows trl trains on, after its own length filtering
+    train_seconds: float  # wall time of this call's trainer.train()
+    steps_per_second: float  # steps this call trained / train_seconds
+    precision: Literal["fp32", "bf16"]
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def config_kwargs(recipe: TrainerRecipe, work_dir: Path, *, seed: int) -> dict[str, Any]:
+    """The arguments every trl config takes from the recipe; each stage adds its own."""
+    device = training_device()
+    checkpoints = recipe.checkpoint_every > 0
+    return {
+        "output_dir": str(work_dir),
+        "max_steps": recipe.steps,
+        "per_device_train_batch_size": recipe.batch_size,
+        "per_device_eval_batch_size": recipe.batch_size,
+        "gradient_accumulation_steps": recipe.grad_accum,
+        "learning_rate": recipe.learning_rate,
+        "lr_scheduler_type": "cosine",
+        # transformers 5 dropped warmup_ratio: a warmup_steps below 1 is the ratio of max_steps.
+        "warmup_steps": recipe.warmup_ratio,
+        "weight_decay": recipe.weight_decay,
+        "eval_strategy": "steps" if recipe.eval_every else "no",
+        **({"eval_steps": recipe.eval_every} if recipe.eval_every else {}),
+        "save_strategy": "steps" if checkpoints else "no",
+        **({"save_steps": recipe.checkpoint_every} if checkpoints else {}),
+        # Optimizer, scheduler and RNG states go into every checkpoint, so that a resumed run goes on
+        # where the interrupted one stopped.
+        "save_only_model": False,
+        # Each checkpoint is handed to on_checkpoint (committed to the store) as it is written; the
+        # work dir keeps only the newest, which a long run's disk would not hold many of.
+        "save_total_limit": 1,
+        "logging_steps": 1,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": device.type == "cpu",
+        # trl's configs default bf16 to True whatever the device: it is always set here.
+        "bf16": resolve_precision(recipe.precision, device) == "bf16",
+        # trl turns it on by default (as gradient_checkpointing, a name transformers 5 deprecates): it
+        # costs ~20% more compute to save memory that small models do not need.
+        "activation_checkpointing": False,
+        "seed": seed,
+        "data_seed": seed,
+        # Data loading in the main process: its shuffling RNG is the one checkpoints save and restore.
+        "dataloader_num_workers": 0,
+    }
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    missing = [name for name in ("eos_token", "pad_token") if getattr(tokenizer, name) is None]
+    if missing:
+        raise ValueError(f"the tokenizer in {model_dir} has no {' and no '.join(missing)}: post-training needs both "
+                         "(eos ends every completion, pad fills batches); set them in its tokenizer_config.json")
+    return tokenizer
+
+
+def load_model(auto_class: type, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """`auto_class.from_pretrained(model_dir)` in fp32 on the training device, its special-token ids
+    set from `tokenizer`."""
+    model = auto_class.from_pretrained(model_dir, dtype=torch.float32)
+    # A model dir's config may carry its architecture's default ids (LlamaConfig: bos 1, eos 2)
+    # rather than the tokenizer's: generation would stop at the wrong token, and a sequence
+    # classifier would pool at the wrong position (it finds the last token by pad_token_id).
+    configs = [model.config, getattr(model, "generation_config", None)]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for config in filter(None, configs):
+            setattr(config, name, getattr(tokenizer, name))
+    return model.to(training_device())
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """An HF model directory: config.json, model.safetensors and the tokenizer files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+class CheckpointCallback(TrainerCallback):
+    """Calls on_checkpoint(path, step) on the main process once each checkpoint-N directory is
+    complete (weights, optimizer, scheduler, RNG and trainer state)."""
+
+    def __init__(self, on_checkpoint: OnCheckpoint):
+        self.handler = on_checkpoint
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            self.handler(path, state.global_step)
+
+
+class LogCallback(TrainerCallback):
+    """Calls on_log({"step": N, **trl's log line}) on the main process for every log line."""
+
+    def __init__(self, on_log: OnLog):
+        self.handler = on_log  # not self.on_log, which would shadow the hook
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            self.handler({"step": state.global_step, **logs})
+
+
+def callbacks(on_checkpoint: OnCheckpoint | None, on_log: OnLog | None) -> list[TrainerCallback]:
+    return ([CheckpointCallback(on_checkpoint)] if on_checkpoint else []) + ([LogCallback(on_log)] if on_log else [])
+
+
+def run_trainer(trainer: Trainer, recipe: TrainerRecipe, resume_from: Path | None) -> TrainingRun:
+    """Run `trainer` to recipe.steps, from step 0 or from the checkpoint-N directory `resume_from`
+    (written by a run of the same recipe: its weights, optimizer, schedule, RNG and data position)."""
+    resumed_from_step = _checkpoint_step(resume_from, recipe) if resume_from is not None else None
+    # With disable_tqdm, transformers prints every log line to stdout instead of drawing a progress
+    # bar; the caller gets those lines from on_log.
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    seconds = time.perf_counter() - started
+
+    history = [StepLog(step=log["step"], loss=log["loss"],
+                       metrics={k: v for k, v in log.items() if k not in ("step", "loss")})
+               for log in trainer.state.log_history if "loss" in log]
+    evals = [EvalLog(step=log["step"], metrics={k: v for k, v in log.items() if k.startswith("eval_")})
+             for log in trainer.state.log_history if any(k.startswith("eval_") for k in log)]
+    losses = [record.loss for record in history[-LOSS_WINDOW:]]
+    final_train_loss = sum(losses) / len(losses)
+    if not math.isfinite(final_train_loss):
+        raise FloatingPointError(f"the train loss is {final_train_loss}: lower the learning rate "
+                                 f"({recipe.learning_rate}) or raise warmup_ratio")
+    steps_done = trainer.state.global_step
+    return TrainingRun(
+        history=history,
+        evals=evals,
+        final_train_loss=final_train_loss,
+        steps_done=steps_done,
+        resumed_from_step=resumed_from_step,
+        train_samples=len(trainer.train_dataset),
+        train_seconds=seconds,
+        steps_per_second=(steps_done - (resumed_from_step or 0)) / seconds,
+        precision="bf16" if trainer.args.bf16 else "fp32",
+    )
+
+
+def _checkpoint_step(checkpoint: Path, recipe: TrainerRecipe) -> int:
+    """The step a checkpoint was written at, once it is known to come from a run of this recipe
+    (as far as trainer_state.json tells: its steps and batch size)."""
+    state_file = checkpoint / TRAINER_STATE_NAME
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a trl checkpoint (no {TRAINER_STATE_NAME}): resume_from takes a "
+                                f"{PREFIX_CHECKPOINT_DIR}-N directory written by a run of this stage")
+    state = TrainerState.load_from_json(str(state_file))
+    differences = [f"{name}: checkpoint {saved}, recipe {now}"
+                   for name, saved, now in (("steps", state.max_steps, recipe.steps),
+                                            ("batch_size", state.train_batch_size, recipe.batch_size))
+                   if saved != now]
+    if differences:
+        raise ValueError(f"cannot resume from {checkpoint}: it was written by a run of another recipe ("
+                         + "; ".join(differences) + "); resume with that recipe, or start afresh")
+    return state.global_step

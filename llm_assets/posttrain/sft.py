@@ -1,0 +1,80 @@
+"""Supervised fine-tuning with trl's SFTTrainer: full fine-tuning or LoRA merged into the weights."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from llm_assets.manifest import LoraSpec, SftRecipe
+from llm_assets.posttrain.common import (
+    OnCheckpoint,
+    OnLog,
+    TrainingRun,
+    callbacks,
+    config_kwargs,
+    export,
+    load_model,
+    load_tokenizer,
+    run_trainer,
+)
+from llm_assets.posttrain.rows import SFT_KEYS, Rows, records
+from llm_assets.posttrain.scoring import completion_loss
+
+
+@dataclass(frozen=True, kw_only=True)
+class SftResult:
+    training: TrainingRun
+    # scoring.completion_loss on the val rows: nats per completion token (eos included), whatever
+    # completion_only_loss trained on
+    val_loss: float
+    base_val_loss: float  # the base model's, on the same rows, computed the same way
+    val_rows: int
+    wall_seconds: float  # the whole call: loading, training, figures and export
+
+
+def run_sft(base_dir: Path, train_rows: Rows, val_rows: Rows, recipe: SftRecipe, out_dir: Path, work_dir: Path, *,
+            seed: int, resume_from: Path | None = None, on_checkpoint: OnCheckpoint | None = None,
+            on_log: OnLog | None = None) -> SftResult:
+    """Fine-tune the causal LM in `base_dir` on prompt/completion rows; export it to `out_dir`.
+
+    `out_dir` gets a plain HF causal LM directory (LoRA adapters merged in) with the tokenizer.
+    Checkpoints go to `work_dir` (see `common.run_trainer` for `resume_from`, `on_checkpoint`, `on_log`).
+    """
+    started = time.perf_counter()
+    train_records = records(train_rows, SFT_KEYS, "SFT train")
+    val_records = records(val_rows, SFT_KEYS, "SFT val")
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(AutoModelForCausalLM, base_dir, tokenizer)
+    base_val_loss = completion_loss(model, tokenizer, val_records, max_length=recipe.max_length,
+                                    batch_size=recipe.batch_size)
+
+    config = SFTConfig(**config_kwargs(recipe, work_dir, seed=seed), max_length=recipe.max_length,
+                       completion_only_loss=recipe.completion_only_loss)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_records),
+        eval_dataset=Dataset.from_list(val_records) if recipe.eval_every else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.lora) if recipe.method == "lora" else None,
+        callbacks=callbacks(on_checkpoint, on_log),
+    )
+    run = run_trainer(trainer, recipe, resume_from)
+
+    trained = trainer.model.merge_and_unload() if recipe.method == "lora" else trainer.model
+    val_loss = completion_loss(trained, tokenizer, val_records, max_length=recipe.max_length,
+                               batch_size=recipe.batch_size)
+    export(trained, tokenizer, out_dir)
+    return SftResult(training=run, val_loss=val_loss, base_val_loss=base_val_loss, val_rows=len(val_records),
+                     wall_seconds=time.perf_counter() - started)
+
+
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")

@@ -1,0 +1,113 @@
+"""Post-training on a real instance: SFT, reward model and DPO policy from a tiny pretrained model;
+a killed SFT step resumes from its committed checkpoint; the KL budget holds what depends on the policy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from llm_assets.definitions import build_definitions
+from llm_assets.runner import materialize_graph
+from llm_assets_tests.pretrain.test_assets import with_training
+
+TRAINER = {"batch_size": 4, "max_length": 96, "warmup_ratio": 0.1}
+POSTTRAIN = {
+    "sft": {**TRAINER, "steps": 24, "learning_rate": 3e-3, "checkpoint_every": 4},
+    "reward": {**TRAINER, "steps": 16, "learning_rate": 2e-3, "checkpoint_every": 0},
+    "policy": {**TRAINER, "steps": 8, "learning_rate": 1e-3, "beta": 0.1, "checkpoint_every": 0, "kl_prompts": 16},
+}
+GATES = {"sft_val_loss": {"max": 8.0}, "reward_accuracy": {"min": 0.0}, "policy_kl": {"max": 100.0}}
+
+
+def latest(instance: dg.DagsterInstance, asset: str) -> dg.AssetMaterialization:
+    return instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=["xs"]), limit=1
+    ).records[0].asset_materialization
+
+
+def check_passed(instance: dg.DagsterInstance, asset: str, check: str) -> bool:
+    """The latest verdict of a check (the tests here have one partition)."""
+    key = dg.AssetCheckKey(dg.AssetKey(asset), check)
+    status = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key].status.value
+    assert status in ("SUCCEEDED", "FAILED"), status
+    return status == "SUCCEEDED"
+
+
+def with_posttraining(manifest_path: Path) -> dict:
+    with_training(manifest_path, steps=30)
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["model_sizes"] = {"xs": manifest["model_sizes"]["xs"]}
+    manifest["stages"].update(POSTTRAIN)
+    manifest["stages"]["posttrain_data"] = {"max_answer_chars": 160}
+    manifest["gates"].update(GATES)
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    return manifest
+
+
+def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_path):
+    manifest = with_posttraining(manifest_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    defs = build_definitions(settings)
+    upstream = "+key:pretrain_checkpoint or key:sft_dataset or key:preference_dataset"
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        assert materialize_graph(defs, instance, selection=upstream, log=lambda _: None).success
+        sft_data = instance.get_latest_materialization_event(dg.AssetKey("sft_dataset")).asset_materialization
+        assert sft_data.metadata["train_examples"].value > 20 and sft_data.metadata["val_examples"].value > 0
+
+    # SIGKILL the SFT step once its first checkpoint is committed to the store.
+    env = {**os.environ, "DAGSTER_HOME": str(home), "LLM_ASSETS_MANIFEST": settings.manifest,
+           "LLM_ASSETS_STORE": settings.store_uri, "LLM_ASSETS_ALERTS_JSONL": settings.alerts_jsonl}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_assets.cli", "materialize", "--select", "key:sft_model"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    progress = Path(settings.store_uri) / "progress" / "sft_model"
+    deadline = time.time() + 300
+    while not any(progress.rglob("*.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(progress.rglob("*.json")), "a checkpoint was committed before the kill"
+
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        result = materialize_graph(defs, instance, selection="key:sft_model or key:reward_model or key:policy",
+                                   log=lambda _: None)
+        assert result.success
+        sft = latest(instance, "sft_model").metadata
+        assert sft["resumed_from_step"].value >= 4, "SFT continued from its checkpoint, not from step 0"
+        assert sft["steps"].value == 24
+        assert sft["val_loss"].value < sft["base_val_loss"].value
+        reward = latest(instance, "reward_model").metadata
+        assert 0.0 <= reward["accuracy"].value <= 1.0 and reward["val_pairs"].value > 0
+        policy = latest(instance, "policy").metadata
+        assert policy["algorithm"].value == "dpo" and policy["reference_sha256"].value == sft["sha256"].value
+        assert 0 < policy["kl_nats_per_sequence"].value < 100
+        for asset, check in (("sft_model", "sft_val_loss_gate"), ("reward_model", "reward_accuracy_gate"),
+                             ("policy", "policy_kl_gate")):
+            assert check_passed(instance, asset, check), (asset, check)
+
+        # A KL budget the policy exceeds: the gate fails and holds the policy's consumers.
+        manifest["gates"]["policy_kl"] = {"max": 1e-9}
+        manifest_path.write_text(yaml.safe_dump(manifest))
+        defs = build_definitions(settings)
+        policy_def = defs.get_assets_def(dg.AssetKey("policy"))
+
+        @dg.asset(partitions_def=policy_def.partitions_def, deps=[policy_def.key])
+        def release_candidate() -> None:
+            """Stands in for whatever consumes the policy (evaluation, quantization, release)."""
+
+        gated = dg.Definitions.merge(defs, dg.Definitions(assets=[release_candidate]))
+        result = materialize_graph(gated, instance, selection="key:policy or key:release_candidate",
+                                   log=lambda _: None)
+        assert not result.success
+        assert not check_passed(instance, "policy", "policy_kl_gate")
+        assert latest(instance, "policy").metadata["cache_hit"].value is True
+        assert not instance.fetch_materializations(dg.AssetKey("release_candidate"), limit=1).records
