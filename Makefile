@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python bench/cleaning_throughput.py
 	$(BIN)/python bench/tokenize_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/posttrain_overhead.py
 	$(BIN)/python bench/cache_rematerialize.py
 
 clean:

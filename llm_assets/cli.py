@@ -33,12 +33,13 @@ def _human(n: float) -> str:
 
 
 def estimate_rows(manifest: PipelineManifest) -> list[dict]:
-    """Compute estimate per training stage and partition: FLOPs = 6·N·D."""
-    recipe = manifest.stages.pretrain
-    if recipe is None:
-        return []
+    """Compute estimate per training stage and partition: FLOPs = 6·N·D (D at most, for the trl
+    stages: every sequence at max_length)."""
+    stages = manifest.stages
+    recipes = {"pretrain": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "policy": stages.policy}
     return [
-        {"stage": "pretrain", "partition": size, **training_estimate(spec, recipe, manifest.budget).__dict__}
+        {"stage": stage, "partition": size, **training_estimate(spec, recipe, manifest.budget).__dict__}
+        for stage, recipe in recipes.items() if recipe is not None
         for size, spec in manifest.model_sizes.items()
     ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llm_assets.manifest import Budget, ModelSize, PretrainRecipe
+from llm_assets.manifest import Budget, ModelSize, PretrainRecipe, TrainerRecipe
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class Estimate:
     usd: float
 
 
-def training_estimate(size: ModelSize, recipe: PretrainRecipe, budget: Budget) -> Estimate:
+def training_estimate(size: ModelSize, recipe: PretrainRecipe | TrainerRecipe, budget: Budget) -> Estimate:
     n, d = size.matmul_parameters(), recipe.tokens()
     flops = 6.0 * n * d
     gpu_hours = flops / (budget.peak_flops_per_gpu * budget.assumed_mfu) / 3600

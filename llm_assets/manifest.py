@@ -276,6 +276,13 @@ class TrainerRecipe(Strict):
     checkpoint_every: int = Field(50, ge=0, description="Intermediate checkpoints, committed to the store; 0: none")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
+    def sequences_per_example(self) -> int:
+        return 1
+
+    def tokens(self) -> int:
+        """Tokens the stage trains on, at most: every sequence at max_length (for cost estimates)."""
+        return self.steps * self.batch_size * self.grad_accum * self.max_length * self.sequences_per_example()
+
 
 class LoraSpec(Strict):
     """peft LoRA adapters; merged into the weights for export."""
@@ -299,6 +306,9 @@ class SftRecipe(TrainerRecipe):
 class RewardRecipe(TrainerRecipe):
     """trl RewardTrainer: a sequence-classification head on the SFT model, trained on preference pairs."""
 
+    def sequences_per_example(self) -> int:
+        return 2  # chosen and rejected
+
 
 class GrpoSpec(Strict):
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group)")
@@ -315,6 +325,9 @@ class PolicyRecipe(TrainerRecipe):
     grpo: GrpoSpec = GrpoSpec()
     kl_prompts: int = Field(64, gt=0, description="Held-out prompts on which KL(policy‖reference) is measured")
 
+    def sequences_per_example(self) -> int:
+        return 2 if self.algorithm == "dpo" else 1  # DPO: chosen and rejected; GRPO's batch counts completions
+
 
 class JsonlDataSource(Strict):
     """A user-supplied JSONL file of examples; relative paths are resolved against the manifest's folder."""
@@ -325,6 +338,9 @@ class JsonlDataSource(Strict):
     @classmethod
     def _absolute(cls, path: str, info: ValidationInfo) -> str:
         return _against_manifest(path, info)
+
+
+RejectedFrom = Literal["shuffled_words", "other_object"]
 
 
 class PosttrainDataRecipe(Strict):
@@ -340,9 +356,17 @@ class PosttrainDataRecipe(Strict):
     derive_from_corpus: bool = Field(
         True, description="Ask what a documented function, class or module does; answer with its docstring"
     )
+    rejected_from: RejectedFrom = Field(
+        "shuffled_words",
+        description="Derived preference pairs reject the answer's words shuffled, or another object's answer",
+    )
     max_examples: int = Field(4000, gt=0, description="Per data set and split, after dedup")
     max_answer_chars: int = Field(400, gt=0, description="Derived answers: the docstring's first paragraphs, cut here")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="User-file examples held out (by a hash of the prompt)")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1,
+        description="Held out for val: user-file examples (by a hash of the prompt) and train-split docstrings "
+                    "(by a hash of the id), besides the val split's",
+    )
     ngram: int = Field(8, gt=0, description="A prompt sharing an n-gram of this many words with an eval set is dropped")
 
 

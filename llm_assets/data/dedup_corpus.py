@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact, part_digest
-from llm_assets.data.dedup import cluster_near_duplicates, exact_duplicate_representatives, minhash_signatures as signatures_of
+from llm_assets.data.dedup import cluster_near_duplicates, exact_duplicate_representatives
+from llm_assets.data.dedup import minhash_signatures as signatures_of
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import SHARD_FILE
 from llm_assets.manifest import PipelineResource

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.scope import artifacts_under_check
-from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.documents import Document, ReadStats
+from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.sources import find_shard, read_shard
 from llm_assets.manifest import PipelineManifest, PipelineResource
 from resources.artifact_store_resource import ArtifactStoreResource

@@ -57,7 +57,7 @@ import polars as pl
 
 # The same tokens and hashes as dedup and the contamination report.
 from llm_assets.data.dedup import text_shingles, tokens
-from llm_assets.manifest import PosttrainDataRecipe
+from llm_assets.manifest import PosttrainDataRecipe, RejectedFrom
 
 ROLES = ("system", "user", "assistant")
 _HEADERS = {role: f"### {role.capitalize()}:\n" for role in ROLES}
@@ -407,24 +407,31 @@ def derive_sft_examples(frame: pl.DataFrame, max_answer_chars: int) -> pl.DataFr
     )
 
 
-def derive_preference_pairs(frame: pl.DataFrame, max_answer_chars: int, seed: int) -> pl.DataFrame:
-    """Preference rows from the frame's docstrings: chosen is the object's own answer, rejected the
-    answer of another object of the same frame, in id order.
+def derive_preference_pairs(frame: pl.DataFrame, max_answer_chars: int, seed: int,
+                            rejected_from: RejectedFrom = "shuffled_words") -> pl.DataFrame:
+    """Preference rows from the frame's docstrings: chosen is the object's own answer; rejected is
+    that answer with its words shuffled (``"shuffled_words"``: fluent, on-topic text over word
+    salad, which a tiny reward model can learn) or the answer of another object of the same frame
+    (``"other_object"``: which answer belongs to the question, a relational task for larger
+    models).
 
-    The objects are put in the order of the sha256 of ``seed`` and id, and each one is paired with
-    the answer of the next one in that order with a different text (the order wraps around): a
-    derangement that depends on the seed but not on the input order. An object whose answer no
-    other object differs from is left out.
+    Shuffles are seeded by ``seed`` and the id. For other objects, the objects are put in the
+    order of the sha256 of ``seed`` and id, and each one is paired with the answer of the next one
+    in that order with a different text (the order wraps around): a derangement that depends on
+    the seed but not on the input order. An object with no different rejected answer is left out.
     """
     d = _derive(frame, max_answer_chars)
-    order = sorted(range(len(d.ids)), key=lambda i: (_sha256_int(f"{seed}\x00{d.ids[i]}"), d.ids[i]))
-    rejected: dict[int, str] = {}
-    for position, i in enumerate(order):
-        for step in range(1, len(order)):
-            other = order[(position + step) % len(order)]
-            if d.answers[other] != d.answers[i]:
-                rejected[i] = d.answers[other]
-                break
+    if rejected_from == "shuffled_words":
+        rejected = {i: r for i in range(len(d.ids)) if (r := _shuffled_words(d.answers[i], f"{seed}\x00{d.ids[i]}"))}
+    else:
+        order = sorted(range(len(d.ids)), key=lambda i: (_sha256_int(f"{seed}\x00{d.ids[i]}"), d.ids[i]))
+        rejected = {}
+        for position, i in enumerate(order):
+            for step in range(1, len(order)):
+                other = order[(position + step) % len(order)]
+                if d.answers[other] != d.answers[i]:
+                    rejected[i] = d.answers[other]
+                    break
     kept = sorted(rejected)
     return pl.DataFrame(
         {
@@ -434,6 +441,17 @@ def derive_preference_pairs(frame: pl.DataFrame, max_answer_chars: int, seed: in
         },
         schema=dict.fromkeys(PREFERENCE_COLUMNS, pl.String),
     )
+
+
+def _shuffled_words(answer: str, key: str) -> str | None:
+    """The answer's words in a seeded random order; None if no order differs from the answer."""
+    words = answer.split()
+    for attempt in range(4):
+        rng = np.random.default_rng(_sha256_int(f"{key}\x00{attempt}"))
+        shuffled = " ".join(words[i] for i in rng.permutation(len(words)))
+        if shuffled != " ".join(words):
+            return shuffled
+    return None
 
 
 # -- decontamination ----------------------------------------------------------------------------
@@ -632,12 +650,17 @@ def _derive_splits(
     recipe: PosttrainDataRecipe,
     derive: Callable[[pl.DataFrame], pl.DataFrame],
 ) -> tuple[tuple[pl.DataFrame, pl.DataFrame] | None, dict]:
-    """Derived (train, val) examples, each split from its own corpus split's docstrings only, so
-    neither a val question nor a val answer (as a rejected one) reaches training."""
+    """Derived (train, val) examples, each from its own docstrings only, so neither a val question
+    nor a val answer (as a rejected one) reaches training. Val takes the val split's docstrings and
+    ``val_fraction`` of the train split's (by a salted hash of the id): a corpus's val split alone
+    is often too small to measure a reward model on."""
     if not recipe.derive_from_corpus:
         zero = {"train": 0, "val": 0}
         return None, {"docstring_documents": zero, "derived": zero, "derived_skipped": zero}
-    docs = {"train": _docstring_rows(train_frames), "val": _docstring_rows([val_frame])}
+    train_docs = _docstring_rows(train_frames)
+    held = pl.Series([_in_val(i, recipe.val_fraction) for i in train_docs["id"].to_list()], dtype=pl.Boolean)
+    docs = {"train": train_docs.filter(~held),
+            "val": pl.concat([_docstring_rows([val_frame]), train_docs.filter(held)]).sort("id")}
     frames = {split: derive(d) for split, d in docs.items()}
     return (frames["train"], frames["val"]), {
         "docstring_documents": {split: d.height for split, d in docs.items()},
@@ -654,7 +677,7 @@ def build_sft_dataset(
     eval_texts: Mapping[str, Sequence[str]],
 ) -> SplitDataSet:
     """The SFT data set: derived examples (train from the train split's docstrings, val from the val
-    split's) and user files (split by a salted hash of the prompt), deduplicated by prompt,
+    split's and a held-out fraction of the train split's) and user files (split by a salted hash of the prompt), deduplicated by prompt,
     decontaminated, capped. Raises DataSetError, saying why, when train or val would be empty."""
     files = [(Path(p), read_sft_jsonl(p)) for p in user_files]
     derived, stats = _derive_splits(
@@ -675,7 +698,8 @@ def build_preference_dataset(
     rejected answers from the same split only."""
     files = [(Path(p), read_preference_jsonl(p)) for p in user_files]
     derived, stats = _derive_splits(
-        train_frames, val_frame, recipe, lambda docs: derive_preference_pairs(docs, recipe.max_answer_chars, seed)
+        train_frames, val_frame, recipe,
+        lambda docs: derive_preference_pairs(docs, recipe.max_answer_chars, seed, recipe.rejected_from),
     )
     return _assemble(
         "preference", PREFERENCE_COLUMNS, derived, stats, files, "stages.posttrain_data.preference_files",

@@ -138,17 +138,30 @@ def test_derived_examples_from_real_stdlib_modules():
 
 def test_rejected_is_another_objects_answer_and_pairing_follows_the_seed():
     frame = corpus({**objects("a", 30), "stdlib:a/same.py::f": "Same text.", "stdlib:a/same.py::g": "Same text."})
-    pairs = derive_preference_pairs(frame, 400, seed=1)
+    pairs = derive_preference_pairs(frame, 400, seed=1, rejected_from="other_object")
     answers = dict(zip(pairs["id"], pairs["chosen"]))
     assert pairs.height == 32
     for row in pairs.iter_rows(named=True):
         assert row["rejected"] != row["chosen"]
         assert row["rejected"] in answers.values() and answers[row["id"]] == row["chosen"]
-    assert derive_preference_pairs(frame.sample(fraction=1.0, shuffle=True, seed=3), 400, seed=1).equals(pairs)
-    other = derive_preference_pairs(frame, 400, seed=2)
+    shuffled_input = frame.sample(fraction=1.0, shuffle=True, seed=3)
+    assert derive_preference_pairs(shuffled_input, 400, seed=1, rejected_from="other_object").equals(pairs)
+    other = derive_preference_pairs(frame, 400, seed=2, rejected_from="other_object")
     assert other["chosen"].to_list() == pairs["chosen"].to_list()
     assert other["rejected"].to_list() != pairs["rejected"].to_list()
-    assert derive_preference_pairs(corpus({"stdlib:a/b.py::f": "Alone."}), 400, seed=0).is_empty()
+    alone = corpus({"stdlib:a/b.py::f": "Alone."})
+    assert derive_preference_pairs(alone, 400, seed=0, rejected_from="other_object").is_empty()
+
+
+def test_rejected_by_default_is_the_answer_with_its_words_shuffled_by_the_seed():
+    frame = corpus({**objects("a", 30), "stdlib:a/one.py::f": "Alone."})
+    pairs = derive_preference_pairs(frame, 400, seed=1)
+    assert pairs.height == 30, "a one-word answer has no other order and is left out"
+    for row in pairs.iter_rows(named=True):
+        assert row["rejected"] != " ".join(row["chosen"].split())
+        assert sorted(row["rejected"].split()) == sorted(row["chosen"].split())
+    assert derive_preference_pairs(frame.sample(fraction=1.0, shuffle=True, seed=3), 400, seed=1).equals(pairs)
+    assert derive_preference_pairs(frame, 400, seed=2)["rejected"].to_list() != pairs["rejected"].to_list()
 
 
 def test_same_input_gives_identical_bytes_and_another_seed_another_pairing(tmp_path):
@@ -309,9 +322,22 @@ def test_no_docstrings_and_no_files_is_a_clear_error(tmp_path):
         build_preference_dataset([only_code], only_code, [], PosttrainDataRecipe(), {}, seed=0)
     with pytest.raises(DataSetError, match="derive_from_corpus is false and stages.posttrain_data.sft_files is empty"):
         build_sft_dataset([corpus(objects("a", 3))], only_code, [], PosttrainDataRecipe(derive_from_corpus=False), {})
-    # Docstrings in train but none in val, and no file: val would be empty.
+    # Docstrings in train but none in val (none held out of train either), and no file: val would be empty.
     with pytest.raises(DataSetError, match="no val examples: the corpus val split has no docstring documents"):
-        build_sft_dataset([corpus(objects("a", 3))], only_code, [], PosttrainDataRecipe(), {})
+        build_sft_dataset([corpus(objects("a", 3))], only_code, [], PosttrainDataRecipe(val_fraction=1e-9), {})
+
+
+def test_val_also_holds_out_a_fraction_of_the_train_split_by_id():
+    recipe = PosttrainDataRecipe(val_fraction=0.25)
+    train, val = corpus(objects("a", 40)), corpus(objects("b", 2))
+    first = build_preference_dataset([train], val, [], recipe, {}, seed=3)
+    again = build_preference_dataset([train], val, [], recipe, {}, seed=3)
+    assert first.val.equals(again.val) and first.train.equals(again.train)
+    held = [i for i in first.val["id"].to_list() if "stdlib:a/" in i]
+    assert 0 < len(held) < 40 and first.stats["derived"]["val"] == 2 + len(held)
+    # Held-out objects are out of training entirely: not asked about, not used as a rejected answer.
+    train_texts = set(first.train["chosen"].to_list()) | set(first.train["rejected"].to_list())
+    assert not train_texts & set(first.val["chosen"].to_list())
 
 
 def test_user_files_split_deterministically_dedup_and_cap(tmp_path):

@@ -16,7 +16,14 @@ from transformers import AutoTokenizer
 from llm_assets.manifest import TokenizerRecipe
 from llm_assets.runner import materialize_graph
 from llm_assets.tokenizer.bpe import round_trip_failures, save_hf, train_bpe
-from llm_assets.tokenizer.packing import INDEX_FILE, META_FILE, TOKENS_FILE, pack_documents, packing_problems, read_packed
+from llm_assets.tokenizer.packing import (
+    INDEX_FILE,
+    META_FILE,
+    TOKENS_FILE,
+    pack_documents,
+    packing_problems,
+    read_packed,
+)
 from resources.artifact_store import open_store
 
 RECIPE = TokenizerRecipe(vocab_size=400, min_frequency=2)
