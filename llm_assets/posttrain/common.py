@@ -29,6 +29,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm_assets.manifest import TrainerRecipe
+from llm_assets.pretrain.export import use_tokenizer_special_ids
 from llm_assets.pretrain.loop import resolve_precision
 
 # peft and trl read the model's is_gradient_checkpointing, which transformers 5 renamed; pinned
@@ -128,13 +129,7 @@ def load_model(auto_class: type, model_dir: Path, tokenizer: PreTrainedTokenizer
     """`auto_class.from_pretrained(model_dir)` in fp32 on the training device, its special-token ids
     set from `tokenizer`."""
     model = auto_class.from_pretrained(model_dir, dtype=torch.float32)
-    # A model dir's config may carry its architecture's default ids (LlamaConfig: bos 1, eos 2)
-    # rather than the tokenizer's: generation would stop at the wrong token, and a sequence
-    # classifier would pool at the wrong position (it finds the last token by pad_token_id).
-    configs = [model.config, getattr(model, "generation_config", None)]
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        for config in filter(None, configs):
-            setattr(config, name, getattr(tokenizer, name))
+    use_tokenizer_special_ids(model, tokenizer)
     return model.to(training_device())
 
 

@@ -20,6 +20,7 @@ import dagster as dg
 import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
+from llm_assets.checks.gates import gate_metadata, gate_problems
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import training_estimate
@@ -156,7 +157,7 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         description=f"Finite losses, the loss fell, and val loss at most gates.{VAL_LOSS_GATE}.max.",
     )
     def training_sane(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource) -> dg.AssetCheckResult:
-        gate = pipeline.load().gates.get(VAL_LOSS_GATE)
+        gates = pipeline.load().gates
         problems, meta = [], {}
         for mat in materializations_under_check(context, pretrain_checkpoint.key, True):
             meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
@@ -164,15 +165,12 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                 problems.append(f"{mat.partition}: a loss is not finite ({meta})")
             elif meta["final_train_loss"] >= meta["initial_loss"]:
                 problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
-            if gate is None or gate.max is None:
-                problems.append(f"no threshold: set gates.{VAL_LOSS_GATE}.max in the manifest")
-            elif meta.get("final_val_loss", math.inf) > gate.max:
-                problems.append(f"{mat.partition}: val loss {meta['final_val_loss']} > gate {gate.max}")
+            problems += gate_problems(gates, VAL_LOSS_GATE, meta["final_val_loss"], mat.partition)
         return dg.AssetCheckResult(
             passed=bool(meta) and not problems,
             severity=dg.AssetCheckSeverity.ERROR,
             description="; ".join(problems) or "losses finite, falling, within the gate",
-            metadata={**meta, "gate_max_val_loss": gate.max if gate and gate.max is not None else float("nan")},
+            metadata={**meta, **gate_metadata(gates, VAL_LOSS_GATE)},
         )
 
     @artifact_asset(

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def save_hf(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path | None = None) -> Path:
@@ -22,7 +22,7 @@ def save_hf(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path | None = 
         raise TypeError(f"save_hf needs a transformers PreTrainedModel, got {type(model).__name__}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is not None:
-        _use_tokenizer_special_ids(model, tokenizer_dir)
+        use_tokenizer_special_ids(model, AutoTokenizer.from_pretrained(tokenizer_dir))
     model.save_pretrained(out_dir)
     if tokenizer_dir is not None:
         for source in sorted(p for p in tokenizer_dir.iterdir() if p.is_file()):
@@ -32,13 +32,13 @@ def save_hf(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path | None = 
     return out_dir
 
 
-def _use_tokenizer_special_ids(model: PreTrainedModel, tokenizer_dir: Path) -> None:
-    """LlamaConfig defaults to Llama's own bos/eos ids; ours come from the tokenizer, or generation
-    (and trl, lm-eval, a server) would stop on the wrong token."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    for config in (model.config, model.generation_config):
-        if config is not None:
-            for name, value in ids.items():
-                setattr(config, name, value)
+def use_tokenizer_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Set the model's bos/eos/pad ids (config and generation config) to the tokenizer's.
+
+    A config built from an architecture (LlamaConfig: bos 1, eos 2) carries that architecture's
+    default ids rather than our tokenizer's: generation would stop at the wrong token, and a
+    sequence classifier would pool at the wrong position (it finds the last token by pad_token_id).
+    """
+    for config in filter(None, (model.config, getattr(model, "generation_config", None))):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, name, getattr(tokenizer, name))

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -70,7 +69,10 @@ def test_the_sweep_trains_every_size_under_torchrun_and_fits_a_scaling_law(setti
 
 
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manifest_path, tmp_path):
-    with_training(manifest_path, steps=60)
+    with_training(manifest_path, steps=40)
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["model_sizes"] = {"xs": TINY}
+    manifest_path.write_text(yaml.safe_dump(manifest))
     home = tmp_path / "home"
     home.mkdir()
     defs = build_definitions(settings)
@@ -83,26 +85,29 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manife
         [sys.executable, "-m", "llm_assets.cli", "materialize", "--select", "key:pretrain_checkpoint"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    progress = Path(settings.store_uri) / "progress" / "pretrain_checkpoint"
+    store = Path(settings.store_uri)
+    progress = store / "progress" / "pretrain_checkpoint"
     deadline = time.time() + 300
     while not any(progress.rglob("*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its training worker
     proc.wait()
     assert any(progress.rglob("*.json")), "a checkpoint was committed before the kill"
 
     with dg.DagsterInstance.local_temp(str(home)) as instance:
         assert materialize_graph(defs, instance, selection="key:pretrain_checkpoint", log=lambda _: None).success
-        resumed = {p: latest(instance, p).metadata for p in ("xs", "s")}
-    assert any(m["resumed_from_step"].value >= 10 for m in resumed.values()), "training continued, not restarted"
-    assert all(m["steps"].value == 60 for m in resumed.values())
+        resumed = latest(instance, "xs").metadata
+        assert resumed["resumed_from_step"].value >= 10, "training continued, not restarted"
+        assert resumed["steps"].value == 40
 
-    # Resume is exact on CPU: the resumed model is byte-identical to an uninterrupted run's.
-    fresh = replace(settings, store_uri=str(tmp_path / "fresh_store"))
-    with dg.DagsterInstance.local_temp() as instance:
-        assert materialize_graph(build_definitions(fresh), instance, log=lambda _: None).success
-        for partition, meta in resumed.items():
-            assert latest(instance, partition).metadata["sha256"].value == meta["sha256"].value
+        # Resume is exact on CPU: forget the step's cached artifact and its progress, train it again
+        # uninterrupted from step 0, and the model is byte-identical.
+        for record in (*(store / "index" / "pretrain_checkpoint").rglob("*.json"), *progress.rglob("*.json")):
+            record.unlink()
+        assert materialize_graph(defs, instance, selection="key:pretrain_checkpoint", log=lambda _: None).success
+        fresh = latest(instance, "xs").metadata
+        assert fresh["resumed_from_step"].value == -1 and fresh["cache_hit"].value is False
+        assert fresh["sha256"].value == resumed["sha256"].value
 
 
 def test_the_cost_gate_refuses_a_run_over_budget(settings, manifest_path, instance):
