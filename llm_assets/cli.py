@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shutil
 import sys
@@ -129,6 +130,58 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_override(args: argparse.Namespace) -> int:
+    """Record a reviewer's override of one gate for the current artifact of its asset (partition)."""
+    ensure_dagster_home()
+    os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        print(f"manifest error:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.gate not in manifest.gates:
+        close = difflib.get_close_matches(args.gate, sorted(manifest.gates), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"no gate {args.gate!r} in the manifest's gates (it has: {', '.join(sorted(manifest.gates))}){hint}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    import dagster as dg
+
+    from llm_assets.checks.gates import GATE_METADATA_KEY, record_override
+    from llm_assets.definitions import build_definitions
+    from llm_assets.runner import run_checks
+    from resources.handles import latest_materializations
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    checks = [graph.get(key) for key in graph.asset_check_keys
+              if graph.get(key).metadata.get(GATE_METADATA_KEY) == args.gate]
+    if not checks:
+        print(f"gate {args.gate!r} guards no asset of this graph: its stage is not configured", file=sys.stderr)
+        return EXIT_FAILED
+    asset_key = checks[0].key.asset_key
+    with dg.DagsterInstance.get() as instance:
+        current = latest_materializations(instance, asset_key, [args.partition] if args.partition else None)
+        if args.partition is None and len(current) > 1:
+            print(f"{asset_key.to_user_string()} has several partitions ({', '.join(sorted(map(str, current)))}): "
+                  "name one with --partition", file=sys.stderr)
+            return EXIT_FAILED
+        if not current:
+            where = f"[{args.partition}]" if args.partition else ""
+            print(f"{asset_key.to_user_string()}{where} has no materialization to override the gate for; "
+                  "materialize it first", file=sys.stderr)
+            return EXIT_FAILED
+        partition, mat = next(iter(current.items()))
+        store = defs.resources["artifact_store"].get_store()
+        override = record_override(store, args.gate, asset_key.to_user_string(), partition,
+                                   mat.metadata["sha256"].value, args.reviewer, args.reason)
+        # Evaluate the asset's checks again, so the gate shows as passed (with the override) at once.
+        run_checks(defs, instance, [asset_key], partition)
+    print(f"override recorded: gate {args.gate} on {override.asset}{f'[{partition}]' if partition else ''} "
+          f"{override.sha256[:12]} by {override.reviewer}: {override.reason}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__)
     parser.add_argument(
@@ -140,8 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     mat = sub.add_parser("materialize", help="materialize the asset graph on the local instance")
     mat.add_argument("--select", help="Dagster asset selection, e.g. 'key:raw_corpus+' (default: all)")
     sub.add_parser("verify", help="re-run every check (hash gates included) on the current artifact of every partition")
+    override = sub.add_parser("override", help="let a failed gate pass for the current artifact, on a reviewer's record")
+    override.add_argument("--gate", required=True, help="the gate's name in the manifest's gates, e.g. policy_kl")
+    override.add_argument("--reviewer", required=True, help="who takes responsibility")
+    override.add_argument("--reason", required=True, help="why the artifact may pass anyway")
+    override.add_argument("--partition", help="the model size (required when the asset has several)")
     args = parser.parse_args(argv)
-    handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify}[args.command]
+    handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify,
+               "override": cmd_override}[args.command]
     return handler(args)
 
 

@@ -432,6 +432,16 @@ class Compute(Strict):
     )
 
 
+# The gate every training stage must have a threshold for (and the bound it needs), fixed before
+# the run: a configured stage without one is a manifest error at plan time.
+STAGE_GATES = {
+    "pretrain": ("pretrain_val_loss", "max"),
+    "sft": ("sft_val_loss", "max"),
+    "reward": ("reward_accuracy", "min"),
+    "policy": ("policy_kl", "max"),
+}
+
+
 class PipelineManifest(Strict):
     version: Literal[1]
     name: str
@@ -464,6 +474,16 @@ class PipelineManifest(Strict):
             needs.append("the policy is trained after the reward model (GRPO is scored by it): add stages.reward")
         if needs:
             raise ValueError("; ".join(needs))
+        return self
+
+    @model_validator(mode="after")
+    def _every_stage_has_its_gate(self) -> PipelineManifest:
+        missing = [f"gates.{gate} (stages.{stage} is configured; e.g. {gate}: {{{bound}: ...}})"
+                   for stage, (gate, bound) in STAGE_GATES.items()
+                   if getattr(self.stages, stage) is not None
+                   and (gate not in self.gates or getattr(self.gates[gate], bound) is None)]
+        if missing:
+            raise ValueError("a threshold is missing for a required gate: " + "; ".join(missing))
         return self
 
     @model_validator(mode="after")

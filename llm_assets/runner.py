@@ -178,13 +178,14 @@ def materialize_graph(
             )
             for event in result.get_asset_materialization_events():
                 mat = event.step_materialization_data.materialization
-                meta = mat.metadata
+                # Artifact assets describe themselves; any other asset is recorded as built.
+                value = {k: v.value for k, v in mat.metadata.items()}
                 outcomes.append(StepOutcome(
                     asset=mat.asset_key.to_user_string(),
                     partition=mat.partition,
-                    sha256=str(meta["sha256"].value),
-                    cache_hit=bool(meta["cache_hit"].value),
-                    seconds=float(meta["wall_seconds"].value),
+                    sha256=str(value.get("sha256", "")),
+                    cache_hit=bool(value.get("cache_hit", False)),
+                    seconds=float(value.get("wall_seconds", 0.0)),
                 ))
             if not result.success:
                 failed.append(result.run_id)

@@ -27,6 +27,7 @@ def with_training(manifest_path, sizes, steps):
         "pretrain": {"steps": steps, "batch_size": 8, "seq_len": 128, "learning_rate": 1e-3},
         "tokenizer": {"vocab_size": 1000},
     }
+    manifest["gates"] = {"pretrain_val_loss": {"max": 7.0}}
     manifest_path.write_text(yaml.safe_dump(manifest))
 
 

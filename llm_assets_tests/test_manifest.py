@@ -120,3 +120,15 @@ def test_model_size_consistency(tmp_path):
     )
     with pytest.raises(ManifestError, match=r"model_sizes\.odd: Value error, hidden_size 100 is not divisible"):
         load_manifest(write(tmp_path, text))
+
+
+def test_a_configured_stage_without_its_gate_threshold_is_refused(tmp_path):
+    shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
+    without_kl = shipped.replace("  policy_kl: {max: 20.0}", "  policy_kl: {min: 0.0}")
+    assert without_kl != shipped
+    with pytest.raises(ManifestError, match=r"missing for a required gate: gates\.policy_kl \(stages\.policy is "
+                                              r"configured; e\.g\. policy_kl: \{max: \.\.\.\}\)"):
+        load_manifest(write(tmp_path, without_kl))
+    no_gates = "\n".join(line for line in shipped.splitlines() if not line.startswith("  sft_val_loss:"))
+    with pytest.raises(ManifestError, match=r"gates\.sft_val_loss \(stages\.sft is configured"):
+        load_manifest(write(tmp_path, no_gates))

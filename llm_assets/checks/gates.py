@@ -1,10 +1,24 @@
-"""Numeric gates: a metric against a threshold the manifest fixed before the run."""
+"""Numeric gates: a metric against a threshold the manifest fixed before the run, and the
+overrides a named reviewer can record for one gate on one artifact.
+
+An override is bound to the artifact it was given for (the gate's asset, partition and sha256):
+a retrained model is judged afresh. Overrides live in the artifact store next to the artifacts
+(`overrides/<gate>/<partition>/<sha256>.json`), so every instance reading the store honours them
+and the run lock can list them.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 from llm_assets.manifest import GateSpec
+from resources.artifact_store import ArtifactStore, index_key
+
+OVERRIDES = "overrides"
+GATE_METADATA_KEY = "gate"  # on a gate's asset check: the name of its entry in the manifest's gates
 
 
 def gate_problems(gates: dict[str, GateSpec], name: str, value: float, label: str) -> list[str]:
@@ -29,3 +43,57 @@ def gate_metadata(gates: dict[str, GateSpec], name: str) -> dict[str, float]:
         f"gate_{name}_min": gate.min if gate and gate.min is not None else float("nan"),
         f"gate_{name}_max": gate.max if gate and gate.max is not None else float("nan"),
     }
+
+
+@dataclass(frozen=True)
+class GateOverride:
+    gate: str
+    asset: str
+    partition: str | None
+    sha256: str  # the artifact the override was given for
+    reviewer: str
+    reason: str
+    recorded_at: str  # ISO 8601, UTC
+
+    @property
+    def key(self) -> str:
+        return index_key(self.gate, self.partition, self.sha256, namespace=OVERRIDES)
+
+    def as_metadata(self) -> dict[str, str]:
+        return {"override_reviewer": self.reviewer, "override_reason": self.reason,
+                "override_recorded_at": self.recorded_at}
+
+
+def record_override(store: ArtifactStore, gate: str, asset: str, partition: str | None, sha256: str,
+                    reviewer: str, reason: str) -> GateOverride:
+    if not reviewer.strip() or not reason.strip():
+        raise ValueError("an override needs a reviewer and a reason: both are recorded in the run lock")
+    override = GateOverride(gate, asset, partition, sha256, reviewer.strip(), reason.strip(),
+                            datetime.now(UTC).isoformat(timespec="seconds"))
+    store.backend.write_key(override.key, json.dumps(asdict(override), sort_keys=True).encode())
+    return override
+
+
+def find_override(store: ArtifactStore, gate: str, partition: str | None, sha256: str) -> GateOverride | None:
+    data = store.backend.read_key(index_key(gate, partition, sha256, namespace=OVERRIDES))
+    return GateOverride(**json.loads(data)) if data is not None else None
+
+
+def list_overrides(store: ArtifactStore) -> list[GateOverride]:
+    """Every override recorded in the store, oldest first."""
+    found = [GateOverride(**json.loads(store.backend.read_key(key) or b"{}"))
+             for key in store.backend.list_keys(f"{OVERRIDES}/")]
+    return sorted(found, key=lambda o: (o.recorded_at, o.gate, o.partition or ""))
+
+
+def verdict(store: ArtifactStore, gate: str, partition: str | None, sha256: str,
+            problems: list[str]) -> tuple[bool, str, dict[str, str]]:
+    """(passed, description, extra metadata) of a gate on one artifact: its problems, unless a
+    reviewer overrode this gate for this very artifact."""
+    if not problems:
+        return True, "", {}
+    override = find_override(store, gate, partition, sha256)
+    if override is None:
+        return False, "; ".join(problems), {}
+    return True, (f"overridden by {override.reviewer} ({override.reason}); would fail: "
+                  + "; ".join(problems)), override.as_metadata()

@@ -17,11 +17,11 @@ import dagster as dg
 import polars as pl
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
-from llm_assets.checks.gates import gate_metadata, gate_problems
+from llm_assets.checks.gates import GATE_METADATA_KEY, gate_metadata, gate_problems, verdict
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
-from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.manifest import STAGE_GATES, PipelineManifest, PipelineResource
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
 from llm_assets.posttrain.datasets import (
@@ -39,9 +39,9 @@ from resources.artifact_store import ArtifactStore
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 
-SFT_VAL_LOSS_GATE = "sft_val_loss"
-REWARD_ACCURACY_GATE = "reward_accuracy"
-POLICY_KL_GATE = "policy_kl"
+SFT_VAL_LOSS_GATE, _ = STAGE_GATES["sft"]
+REWARD_ACCURACY_GATE, _ = STAGE_GATES["reward"]
+POLICY_KL_GATE, _ = STAGE_GATES["policy"]
 
 # (train, val, test) frames of the dataset_splits artifact; see data/dataset_splits.py.
 _SPLIT_COLUMNS = ["id", "text", "source", "kind"]
@@ -176,26 +176,28 @@ def _training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
 
 def _gate_check(asset: dg.AssetsDefinition, partitions: dg.PartitionsDefinition, gate: str, metric: str,
                 description: str, extra: Callable[[dict], list[str]] | None = None) -> dg.AssetChecksDefinition:
-    """A blocking check of one metric of a model stage against gates.`gate`, per partition."""
+    """A blocking check of one metric of a model stage against gates.`gate`, per partition
+    (a reviewer's override for the artifact under check lets it pass, on the record)."""
 
     @dg.asset_check(asset=asset, name=f"{gate}_gate", blocking=True, partitions_def=partitions,
-                    description=description)
-    def check(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource) -> dg.AssetCheckResult:
-        gates = pipeline.load().gates
-        problems, values = [], {}
+                    description=description, metadata={GATE_METADATA_KEY: gate})
+    def check(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
+              artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        gates, store = pipeline.load().gates, artifact_store.get_store()
         mats = materializations_under_check(context, asset.key, True)
-        for mat in mats:
-            meta = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
-            values = meta
-            problems += gate_problems(gates, gate, float(meta.get(metric, float("nan"))), mat.partition)
-            problems += extra(meta) if extra else []
         if not mats:
-            problems.append(f"no materialization of {asset.key.to_user_string()} to check")
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       description=f"no materialization of {asset.key.to_user_string()} to check")
+        mat = mats[-1]
+        values = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
+        problems = gate_problems(gates, gate, float(values.get(metric, float("nan"))), mat.partition)
+        problems += extra(values) if extra else []
+        passed, why, override = verdict(store, gate, mat.partition, mat.metadata["sha256"].value, problems)
         return dg.AssetCheckResult(
-            passed=not problems,
+            passed=passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description="; ".join(problems) or f"{metric} {values.get(metric)} within gates.{gate}",
-            metadata={metric: values.get(metric, float("nan")), **gate_metadata(gates, gate)},
+            description=why or f"{metric} {values.get(metric)} within gates.{gate}",
+            metadata={metric: values.get(metric, float("nan")), **gate_metadata(gates, gate), **override},
         )
 
     return check

@@ -20,11 +20,11 @@ import dagster as dg
 import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
-from llm_assets.checks.gates import gate_metadata, gate_problems
+from llm_assets.checks.gates import GATE_METADATA_KEY, gate_metadata, gate_problems, verdict
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import training_estimate
-from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.manifest import STAGE_GATES, PipelineManifest, PipelineResource
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.pretrain.job import RunSpec, StoreProgress
 from llm_assets.pretrain.loop import TrainConfig
@@ -33,7 +33,7 @@ from llm_assets.tokenizer.packing import TOKENS_FILE, read_packed
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 
-VAL_LOSS_GATE = "pretrain_val_loss"
+VAL_LOSS_GATE, _ = STAGE_GATES["pretrain"]
 
 
 def launch_command(spec_path: Path, processes: int) -> list[str]:
@@ -155,22 +155,30 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         blocking=True,
         partitions_def=model_sizes,
         description=f"Finite losses, the loss fell, and val loss at most gates.{VAL_LOSS_GATE}.max.",
+        metadata={GATE_METADATA_KEY: VAL_LOSS_GATE},
     )
-    def training_sane(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource) -> dg.AssetCheckResult:
+    def training_sane(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
+                      artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         gates = pipeline.load().gates
-        problems, meta = [], {}
-        for mat in materializations_under_check(context, pretrain_checkpoint.key, True):
-            meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
-            if not all(math.isfinite(v) for v in meta.values()):
-                problems.append(f"{mat.partition}: a loss is not finite ({meta})")
-            elif meta["final_train_loss"] >= meta["initial_loss"]:
-                problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
-            problems += gate_problems(gates, VAL_LOSS_GATE, meta["final_val_loss"], mat.partition)
+        mats = materializations_under_check(context, pretrain_checkpoint.key, True)
+        if not mats:
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       description="no pretrain_checkpoint materialization to check")
+        mat = mats[-1]
+        meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
+        problems = []
+        if not all(math.isfinite(v) for v in meta.values()):
+            problems.append(f"{mat.partition}: a loss is not finite ({meta})")
+        elif meta["final_train_loss"] >= meta["initial_loss"]:
+            problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
+        problems += gate_problems(gates, VAL_LOSS_GATE, meta["final_val_loss"], mat.partition)
+        passed, why, override = verdict(artifact_store.get_store(), VAL_LOSS_GATE, mat.partition,
+                                        mat.metadata["sha256"].value, problems)
         return dg.AssetCheckResult(
-            passed=bool(meta) and not problems,
+            passed=passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description="; ".join(problems) or "losses finite, falling, within the gate",
-            metadata={**meta, **gate_metadata(gates, VAL_LOSS_GATE)},
+            description=why or "losses finite, falling, within the gate",
+            metadata={**meta, **gate_metadata(gates, VAL_LOSS_GATE), **override},
         )
 
     @artifact_asset(

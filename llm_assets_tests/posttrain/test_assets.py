@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from llm_assets.cli import main
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
 from llm_assets_tests.pretrain.test_assets import with_training
@@ -51,7 +52,7 @@ def with_posttraining(manifest_path: Path) -> dict:
     return manifest
 
 
-def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_path):
+def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_path, monkeypatch, capsys):
     manifest = with_posttraining(manifest_path)
     home = tmp_path / "home"
     home.mkdir()
@@ -111,3 +112,22 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
         assert not check_passed(instance, "policy", "policy_kl_gate")
         assert latest(instance, "policy").metadata["cache_hit"].value is True
         assert not instance.fetch_materializations(dg.AssetKey("release_candidate"), limit=1).records
+
+        # A named reviewer overrides the gate for this very policy: it passes, on the record, and
+        # what it held goes through.
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        monkeypatch.setenv("LLM_ASSETS_STORE", settings.store_uri)
+        monkeypatch.setenv("LLM_ASSETS_ALERTS_JSONL", settings.alerts_jsonl)
+        cli = ["--manifest", settings.manifest, "override", "--reviewer", "ana", "--reason", "budget set for a test"]
+        assert main([*cli, "--gate", "policy_kll"]) == 1
+        assert "did you mean 'policy_kl'?" in capsys.readouterr().err
+        assert main([*cli, "--gate", "policy_kl"]) == 0
+        assert "override recorded: gate policy_kl on policy[xs]" in capsys.readouterr().out
+        key = dg.AssetCheckKey(dg.AssetKey("policy"), "policy_kl_gate")
+        evaluation = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key].event
+        result = evaluation.dagster_event.event_specific_data
+        assert result.passed and result.metadata["override_reviewer"].value == "ana"
+        assert "overridden by ana (budget set for a test); would fail: xs: policy_kl" in result.description
+        assert materialize_graph(gated, instance, selection="key:policy or key:release_candidate",
+                                 log=lambda _: None).success
+        assert instance.fetch_materializations(dg.AssetKey("release_candidate"), limit=1).records
