@@ -155,7 +155,7 @@ def cmd_override(args: argparse.Namespace) -> int:
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     checks = [graph.get(key) for key in graph.asset_check_keys
-              if graph.get(key).metadata.get(GATE_METADATA_KEY) == args.gate]
+              if args.gate in str(graph.get(key).metadata.get(GATE_METADATA_KEY, "")).split(",")]
     if not checks:
         print(f"gate {args.gate!r} guards no asset of this graph: its stage is not configured", file=sys.stderr)
         return EXIT_FAILED

@@ -11,6 +11,7 @@ from dagster_aws.s3 import S3Resource
 
 from llm_assets import data, tokenizer
 from llm_assets.checks import build_hash_gates
+from llm_assets.evaluation.assets import build_evaluation_assets
 from llm_assets.manifest import PipelineResource, load_manifest
 from llm_assets.posttrain.assets import build_posttrain_assets
 from llm_assets.pretrain.assets import build_pretrain_assets
@@ -39,10 +40,12 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     manifest = load_manifest(settings.manifest)
     pretrain_assets, pretrain_checks = build_pretrain_assets(manifest)
     posttrain_assets, posttrain_checks = build_posttrain_assets(manifest)
-    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets]
+    eval_assets, eval_checks = build_evaluation_assets(manifest)
+    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets]
     return dg.Definitions(
         assets=assets,
-        asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks, *posttrain_checks],
+        asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks,
+                      *posttrain_checks, *eval_checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings),
     )

@@ -370,6 +370,25 @@ class PosttrainDataRecipe(Strict):
     ngram: int = Field(8, gt=0, description="A prompt sharing an n-gram of this many words with an eval set is dropped")
 
 
+class EvalRecipe(Strict):
+    """eval_report: lm-eval on the shipped held-out tasks (+ the manifest's task directories), the
+    refusal rate on the shipped red-team prompts, and the policy's KL, for the last trained model."""
+
+    max_docs: int = Field(40, gt=0, description="Held-out documents per shipped task")
+    task_dirs: list[str] = Field(
+        default_factory=list, description="Directories of lm-eval task YAMLs (MMLU, HellaSwag... on local disk)"
+    )
+    tasks: list[str] = Field(default_factory=list, description="Task names to run from task_dirs")
+    limit: int | None = Field(None, gt=0, description="Documents per task at most (lm-eval's limit); none: all")
+    batch_size: int = Field(8, gt=0)
+    safety_max_new_tokens: int = Field(24, gt=0, description="Tokens generated per red-team prompt")
+
+    @field_validator("task_dirs")
+    @classmethod
+    def _absolute(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        return [_against_manifest(p, info) for p in paths]
+
+
 class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
     clean: CleanRecipe = CleanRecipe()
@@ -382,6 +401,7 @@ class Stages(Strict):
     sft: SftRecipe | None = None
     reward: RewardRecipe | None = None
     policy: PolicyRecipe | None = None
+    evaluation: EvalRecipe | None = None
 
 
 class GateSpec(Strict):
@@ -484,6 +504,16 @@ class PipelineManifest(Strict):
                    and (gate not in self.gates or getattr(self.gates[gate], bound) is None)]
         if missing:
             raise ValueError("a threshold is missing for a required gate: " + "; ".join(missing))
+        return self
+
+    @model_validator(mode="after")
+    def _eval_gates_need_the_evaluation(self) -> PipelineManifest:
+        eval_gates = sorted(name for name in self.gates if "." in name)
+        if eval_gates and self.stages.evaluation is None:
+            raise ValueError(f"gates {', '.join(eval_gates)} name eval_report figures (task.metric) but "
+                             "stages.evaluation is not configured; add it or remove the gates")
+        if self.stages.evaluation is not None and self.stages.pretrain is None:
+            raise ValueError("stages.evaluation evaluates a trained model: add stages.pretrain")
         return self
 
     @model_validator(mode="after")

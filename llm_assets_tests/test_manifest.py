@@ -132,3 +132,12 @@ def test_a_configured_stage_without_its_gate_threshold_is_refused(tmp_path):
     no_gates = "\n".join(line for line in shipped.splitlines() if not line.startswith("  sft_val_loss:"))
     with pytest.raises(ManifestError, match=r"gates\.sft_val_loss \(stages\.sft is configured"):
         load_manifest(write(tmp_path, no_gates))
+
+
+def test_an_eval_gate_without_the_evaluation_stage_is_refused(tmp_path):
+    shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
+    start, end = shipped.index("  evaluation:\n"), shipped.index("# The sweep")
+    without_eval = shipped[:start] + "\n" + shipped[end:]
+    with pytest.raises(ManifestError, match=r"gates heldout_perplexity\.bits_per_byte name eval_report figures "
+                                              r"\(task\.metric\) but stages\.evaluation is not configured"):
+        load_manifest(write(tmp_path, without_eval))

@@ -24,7 +24,9 @@ POSTTRAIN = {
     "reward": {**TRAINER, "steps": 16, "learning_rate": 2e-3, "checkpoint_every": 0},
     "policy": {**TRAINER, "steps": 8, "learning_rate": 1e-3, "beta": 0.1, "checkpoint_every": 0, "kl_prompts": 16},
 }
-GATES = {"sft_val_loss": {"max": 8.0}, "reward_accuracy": {"min": 0.0}, "policy_kl": {"max": 100.0}}
+GATES = {"sft_val_loss": {"max": 8.0}, "reward_accuracy": {"min": 0.0}, "policy_kl": {"max": 100.0},
+         "heldout_perplexity.bits_per_byte": {"max": 8.0}}
+EVALUATION = {"max_docs": 12, "batch_size": 4, "safety_max_new_tokens": 8}
 
 
 def latest(instance: dg.DagsterInstance, asset: str) -> dg.AssetMaterialization:
@@ -47,6 +49,7 @@ def with_posttraining(manifest_path: Path) -> dict:
     manifest["model_sizes"] = {"xs": manifest["model_sizes"]["xs"]}
     manifest["stages"].update(POSTTRAIN)
     manifest["stages"]["posttrain_data"] = {"max_answer_chars": 160}
+    manifest["stages"]["evaluation"] = EVALUATION
     manifest["gates"].update(GATES)
     manifest_path.write_text(yaml.safe_dump(manifest))
     return manifest
@@ -79,8 +82,9 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
     assert any(progress.rglob("*.json")), "a checkpoint was committed before the kill"
 
     with dg.DagsterInstance.local_temp(str(home)) as instance:
-        result = materialize_graph(defs, instance, selection="key:sft_model or key:reward_model or key:policy",
-                                   log=lambda _: None)
+        result = materialize_graph(
+            defs, instance, selection="key:sft_model or key:reward_model or key:policy or key:eval_report",
+            log=lambda _: None)
         assert result.success
         sft = latest(instance, "sft_model").metadata
         assert sft["resumed_from_step"].value >= 4, "SFT continued from its checkpoint, not from step 0"
@@ -91,8 +95,13 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
         policy = latest(instance, "policy").metadata
         assert policy["algorithm"].value == "dpo" and policy["reference_sha256"].value == sft["sha256"].value
         assert 0 < policy["kl_nats_per_sequence"].value < 100
+        report = latest(instance, "eval_report").metadata
+        assert report["heldout_perplexity.bits_per_byte"].value < 8.0
+        assert 0.0 <= report["heldout_mc.acc"].value <= 1.0 and 0.0 <= report["safety.refusal_rate"].value <= 1.0
+        assert report["extra.kl_nats_per_sequence"].value == policy["kl_nats_per_sequence"].value
+        assert "## heldout_mc" in report["report"].value
         for asset, check in (("sft_model", "sft_val_loss_gate"), ("reward_model", "reward_accuracy_gate"),
-                             ("policy", "policy_kl_gate")):
+                             ("policy", "policy_kl_gate"), ("eval_report", "eval_gates")):
             assert check_passed(instance, asset, check), (asset, check)
 
         # A KL budget the policy exceeds: the gate fails and holds the policy's consumers.

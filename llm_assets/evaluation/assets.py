@@ -1,0 +1,135 @@
+"""eval_report: the last trained model of each size (the policy, else the SFT model, else the
+pretrained checkpoint) evaluated with lm-eval on the shipped held-out tasks and the manifest's
+task directories, its refusal rate on the shipped red-team prompts, and the policy's KL to its
+reference. Eval gates: every manifest gate named `task.metric` is a threshold on a figure of
+the report, checked by the blocking `eval_gates` check.
+"""
+
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from transformers import AutoConfig
+
+from llm_assets.artifacts import artifact_asset, materialize_artifact
+from llm_assets.checks.gates import GATE_METADATA_KEY, gate_metadata, gate_problems, verdict
+from llm_assets.checks.scope import materializations_under_check
+from llm_assets.compute import k8s_op_tags
+from llm_assets.evaluation.harness import run_lm_eval
+from llm_assets.evaluation.report import EvalReport
+from llm_assets.evaluation.safety import load_red_team_prompts, refusal_rate
+from llm_assets.evaluation.tasks import TaskSetupError, write_builtin_tasks
+from llm_assets.manifest import PipelineManifest, PipelineResource
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import ArtifactHandle, latest_materializations
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def evaluated_stage(manifest: PipelineManifest) -> str:
+    """The model asset eval_report reads: the last training stage the manifest configures."""
+    stages = manifest.stages
+    return "policy" if stages.policy else "sft_model" if stages.sft else "pretrain_checkpoint"
+
+
+def eval_gate_names(manifest: PipelineManifest) -> list[str]:
+    return sorted(name for name in manifest.gates if "." in name)
+
+
+def _previous_report(context: dg.AssetExecutionContext, store, sha256: str) -> EvalReport | None:
+    """The current report of this size before this materialization (if another one)."""
+    current = latest_materializations(context.instance, context.asset_key, [context.partition_key])
+    mat = current.get(context.partition_key)
+    if mat is None or mat.metadata["sha256"].value == sha256:
+        return None
+    return EvalReport.from_json(store.read_bytes(mat.metadata["sha256"].value, REPORT_JSON).decode())
+
+
+def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    recipe = manifest.stages.evaluation
+    if recipe is None or not manifest.model_sizes:
+        return [], []
+    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
+    model_asset = evaluated_stage(manifest)
+
+    @artifact_asset(
+        partitions_def=model_sizes, code_version="1", kinds={"lm_eval"}, group_name="evaluation",
+        ins={"model": dg.AssetIn(key=model_asset)}, op_tags=k8s_op_tags(manifest.compute.training),
+        description=f"lm-eval on held-out tasks (+ the manifest's), refusal rate and KL of {model_asset}; "
+                    "JSON and a markdown table, with the change against the previous report.",
+    )
+    def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                    artifact_store: ArtifactStoreResource, model: ArtifactHandle,
+                    dataset_splits: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        store, current = artifact_store.get_store(), pipeline.load()
+        recipe = current.stages.evaluation
+        model_mat = latest_materializations(context.instance, dg.AssetKey(model_asset), [context.partition_key])
+        kl = model_mat[context.partition_key].metadata.get("kl_nats_per_sequence") if model_mat else None
+
+        def build(out: Path) -> dict:
+            model_dir = store.local_dir(model.sha256)
+            test = pl.read_parquet(store.local_dir(dataset_splits.sha256) / "test.parquet")
+            with tempfile.TemporaryDirectory(prefix="llm-assets-tasks-") as tasks_dir:
+                try:
+                    # A byte-level BPE token holds at least one byte: answers of at most half the
+                    # model's positions always fit next to a (left-truncated) question.
+                    positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+                    names = write_builtin_tasks(
+                        test, Path(tasks_dir), seed=current.seed, max_docs=recipe.max_docs,
+                        max_answer_chars=min(200, positions // 2), max_target_chars=min(80, positions // 4),
+                        max_gen_toks=min(48, positions // 4))
+                    context.log.info(f"evaluating {model_asset}[{context.partition_key}] on {names + recipe.tasks}")
+                    harness = run_lm_eval(model_dir, [*names, *recipe.tasks],
+                                          [Path(tasks_dir), *map(Path, recipe.task_dirs)],
+                                          batch_size=recipe.batch_size, limit=recipe.limit, seed=current.seed)
+                except TaskSetupError as exc:
+                    raise dg.Failure(str(exc)) from None
+            safety = refusal_rate(model_dir, load_red_team_prompts(), max_new_tokens=recipe.safety_max_new_tokens,
+                                  batch_size=recipe.batch_size)
+            report = EvalReport.from_harness(
+                harness, safety=safety, extra={"kl_nats_per_sequence": float(kl.value)} if kl is not None else {})
+            (out / REPORT_JSON).write_text(report.to_json())
+            (out / REPORT_MD).write_text(report.to_markdown())
+            return {f"{task}.{metric}": value for task, values in report.figures().items()
+                    for metric, value in values.items()}
+
+        result = materialize_artifact(
+            context, store, kind="eval_report", build=build,
+            config={"recipe": recipe, "seed": current.seed},
+            inputs={"model": model, "dataset_splits": dataset_splits},
+        )
+        # The change against the previous report is presentation, not part of the artifact.
+        report = EvalReport.from_json(store.read_bytes(result.value.sha256, REPORT_JSON).decode())
+        previous = _previous_report(context, store, result.value.sha256)
+        return dg.Output(result.value, data_version=result.data_version,
+                         metadata={**result.metadata, "report": dg.MetadataValue.md(report.to_markdown(previous))})
+
+    @dg.asset_check(asset=eval_report, blocking=True, partitions_def=model_sizes,
+                    metadata={GATE_METADATA_KEY: ",".join(eval_gate_names(manifest))},
+                    description="Every manifest gate named task.metric holds for the report's figure.")
+    def eval_gates(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
+                   artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        gates, store = pipeline.load().gates, artifact_store.get_store()
+        mats = materializations_under_check(context, eval_report.key, True)
+        if not mats:
+            return dg.AssetCheckResult(passed=False, description="no eval_report materialization to check")
+        mat = mats[-1]
+        problems, metadata, overrides = [], {}, {}
+        for name in sorted(n for n in gates if "." in n):
+            entry = mat.metadata.get(name)
+            found = [] if entry is not None else [
+                f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
+                f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
+            value = float(entry.value) if entry is not None else float("nan")
+            passed, why, override = verdict(store, name, mat.partition, mat.metadata["sha256"].value,
+                                            found or gate_problems(gates, name, value, mat.partition))
+            if not passed:
+                problems.append(why)
+            overrides.update({f"{name}.{k}": v for k, v in override.items()})
+            metadata.update({name: value, **gate_metadata(gates, name)})
+        return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
+                                   description="; ".join(problems) or f"{len(metadata) // 3} eval gate(s) hold",
+                                   metadata={**metadata, **overrides})
+
+    return [eval_report], [eval_gates]
