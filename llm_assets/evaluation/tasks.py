@@ -43,7 +43,7 @@ import polars as pl
 import yaml
 from lm_eval.tasks import TaskManager
 
-from llm_assets.posttrain.datasets import derive_sft_examples
+from llm_assets.posttrain.datasets import derive_sft_examples, read_written_jsonl
 
 PERPLEXITY, MC, GENERATION = "heldout_perplexity", "heldout_mc", "heldout_generation"
 BUILTIN_TASKS = (PERPLEXITY, MC, GENERATION)
@@ -223,21 +223,12 @@ def load_task_data(data_file: str, config_source: str, **_: Any) -> datasets.Dat
     ``data_file``, relative to the task's YAML (``config_source``, which lm-eval passes with the
     task's other metadata, ignored here)."""
     path = Path(config_source).parent / data_file
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TaskSetupError(
-            f"{path}: missing; the task {config_source} reads its documents from it (dataset_kwargs.data_file): "
-            "write the task directory again with write_builtin_tasks"
-        ) from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise TaskSetupError(
-                f"{path}:{number}: invalid JSON ({exc.msg}); the file is damaged, write the task directory again"
-            ) from None
+    rows = read_written_jsonl(
+        path, TaskSetupError,
+        f"the task {config_source} reads its documents from it (dataset_kwargs.data_file): "
+        "write the task directory again with write_builtin_tasks",
+        "write the task directory again",
+    )
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 

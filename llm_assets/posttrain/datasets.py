@@ -747,24 +747,25 @@ def write_dataset(ds: SplitDataSet, out_dir: Path | str) -> dict:
 def read_dataset(directory: Path | str) -> tuple[list[dict], list[dict]]:
     """(train rows, val rows) of a directory written by :func:`write_dataset`."""
     directory = Path(directory)
-    splits = []
-    for name in (TRAIN_FILE, VAL_FILE):
-        path = directory / name
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise DataSetError(
-                f"{path}: missing; the data set directory must hold {TRAIN_FILE} and {VAL_FILE} (rematerialize it)"
-            ) from None
-        rows = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataSetError(
-                    f"{path}:{number}: invalid JSON ({exc.msg}); the file is damaged, rematerialize it"
-                ) from None
-        splits.append(rows)
+    missing = f"the data set directory must hold {TRAIN_FILE} and {VAL_FILE} (rematerialize it)"
+    splits = [read_written_jsonl(directory / name, DataSetError, missing, "rematerialize it")
+              for name in (TRAIN_FILE, VAL_FILE)]
     return splits[0], splits[1]
+
+
+def read_written_jsonl(path: Path, error: type[ValueError], missing: str, remedy: str) -> list[dict]:
+    """The rows of a JSONL file this project wrote (blank lines skipped); a missing or damaged file
+    raises ``error`` naming the file (and the line), with ``missing`` / ``remedy`` saying what to do."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise error(f"{path}: missing; {missing}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{number}: invalid JSON ({exc.msg}); the file is damaged, {remedy}") from None
+    return rows
