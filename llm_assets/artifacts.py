@@ -17,9 +17,11 @@ from typing import Any
 import dagster as dg
 from pydantic import BaseModel
 
+from llm_assets.settings import code_revision
 from resources.artifact_store import ArtifactStore
 from resources.handles import (
     META_FINGERPRINT,
+    META_GIT_COMMIT,
     META_INPUTS,
     ArtifactHandle,
     handle_metadata,
@@ -135,7 +137,8 @@ def materialize_artifact(
             )
     if not cache_hit:
         with store.staging_dir() as workdir:
-            extra = dict(build(workdir) or {})
+            # The commit that built the artifact travels with it: a cache hit reports that one.
+            extra = {**dict(build(workdir) or {}), META_GIT_COMMIT: code_revision()}
             ref = store.put_dir(workdir, move=True, progress=_progress_logger(context, asset))
         store.index_record(asset, partition, fp, ref.sha256, dg.serialize_value(extra))
 

@@ -1,4 +1,4 @@
-"""`llm-assets`: plan a pipeline and materialize its asset graph."""
+"""`llm-assets`: plan a pipeline, materialize its asset graph, gate, release, roll back, lock and replay it."""
 
 from __future__ import annotations
 
@@ -86,21 +86,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_materialize(args: argparse.Namespace) -> int:
+def _open_project(args: argparse.Namespace) -> PipelineManifest | None:
+    """The instance's home, and the manifest (None after printing why it is invalid)."""
     ensure_dagster_home()
     os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
     try:
-        load_manifest(args.manifest)
+        return load_manifest(args.manifest)
     except ManifestError as exc:
         print(f"manifest error:\n{exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return None
+
+
+def _materialize(selection: str | None, partitions: list[str] | None = None) -> int:
     import dagster as dg
 
     from llm_assets.definitions import build_definitions
     from llm_assets.runner import materialize_graph
 
     with dg.DagsterInstance.get() as instance:
-        result = materialize_graph(build_definitions(), instance, selection=args.select)
+        result = materialize_graph(build_definitions(), instance, selection=selection, partitions=partitions)
     print(f"\n{'asset':<22} {'partition':<14} {'sha256':<14} {'cache':<6} {'seconds':>8}")
     for o in result.outcomes:
         print(f"{o.asset:<22} {o.partition or '-':<14} {o.sha256[:12]:<14} "
@@ -113,9 +117,132 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_materialize(args: argparse.Namespace) -> int:
+    if _open_project(args) is None:
+        return EXIT_FAILED
+    return _materialize(args.select)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Rematerialize a stage and everything downstream (upstream artifacts are reused as they
+    are), or move a model size's current release back to an earlier promoted one."""
+    manifest = _open_project(args)
+    if manifest is None:
+        return EXIT_FAILED
+    import dagster as dg
+
+    from llm_assets.definitions import build_definitions
+
+    defs = build_definitions()
+    if args.release:
+        return _rollback_release(defs, args.release, args.partition)
+    graph = defs.resolve_asset_graph()
+    names = sorted(k.to_user_string() for k in graph.materializable_asset_keys)
+    if args.stage not in names:
+        close = difflib.get_close_matches(args.stage, names, n=1)
+        print(f"no asset {args.stage!r} in the graph{f'; did you mean {close[0]!r}?' if close else ''} "
+              f"(assets: {', '.join(names)})", file=sys.stderr)
+        return EXIT_FAILED
+    if args.partition and args.partition not in manifest.model_sizes:
+        print(f"no model size {args.partition!r}; the manifest's model_sizes: {', '.join(sorted(manifest.model_sizes))}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    selection = f'key:"{args.stage}"+'
+    rerun = sorted(k.to_user_string() for k in dg.AssetSelection.from_string(selection).resolve(graph))
+    print(f"rolling back from {args.stage}{f'[{args.partition}]' if args.partition else ''}: rematerializing "
+          f"{', '.join(rerun)}; every other asset is reused as it is")
+    return _materialize(selection, [args.partition] if args.partition else None)
+
+
+def _rollback_release(defs, hash_prefix: str, partition: str | None) -> int:
+    import dagster as dg
+
+    from llm_assets.release.pointer import ReleaseError, find_promoted, move_release
+
+    store = defs.resources["artifact_store"].get_store()
+    try:
+        target = find_promoted(store, hash_prefix, partition)
+    except ReleaseError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+    moved = move_release(store, target.partition, target.sha256, "rollback", by=os.environ.get("USER", "cli"))
+    if moved.previous == moved.sha256:
+        print(f"release[{moved.partition}] is already {moved.sha256[:12]}")
+        return EXIT_OK
+    with dg.DagsterInstance.get() as instance:  # shown on the release asset in the UI
+        instance.report_runless_asset_event(dg.AssetObservation(
+            asset_key="release", partition=moved.partition, description="current release moved back",
+            metadata={"current_release": moved.sha256, "replaced": moved.previous or "", "by": moved.by}))
+    print(f"release[{moved.partition}]: current release moved from {(moved.previous or 'none')[:12]} back to "
+          f"{moved.sha256[:12]} (promoted {target.moved_at})")
+    return EXIT_OK
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    """Every move of each model size's current release, oldest first."""
+    if _open_project(args) is None:
+        return EXIT_FAILED
+    from llm_assets.definitions import build_definitions
+    from llm_assets.release.pointer import current_release, release_history
+
+    store = build_definitions().resources["artifact_store"].get_store()
+    moves = release_history(store, args.partition)
+    if not moves:
+        print("no release promoted yet: materialize the release asset")
+        return EXIT_OK
+    print(f"{'model size':<14} {'release':<14} {'action':<9} {'moved at':<33} by")
+    for m in moves:
+        mark = " (current)" if current_release(store, m.partition) == m.sha256 else ""
+        print(f"{m.partition:<14} {m.sha256[:12]:<14} {m.action:<9} {m.moved_at:<33} {m.by}{mark}")
+    return EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Export the run lock of the instance's current artifacts."""
+    manifest = _open_project(args)
+    if manifest is None:
+        return EXIT_FAILED
+    import dagster as dg
+
+    from llm_assets.definitions import build_definitions
+    from llm_assets.lock import build_lock, write_lock
+
+    defs = build_definitions()
+    with dg.DagsterInstance.get() as instance:
+        lock = build_lock(defs, instance, manifest, defs.resources["artifact_store"].get_store())
+    write_lock(lock, Path(args.output))
+    checks = [c for e in lock["assets"] for c in e["checks"]]
+    print(f"run lock of {len(lock['assets'])} asset partition(s), {len(checks)} check verdict(s) "
+          f"({sum(c['status'] != 'passed' for c in checks)} not passed), "
+          f"{sum(len(e['overrides']) for e in lock['assets'])} override(s) written to {args.output}")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Rebuild a lock's assets in a fresh store and instance; compare hashes and gate figures."""
+    import tempfile
+
+    from llm_assets.lock import LockError, read_lock
+    from llm_assets.replay import replay_lock
+
+    try:
+        lock = read_lock(Path(args.lock))
+        workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="llm-assets-replay-"))
+        rows = replay_lock(lock, workdir, rtol=args.rtol, selection=args.select)
+    except (LockError, ManifestError, FileExistsError, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+    print(f"\n{'asset':<22} {'partition':<14} {'status':<11} detail")
+    for r in rows:
+        print(f"{r.asset:<22} {r.partition or '-':<14} {r.status:<11} {r.detail}")
+    counts = {status: sum(r.status == status for r in rows) for status in sorted({r.status for r in rows})}
+    print(f"\nreplayed into {workdir}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    return EXIT_OK if all(r.ok for r in rows) else EXIT_FAILED
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    ensure_dagster_home()
-    os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
+    if _open_project(args) is None:
+        return EXIT_FAILED
     import dagster as dg
 
     from llm_assets.definitions import build_definitions
@@ -132,12 +259,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_override(args: argparse.Namespace) -> int:
     """Record a reviewer's override of one gate for the current artifact of its asset (partition)."""
-    ensure_dagster_home()
-    os.environ["LLM_ASSETS_MANIFEST"] = str(Path(args.manifest).resolve())
-    try:
-        manifest = load_manifest(args.manifest)
-    except ManifestError as exc:
-        print(f"manifest error:\n{exc}", file=sys.stderr)
+    manifest = _open_project(args)
+    if manifest is None:
         return EXIT_FAILED
     if args.gate not in manifest.gates:
         close = difflib.get_close_matches(args.gate, sorted(manifest.gates), n=1)
@@ -198,9 +321,24 @@ def main(argv: list[str] | None = None) -> int:
     override.add_argument("--reviewer", required=True, help="who takes responsibility")
     override.add_argument("--reason", required=True, help="why the artifact may pass anyway")
     override.add_argument("--partition", help="the model size (required when the asset has several)")
+    rollback = sub.add_parser("rollback", help="rematerialize a stage and its downstream, or move a release back")
+    target = rollback.add_mutually_exclusive_group(required=True)
+    target.add_argument("--from", dest="stage", help="the asset to rematerialize from, e.g. sft_model")
+    target.add_argument("--release", help="hash (or its first 6+ characters) of an earlier promoted release")
+    rollback.add_argument("--partition", help="only this model size")
+    releases = sub.add_parser("releases", help="list the promotions and rollbacks of the current release")
+    releases.add_argument("--partition", help="only this model size")
+    lock = sub.add_parser("lock", help="export the run lock of the instance's current artifacts")
+    lock.add_argument("--output", default="run.lock.json", help="where to write it (default: run.lock.json)")
+    replay = sub.add_parser("replay", help="rebuild a run lock in a fresh store and compare, asset by asset")
+    replay.add_argument("lock", help="a file written by `llm-assets lock`")
+    replay.add_argument("--workdir", help="an empty directory for the fresh store and instance (default: a new temp dir)")
+    replay.add_argument("--select", help="replay only these assets (a selection closed under its upstream)")
+    replay.add_argument("--rtol", type=float, default=0.05,
+                        help="relative tolerance on gate figures of training stages (default 0.05)")
     args = parser.parse_args(argv)
-    handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify,
-               "override": cmd_override}[args.command]
+    handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify, "override": cmd_override,
+               "rollback": cmd_rollback, "releases": cmd_releases, "lock": cmd_lock, "replay": cmd_replay}[args.command]
     return handler(args)
 
 

@@ -15,6 +15,7 @@ from llm_assets.evaluation.assets import build_evaluation_assets
 from llm_assets.manifest import PipelineResource, load_manifest
 from llm_assets.posttrain.assets import build_posttrain_assets
 from llm_assets.pretrain.assets import build_pretrain_assets
+from llm_assets.release.assets import build_release_assets
 from llm_assets.sensors import alert_sensor
 from llm_assets.settings import Settings
 from resources.alert_sinks import AlertSinksResource
@@ -41,14 +42,17 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     pretrain_assets, pretrain_checks = build_pretrain_assets(manifest)
     posttrain_assets, posttrain_checks = build_posttrain_assets(manifest)
     eval_assets, eval_checks = build_evaluation_assets(manifest)
-    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets]
-    return dg.Definitions(
+    # The release reads the verdicts of every check of its lineage: it gets this graph (bound below).
+    release_assets, release_checks = build_release_assets(manifest, lambda: defs.resolve_asset_graph())
+    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets, *release_assets]
+    defs = dg.Definitions(
         assets=assets,
         asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks,
-                      *posttrain_checks, *eval_checks],
+                      *posttrain_checks, *eval_checks, *release_checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings),
     )
+    return defs
 
 
 defs = build_definitions()

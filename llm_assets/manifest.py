@@ -405,16 +405,27 @@ class Stages(Strict):
 
 
 class GateSpec(Strict):
-    """A numeric threshold, fixed before the run."""
+    """A numeric threshold, fixed before the run: absolute bounds, and bounds relative to a
+    baseline (`value ≥ baseline + min_delta`, `value ≤ baseline + max_delta`)."""
 
     min: float | None = None
     max: float | None = None
+    baseline: Literal["release"] | None = Field(
+        None, description="release: the figure this gate recorded for the current release of the same model size"
+    )
+    min_delta: float | None = None
+    max_delta: float | None = None
     blocking: bool = True
 
     @model_validator(mode="after")
     def _one_bound(self) -> GateSpec:
-        if self.min is None and self.max is None:
-            raise ValueError("a gate needs a threshold: set min, max or both")
+        if all(bound is None for bound in (self.min, self.max, self.min_delta, self.max_delta)):
+            raise ValueError("a gate needs a threshold: set min, max, or a baseline with min_delta/max_delta")
+        relative = self.min_delta is not None or self.max_delta is not None
+        if relative and self.baseline is None:
+            raise ValueError("min_delta/max_delta are relative to a baseline: add `baseline: release`")
+        if self.baseline is not None and not relative:
+            raise ValueError("a baseline needs min_delta (value ≥ baseline + δ) or max_delta (value ≤ baseline + δ)")
         return self
 
 

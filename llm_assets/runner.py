@@ -84,11 +84,15 @@ def plan_waves(asset_graph, selected: set[dg.AssetKey]) -> list[list[dg.AssetKey
     return waves
 
 
-def _partition_keys(asset_graph, instance: dg.DagsterInstance, wave: Sequence[dg.AssetKey]) -> list[str | None]:
+def _partition_keys(asset_graph, instance: dg.DagsterInstance, wave: Sequence[dg.AssetKey],
+                    only: Sequence[str] | None = None) -> list[str | None]:
+    """The wave's partitions; `only` narrows the waves whose partitioning has those keys."""
     partitions_def = asset_graph.get(wave[0]).partitions_def
     if partitions_def is None:
         return [None]
-    return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+    keys = list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+    narrowed = [k for k in keys if k in (only or ())]
+    return narrowed or keys
 
 
 def run_checks(
@@ -147,7 +151,10 @@ def materialize_graph(
     selection: str | None = None,
     log: Callable[[str], None] = print,
     console_log_level: str = "WARNING",
+    partitions: Sequence[str] | None = None,
 ) -> DriveResult:
+    """Materialize the selection (default: everything) wave by wave; `partitions` restricts the
+    waves partitioned by those keys (e.g. one model size) to them."""
     started = time.perf_counter()
     asset_graph = defs.resolve_asset_graph()
     selected = (
@@ -163,7 +170,7 @@ def materialize_graph(
     failed: list[str] = []
     for wave in plan_waves(asset_graph, selected):
         names = ", ".join(k.to_user_string() for k in wave)
-        keys = _partition_keys(asset_graph, instance, wave)
+        keys = _partition_keys(asset_graph, instance, wave, partitions)
         log(f"wave [{names}]: {len(keys)} run(s)")
         for partition in keys:
             result = dg.materialize(

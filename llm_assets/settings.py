@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +29,17 @@ class Settings:
             alert_webhook_url=env("LLM_ASSETS_ALERT_WEBHOOK_URL") or None,
             s3_endpoint_url=env("LLM_ASSETS_S3_ENDPOINT_URL") or None,
         )
+
+
+@functools.cache
+def code_revision() -> str:
+    """The git commit of the running code, `-dirty` when tracked files differ from it; `unknown`
+    outside a git checkout (an installed package, an image built without .git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -22,6 +22,7 @@ META_BYTES = "bytes"
 META_KIND = "artifact_kind"
 META_INPUTS = "input_hashes"
 META_FINGERPRINT = "fingerprint"
+META_GIT_COMMIT = "git_commit"  # of the code that built the artifact
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,20 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from llm_assets.manifest import GateSpec
+from llm_assets.release.pointer import current_release_document
 from resources.artifact_store import ArtifactStore, index_key
 
 OVERRIDES = "overrides"
 GATE_METADATA_KEY = "gate"  # on a gate's asset check: the name of its entry in the manifest's gates
 
 
-def gate_problems(gates: dict[str, GateSpec], name: str, value: float, label: str) -> list[str]:
-    """Why `value` (the metric of `label`, e.g. a partition) fails gates.`name`; empty if it passes."""
+def gate_problems(gates: dict[str, GateSpec], name: str, value: float, label: str,
+                  baseline: float | None = None) -> list[str]:
+    """Why `value` (the metric of `label`, e.g. a partition) fails gates.`name`; empty if it passes.
+    `baseline` is the figure a relative bound is measured from (None: there is none yet)."""
     gate = gates.get(name)
     if gate is None:
         return [f"no threshold: set gates.{name} (min and/or max) in the manifest"]
@@ -33,16 +37,56 @@ def gate_problems(gates: dict[str, GateSpec], name: str, value: float, label: st
         problems.append(f"{label}: {name} {value:.4g} < gate min {gate.min:g}")
     if gate.max is not None and value > gate.max:
         problems.append(f"{label}: {name} {value:.4g} > gate max {gate.max:g}")
+    if baseline is not None and gate.min_delta is not None and value < baseline + gate.min_delta:
+        problems.append(f"{label}: {name} {value:.4g} < {gate.baseline} baseline {baseline:.4g} "
+                        f"+ min_delta {gate.min_delta:g}")
+    if baseline is not None and gate.max_delta is not None and value > baseline + gate.max_delta:
+        problems.append(f"{label}: {name} {value:.4g} > {gate.baseline} baseline {baseline:.4g} "
+                        f"+ max_delta {gate.max_delta:g}")
     return problems
 
 
-def gate_metadata(gates: dict[str, GateSpec], name: str) -> dict[str, float]:
+def gate_metadata(gates: dict[str, GateSpec], name: str, baseline: float | None = None) -> dict[str, float]:
     """The thresholds, for a check's metadata (NaN where unset)."""
     gate = gates.get(name)
-    return {
-        f"gate_{name}_min": gate.min if gate and gate.min is not None else float("nan"),
-        f"gate_{name}_max": gate.max if gate and gate.max is not None else float("nan"),
+    nan = float("nan")
+    metadata = {
+        f"gate_{name}_min": gate.min if gate and gate.min is not None else nan,
+        f"gate_{name}_max": gate.max if gate and gate.max is not None else nan,
     }
+    if gate is not None and gate.baseline is not None:
+        metadata[f"gate_{name}_baseline"] = baseline if baseline is not None else nan
+        metadata[f"gate_{name}_min_delta"] = gate.min_delta if gate.min_delta is not None else nan
+        metadata[f"gate_{name}_max_delta"] = gate.max_delta if gate.max_delta is not None else nan
+    return metadata
+
+
+def baseline_figure(store: ArtifactStore, gates: dict[str, GateSpec], name: str, partition: str | None) -> float | None:
+    """The figure a relative gate is measured from: what this gate recorded for the current
+    release of the same model size (None before the first release)."""
+    gate = gates.get(name)
+    if gate is None or gate.baseline != "release" or partition is None:
+        return None
+    release = current_release_document(store, partition)
+    value = (release or {}).get("gate_values", {}).get(name)
+    return float(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class GateJudgement:
+    passed: bool
+    description: str  # empty when the gate simply holds
+    metadata: dict[str, Any]  # the figure under `name`, the thresholds, any override
+
+
+def judge_gate(store: ArtifactStore, gates: dict[str, GateSpec], name: str, value: float,
+               partition: str | None, sha256: str, other_problems: list[str] | None = None) -> GateJudgement:
+    """One gate on one artifact: its thresholds (absolute and against the baseline), plus any
+    problems the check found besides, unless a reviewer overrode this gate for this artifact."""
+    baseline = baseline_figure(store, gates, name, partition)
+    problems = [*(other_problems or []), *gate_problems(gates, name, value, partition or name, baseline)]
+    passed, why, override = verdict(store, name, partition, sha256, problems)
+    return GateJudgement(passed, why, {name: value, **gate_metadata(gates, name, baseline), **override})
 
 
 @dataclass(frozen=True)
@@ -68,8 +112,12 @@ def record_override(store: ArtifactStore, gate: str, asset: str, partition: str 
                     reviewer: str, reason: str) -> GateOverride:
     if not reviewer.strip() or not reason.strip():
         raise ValueError("an override needs a reviewer and a reason: both are recorded in the run lock")
-    override = GateOverride(gate, asset, partition, sha256, reviewer.strip(), reason.strip(),
-                            datetime.now(UTC).isoformat(timespec="seconds"))
+    return store_override(store, GateOverride(gate, asset, partition, sha256, reviewer.strip(), reason.strip(),
+                                              datetime.now(UTC).isoformat(timespec="seconds")))
+
+
+def store_override(store: ArtifactStore, override: GateOverride) -> GateOverride:
+    """Write an override record (a new one, or one carried over from a run lock)."""
     store.backend.write_key(override.key, json.dumps(asdict(override), sort_keys=True).encode())
     return override
 

@@ -13,7 +13,7 @@ import polars as pl
 from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, gate_metadata, gate_problems, verdict
+from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.harness import run_lm_eval
@@ -21,6 +21,7 @@ from llm_assets.evaluation.report import EvalReport
 from llm_assets.evaluation.safety import load_red_team_prompts, refusal_rate
 from llm_assets.evaluation.tasks import TaskSetupError, write_builtin_tasks
 from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.release.pointer import current_release_document
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 
@@ -37,13 +38,13 @@ def eval_gate_names(manifest: PipelineManifest) -> list[str]:
     return sorted(name for name in manifest.gates if "." in name)
 
 
-def _previous_report(context: dg.AssetExecutionContext, store, sha256: str) -> EvalReport | None:
-    """The current report of this size before this materialization (if another one)."""
-    current = latest_materializations(context.instance, context.asset_key, [context.partition_key])
-    mat = current.get(context.partition_key)
-    if mat is None or mat.metadata["sha256"].value == sha256:
+def promoted_report(store, partition: str) -> tuple[str, EvalReport] | None:
+    """The eval report of the release currently promoted for this model size, with its hash."""
+    release = current_release_document(store, partition)
+    if release is None:
         return None
-    return EvalReport.from_json(store.read_bytes(mat.metadata["sha256"].value, REPORT_JSON).decode())
+    sha = release["eval_report"]["sha256"]
+    return sha, EvalReport.from_json(store.read_bytes(sha, REPORT_JSON).decode())
 
 
 def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
@@ -99,11 +100,14 @@ def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsD
             config={"recipe": recipe, "seed": current.seed},
             inputs={"model": model, "dataset_splits": dataset_splits},
         )
-        # The change against the previous report is presentation, not part of the artifact.
+        # The change against the last promoted report is presentation, not part of the artifact.
         report = EvalReport.from_json(store.read_bytes(result.value.sha256, REPORT_JSON).decode())
-        previous = _previous_report(context, store, result.value.sha256)
-        return dg.Output(result.value, data_version=result.data_version,
-                         metadata={**result.metadata, "report": dg.MetadataValue.md(report.to_markdown(previous))})
+        promoted = promoted_report(store, context.partition_key)
+        against = f"the current release's report {promoted[0][:12]}" if promoted else ""
+        return dg.Output(result.value, data_version=result.data_version, metadata={
+            **result.metadata, "compared_with": against or "no release yet",
+            "report": dg.MetadataValue.md(report.to_markdown(promoted[1] if promoted else None, against)),
+        })
 
     @dg.asset_check(asset=eval_report, blocking=True, partitions_def=model_sizes,
                     metadata={GATE_METADATA_KEY: ",".join(eval_gate_names(manifest))},
@@ -115,21 +119,22 @@ def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsD
         if not mats:
             return dg.AssetCheckResult(passed=False, description="no eval_report materialization to check")
         mat = mats[-1]
-        problems, metadata, overrides = [], {}, {}
+        problems, metadata, held = [], {}, 0
         for name in sorted(n for n in gates if "." in n):
             entry = mat.metadata.get(name)
             found = [] if entry is not None else [
                 f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
                 f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
             value = float(entry.value) if entry is not None else float("nan")
-            passed, why, override = verdict(store, name, mat.partition, mat.metadata["sha256"].value,
-                                            found or gate_problems(gates, name, value, mat.partition))
-            if not passed:
-                problems.append(why)
-            overrides.update({f"{name}.{k}": v for k, v in override.items()})
-            metadata.update({name: value, **gate_metadata(gates, name)})
+            judged = judge_gate(store, gates, name, value, mat.partition, mat.metadata["sha256"].value, found)
+            if not judged.passed:
+                problems.append(judged.description)
+            held += judged.passed
+            # Override records are per gate here: several gates share this one check.
+            metadata.update({k if k.startswith((name, "gate_")) else f"{name}.{k}": v
+                             for k, v in judged.metadata.items()})
         return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-                                   description="; ".join(problems) or f"{len(metadata) // 3} eval gate(s) hold",
-                                   metadata={**metadata, **overrides})
+                                   description="; ".join(problems) or f"{held} eval gate(s) hold",
+                                   metadata=metadata)
 
     return [eval_report], [eval_gates]

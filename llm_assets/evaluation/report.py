@@ -83,9 +83,9 @@ class EvalReport:
             extra=_decode_table(data.get("extra", {})),
         )
 
-    def to_markdown(self, previous: EvalReport | None = None) -> str:
-        """A table per task, the safety answers, the extra figures and, given a previous report,
-        the change of every shared figure."""
+    def to_markdown(self, previous: EvalReport | None = None, against: str = "the previous report") -> str:
+        """A table per task, the safety answers, the extra figures and, given a previous report
+        (described by `against`), the change of every shared figure."""
         parts = ["# Evaluation"]
         for task in sorted(self.metrics):
             errors = self.stderr.get(task, {})
@@ -103,15 +103,19 @@ class EvalReport:
             rows = [f"| {name} | {_number(value)} |" for name, value in sorted(self.extra.items())]
             parts.append(f"## {EXTRA_TASK}\n\n| figure | value |\n|---|---:|\n" + "\n".join(rows))
         if previous is not None:
-            changes = regression(self, previous)
-            rows = [f"| {r.task} | {r.metric} | {_number(r.previous)} | {_number(r.current)} | {_number(r.change)} | "
-                    f"{'' if r.relative_change is None else f'{r.relative_change:+.1%}'} | {r.verdict} |"
-                    for r in changes]
-            header = ("| task | metric | previous | current | change | relative | verdict |\n"
-                      "|---|---|---:|---:|---:|---:|---|\n")
-            parts.append("## Change against the previous report\n\n"
-                         + (header + "\n".join(rows) if rows else "No figure in common with the previous report."))
+            parts.append(change_markdown(self, previous, against))
         return "\n\n".join(parts) + "\n"
+
+
+def change_markdown(current: EvalReport, previous: EvalReport, against: str) -> str:
+    """The change of every figure the two reports share, as a markdown section."""
+    rows = [f"| {r.task} | {r.metric} | {_number(r.previous)} | {_number(r.current)} | {_number(r.change)} | "
+            f"{'' if r.relative_change is None else f'{r.relative_change:+.1%}'} | {r.verdict} |"
+            for r in regression(current, previous)]
+    header = ("| task | metric | previous | current | change | relative | verdict |\n"
+              "|---|---|---:|---:|---:|---:|---|\n")
+    return (f"## Change against {against}\n\n"
+            + (header + "\n".join(rows) if rows else f"No figure in common with {against}."))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import dagster as dg
 import polars as pl
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, gate_metadata, gate_problems, verdict
+from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
@@ -190,14 +190,13 @@ def _gate_check(asset: dg.AssetsDefinition, partitions: dg.PartitionsDefinition,
                                        description=f"no materialization of {asset.key.to_user_string()} to check")
         mat = mats[-1]
         values = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
-        problems = gate_problems(gates, gate, float(values.get(metric, float("nan"))), mat.partition)
-        problems += extra(values) if extra else []
-        passed, why, override = verdict(store, gate, mat.partition, mat.metadata["sha256"].value, problems)
+        judged = judge_gate(store, gates, gate, float(values.get(metric, float("nan"))), mat.partition,
+                            mat.metadata["sha256"].value, extra(values) if extra else [])
         return dg.AssetCheckResult(
-            passed=passed,
+            passed=judged.passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=why or f"{metric} {values.get(metric)} within gates.{gate}",
-            metadata={metric: values.get(metric, float("nan")), **gate_metadata(gates, gate), **override},
+            description=judged.description or f"{metric} {values.get(metric)} within gates.{gate}",
+            metadata={metric: values.get(metric, float("nan")), **judged.metadata},
         )
 
     return check

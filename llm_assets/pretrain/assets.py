@@ -20,7 +20,7 @@ import dagster as dg
 import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, gate_metadata, gate_problems, verdict
+from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import training_estimate
@@ -171,14 +171,13 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
             problems.append(f"{mat.partition}: a loss is not finite ({meta})")
         elif meta["final_train_loss"] >= meta["initial_loss"]:
             problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
-        problems += gate_problems(gates, VAL_LOSS_GATE, meta["final_val_loss"], mat.partition)
-        passed, why, override = verdict(artifact_store.get_store(), VAL_LOSS_GATE, mat.partition,
-                                        mat.metadata["sha256"].value, problems)
+        judged = judge_gate(artifact_store.get_store(), gates, VAL_LOSS_GATE, meta["final_val_loss"],
+                            mat.partition, mat.metadata["sha256"].value, problems)
         return dg.AssetCheckResult(
-            passed=passed,
+            passed=judged.passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=why or "losses finite, falling, within the gate",
-            metadata={**meta, **gate_metadata(gates, VAL_LOSS_GATE), **override},
+            description=judged.description or "losses finite, falling, within the gate",
+            metadata={**meta, **judged.metadata},
         )
 
     @artifact_asset(

@@ -1,5 +1,6 @@
 """Post-training on a real instance: SFT, reward model and DPO policy from a tiny pretrained model;
-a killed SFT step resumes from its committed checkpoint; the KL budget holds what depends on the policy."""
+a killed SFT step resumes from its committed checkpoint; the KL budget holds what depends on the
+policy, the release included, until a reviewer overrides it; a gate relative to the release alerts."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import yaml
 
 from llm_assets.cli import main
 from llm_assets.definitions import build_definitions
-from llm_assets.runner import materialize_graph
+from llm_assets.release.pointer import current_release, read_release
+from llm_assets.runner import materialize_graph, run_checks
 from llm_assets_tests.pretrain.test_assets import with_training
+from llm_assets_tests.test_alerts import read_jsonl, tick
+from resources.artifact_store import open_store
 
 TRAINER = {"batch_size": 4, "max_length": 96, "warmup_ratio": 0.1}
 POSTTRAIN = {
@@ -104,26 +108,30 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
                              ("policy", "policy_kl_gate"), ("eval_report", "eval_gates")):
             assert check_passed(instance, asset, check), (asset, check)
 
-        # A KL budget the policy exceeds: the gate fails and holds the policy's consumers.
+        assert report["compared_with"].value == "no release yet"
+
+        # A KL budget the policy exceeds: the gate fails and holds everything downstream of it.
         manifest["gates"]["policy_kl"] = {"max": 1e-9}
         manifest_path.write_text(yaml.safe_dump(manifest))
         defs = build_definitions(settings)
-        policy_def = defs.get_assets_def(dg.AssetKey("policy"))
-
-        @dg.asset(partitions_def=policy_def.partitions_def, deps=[policy_def.key])
-        def release_candidate() -> None:
-            """Stands in for whatever consumes the policy (evaluation, quantization, release)."""
-
-        gated = dg.Definitions.merge(defs, dg.Definitions(assets=[release_candidate]))
-        result = materialize_graph(gated, instance, selection="key:policy or key:release_candidate",
-                                   log=lambda _: None)
-        assert not result.success
+        downstream = "key:policy or key:eval_report or key:release"
+        assert not materialize_graph(defs, instance, selection=downstream, log=lambda _: None).success
         assert not check_passed(instance, "policy", "policy_kl_gate")
         assert latest(instance, "policy").metadata["cache_hit"].value is True
-        assert not instance.fetch_materializations(dg.AssetKey("release_candidate"), limit=1).records
+        assert not instance.fetch_materializations(dg.AssetKey("release"), limit=1).records
+
+        # A later run of the release alone holds no blocking check of the policy's: the release
+        # reads the verdicts back from the instance and refuses.
+        result = materialize_graph(defs, instance, selection="key:release", log=lambda _: None)
+        assert not result.success
+        refusal = step_failure(instance, result.failed_runs[0])
+        assert "release[xs] refused: 1 blocking check(s)" in refusal
+        assert "policy[xs] policy_kl_gate: failed: xs: policy_kl" in refusal
+        assert "llm-assets override --gate policy_kl --partition xs" in refusal
+        assert not instance.fetch_materializations(dg.AssetKey("release"), limit=1).records
 
         # A named reviewer overrides the gate for this very policy: it passes, on the record, and
-        # what it held goes through.
+        # the release goes through.
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         monkeypatch.setenv("LLM_ASSETS_STORE", settings.store_uri)
         monkeypatch.setenv("LLM_ASSETS_ALERTS_JSONL", settings.alerts_jsonl)
@@ -137,6 +145,39 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
         result = evaluation.dagster_event.event_specific_data
         assert result.passed and result.metadata["override_reviewer"].value == "ana"
         assert "overridden by ana (budget set for a test); would fail: xs: policy_kl" in result.description
-        assert materialize_graph(gated, instance, selection="key:policy or key:release_candidate",
-                                 log=lambda _: None).success
-        assert instance.fetch_materializations(dg.AssetKey("release_candidate"), limit=1).records
+        assert materialize_graph(defs, instance, selection="key:release", log=lambda _: None).success
+
+        store = open_store(settings.store_uri)
+        released = latest(instance, "release").metadata
+        assert current_release(store, "xs") == released["sha256"].value
+        document = read_release(store, released["sha256"].value)
+        assert document["model"]["sha256"] == policy["sha256"].value
+        assert document["eval_report"]["sha256"] == latest(instance, "eval_report").metadata["sha256"].value
+        assert {"raw_corpus", "tokenizer", "pretrain_checkpoint", "sft_model", "reward_model", "policy",
+                "eval_report"} <= {entry["asset"] for entry in document["lineage"]}
+        assert document["gate_values"]["policy_kl"] == policy["kl_nats_per_sequence"].value
+        kl_verdict = next(v for v in document["verdicts"] if v["check"] == "policy_kl_gate")
+        assert kl_verdict["status"] == "passed" and kl_verdict["texts"]["override_reviewer"] == "ana"
+
+        # A gate relative to the release: bits per byte must now beat it by a full bit. The gate
+        # fails, and the alert names the gate, the figure and the thresholds.
+        bpb = document["gate_values"]["heldout_perplexity.bits_per_byte"]
+        manifest["gates"]["heldout_perplexity.bits_per_byte"] = {"max": 8.0, "baseline": "release", "max_delta": -1.0}
+        manifest_path.write_text(yaml.safe_dump(manifest))
+        defs = build_definitions(settings)
+        assert not run_checks(defs, instance, [dg.AssetKey("eval_report")], "xs").success
+        tick(defs, instance, None)
+        alert = [a for a in read_jsonl(settings.alerts_jsonl) if a["check"] == "eval_gates"][-1]
+        assert alert["asset"] == "eval_report" and alert["partition"] == "xs" and alert["severity"] == "ERROR"
+        assert (f"xs: heldout_perplexity.bits_per_byte {bpb:.4g} > release baseline {bpb:.4g} + max_delta -1"
+                in alert["description"])
+        assert float(alert["metadata"]["heldout_perplexity.bits_per_byte"]) == bpb
+        assert float(alert["metadata"]["gate_heldout_perplexity.bits_per_byte_baseline"]) == bpb
+        assert float(alert["metadata"]["gate_heldout_perplexity.bits_per_byte_max_delta"]) == -1.0
+        assert float(alert["metadata"]["gate_heldout_perplexity.bits_per_byte_max"]) == 8.0
+
+
+def step_failure(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The error message of the run's failed step."""
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    return "\n".join(e.dagster_event.event_specific_data.error.message for e in events)

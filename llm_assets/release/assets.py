@@ -1,0 +1,130 @@
+"""release: promote the evaluated model of one size when every gate of its lineage holds.
+
+Blocking checks hold the downstream steps of their own run only; a later run that selects just
+`release` would not see them. So the release reads back, from the instance, the latest verdict
+of every blocking check of every asset partition it descends from, and refuses unless each one
+passed on the artifact that is current now. It then stores `release.json` (model, eval report,
+lineage, verdicts, gate figures) as an artifact and moves the size's "current release" pointer
+to it (`release.pointer`); the previous release stays in the store and in the history.
+"""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from llm_assets.artifacts import artifact_asset, canonical_json, materialize_artifact
+from llm_assets.checks.results import FAILED, CheckVerdict, check_verdicts
+from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
+from llm_assets.evaluation.report import EvalReport, change_markdown
+from llm_assets.manifest import PipelineManifest
+from llm_assets.release.pointer import RELEASE_JSON, current_release, move_release, read_release, release_history
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import ArtifactHandle, latest_materializations
+
+
+def lineage(instance: dg.DagsterInstance, asset_graph, asset_key: dg.AssetKey,
+            partition: str) -> Iterator[tuple[dg.AssetKey, str | None, dg.AssetMaterialization]]:
+    """Every current materialization `asset_key[partition]` descends from, upstream first: the
+    same model size of size-partitioned ancestors, every current partition of the others."""
+    ancestors = asset_graph.get_ancestor_asset_keys(asset_key)
+    for key in (k for k in asset_graph.toposorted_asset_keys if k in ancestors):
+        partitions_def = asset_graph.get(key).partitions_def
+        same_size = isinstance(partitions_def, dg.StaticPartitionsDefinition) and \
+            partition in partitions_def.get_partition_keys()
+        current = latest_materializations(instance, key, [partition] if same_size else None)
+        for part, mat in sorted(current.items(), key=lambda item: item[0] or ""):
+            yield key, part, mat
+
+
+def _refusal(held: list[CheckVerdict], partition: str) -> str:
+    lines = [f"  {v.label}: {v.status}: {v.description.splitlines()[0] if v.description else ''}" for v in held]
+    gates = sorted({g for v in held if v.status == FAILED for g in v.gates})
+    hint = (f"; or, on a reviewer's record, `llm-assets override --gate {'|'.join(gates)} --partition {partition} "
+            "--reviewer WHO --reason WHY`") if gates else ""
+    return (f"release[{partition}] refused: {len(held)} blocking check(s) of its lineage have not passed on the "
+            f"current artifacts:\n" + "\n".join(lines) +
+            f"\nFix the cause and rematerialize (or run `llm-assets verify` for checks that are stale){hint}.")
+
+
+def _gate_table(verdicts: list[CheckVerdict]) -> str:
+    rows = [f"| {v.asset}{f'[{v.partition}]' if v.partition else ''} | {v.check} | {v.status} | "
+            + ", ".join(f"{g} {v.values[g]:.4g}" for g in v.gates if g in v.values) + " |"
+            for v in verdicts if v.gates or not v.blocking or v.status != "passed"]
+    hashes = sum(1 for v in verdicts if not v.gates and v.blocking and v.status == "passed")
+    return ("| asset | check | verdict | figures |\n|---|---|---|---|\n" + "\n".join(rows)
+            + f"\n\n{hashes} other blocking check(s) passed (hash gates and data checks).")
+
+
+def build_release_assets(manifest: PipelineManifest, whole_graph: Callable[[], Any],
+                         ) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    """The release of each model size (needs the evaluation stage: its report is what is promoted).
+
+    `whole_graph` returns the asset graph of the Definitions the release belongs to: a run's own
+    graph holds only what it executes, and the release must see every check of its lineage.
+    """
+    if manifest.stages.evaluation is None or not manifest.model_sizes:
+        return [], []
+    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
+    model_asset = evaluated_stage(manifest)
+
+    @artifact_asset(
+        partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release",
+        ins={"model": dg.AssetIn(key=model_asset), "eval_report": dg.AssetIn()},
+        description=f"Promotes {model_asset} of one size once every blocking gate of its lineage has passed on "
+                    "the current artifacts; moves that size's current-release pointer.",
+    )
+    def release(context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource,
+                model: ArtifactHandle, eval_report: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        store, partition = artifact_store.get_store(), context.partition_key
+        graph = whole_graph()
+        records, verdicts = [], []
+        for key, part, mat in lineage(context.instance, graph, context.asset_key, partition):
+            records.append({"asset": key.to_user_string(), "partition": part,
+                            "sha256": str(mat.metadata["sha256"].value) if "sha256" in mat.metadata else None})
+            verdicts.extend(check_verdicts(context.instance, graph, key, part))
+        held = [v for v in verdicts if v.holds_release]
+        if held:
+            raise dg.Failure(_refusal(held, partition), metadata={"held_by": [v.label for v in held]})
+        gate_values = {g: value for v in verdicts for g, value in v.gate_values().items()}
+        document = {
+            "partition": partition,
+            "model": model.as_input_record(),
+            "eval_report": eval_report.as_input_record(),
+            "lineage": records,
+            "verdicts": [{"asset": v.asset, "partition": v.partition, **v.as_record()} for v in verdicts],
+            "gate_values": gate_values,
+        }
+
+        def build(out: Path) -> dict:
+            (out / RELEASE_JSON).write_text(canonical_json(document) + "\n")
+            return {"lineage_assets": len(records), "checks_passed": sum(v.status == "passed" for v in verdicts)}
+
+        result = materialize_artifact(context, store, kind="release", build=build, config=document,
+                                      inputs={"model": model, "eval_report": eval_report})
+        sha = result.value.sha256
+        previous = current_release(store, partition)
+        if previous != sha:
+            move_release(store, partition, sha, "promote", by=f"run {context.run_id}")
+            context.log.info(f"release[{partition}]: promoted {sha[:12]} (was {previous[:12] if previous else 'none'})")
+        compared = _change_against(store, previous, eval_report) if previous and previous != sha else ""
+        return dg.Output(result.value, data_version=result.data_version, metadata={
+            **result.metadata,
+            "model_sha256": model.sha256,
+            "eval_report_sha256": eval_report.sha256,
+            "previous_release": previous or "",
+            "releases_promoted": sum(m.action == "promote" for m in release_history(store, partition)),
+            "gates": dg.MetadataValue.md(_gate_table(verdicts)),
+            **({"change": dg.MetadataValue.md(compared)} if compared else {}),
+        })
+
+    return [release], []
+
+
+def _change_against(store, previous_release: str, eval_report: ArtifactHandle) -> str:
+    """The new report's change against the report of the release it replaces."""
+    before = read_release(store, previous_release)["eval_report"]["sha256"]
+    report, previous = (EvalReport.from_json(store.read_bytes(sha, REPORT_JSON).decode())
+                        for sha in (eval_report.sha256, before))
+    return change_markdown(report, previous, f"the previous release {previous_release[:12]}")
