@@ -125,7 +125,9 @@ def replay_lock(lock: dict[str, Any], workdir: Path, *, rtol: float = 0.05, sele
     if not wanted:
         raise ValueError(f"nothing to replay: the selection {selection!r} names no asset of the lock")
     names = {k.to_user_string() for k in wanted}
-    with dg.DagsterInstance.local_temp(str(workdir / "dagster_home")) as instance:
+    home = workdir / "dagster_home"
+    home.mkdir()
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
         materialize_graph(defs, instance, selection=" or ".join(f'key:"{n}"' for n in sorted(names)), log=log)
         replayed = build_lock(defs, instance, manifest, store)
     recorded = {**lock, "assets": [e for e in lock["assets"] if e["asset"] in names]}

@@ -231,4 +231,6 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
             metadata=meta,
         )
 
+    if len(manifest.model_sizes) < 2:  # a power law needs a sweep: one size trains, nothing is fitted
+        return [pretrain_checkpoint], [training_sane]
     return [pretrain_checkpoint, scaling_law], [training_sane, fit_quality]
