@@ -30,8 +30,10 @@ quickstart: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/llm-assets plan
 	$(BIN)/llm-assets materialize
 
+# Two workers: most of a test's time is single-threaded (Dagster runs, data stages); the slow
+# end-to-end tests are scheduled first (llm_assets_tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -50,6 +52,7 @@ bench: install
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/posttrain_overhead.py
 	$(BIN)/python bench/cache_rematerialize.py
+	$(BIN)/python bench/rollback_from_sft.py
 
 clean:
 	rm -rf .dagster_home .artifacts .alerts

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from llm_assets.settings import code_revision
 from resources.artifact_store import ArtifactStore
 from resources.handles import (
+    META_BUILD_SECONDS,
     META_FINGERPRINT,
     META_GIT_COMMIT,
     META_INPUTS,
@@ -137,9 +138,11 @@ def materialize_artifact(
             )
     if not cache_hit:
         with store.staging_dir() as workdir:
-            # The commit that built the artifact travels with it: a cache hit reports that one.
-            extra = {**dict(build(workdir) or {}), META_GIT_COMMIT: code_revision()}
+            extra = dict(build(workdir) or {})
             ref = store.put_dir(workdir, move=True, progress=_progress_logger(context, asset))
+        # What the build took and the commit that built it travel with the artifact: a cache hit
+        # reports those, next to its own wall_seconds.
+        extra.update({META_BUILD_SECONDS: round(time.perf_counter() - started, 3), META_GIT_COMMIT: code_revision()})
         store.index_record(asset, partition, fp, ref.sha256, dg.serialize_value(extra))
 
     handle = ArtifactHandle(

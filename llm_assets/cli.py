@@ -5,25 +5,19 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from llm_assets.costs import training_estimate
 from llm_assets.manifest import ManifestError, PipelineManifest, load_manifest
-from llm_assets.settings import PROJECT_ROOT
+from llm_assets.settings import PROJECT_ROOT, prepare_dagster_home
 
 EXIT_OK, EXIT_FAILED, EXIT_OVER_BUDGET = 0, 1, 2
 
 
 def ensure_dagster_home() -> Path:
     """Use $DAGSTER_HOME, defaulting to .dagster_home/ in the checkout with our dagster.yaml."""
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", config)
-    return home
+    return prepare_dagster_home(Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))))
 
 
 def _human(n: float) -> str:

@@ -21,3 +21,9 @@ def training_estimate(size: ModelSize, recipe: PretrainRecipe | TrainerRecipe, b
     flops = 6.0 * n * d
     gpu_hours = flops / (budget.peak_flops_per_gpu * budget.assumed_mfu) / 3600
     return Estimate(n, d, flops, gpu_hours, gpu_hours * budget.usd_per_gpu_hour)
+
+
+def billed_usd(wall_seconds: float, gpus: int, budget: Budget) -> float:
+    """What a step cost: the GPU-hours it held at the budget's rate. Steps without GPUs (data
+    stages, a laptop's CPU) are not billed."""
+    return round(wall_seconds / 3600 * budget.usd_per_gpu_hour * gpus, 6)

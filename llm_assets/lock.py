@@ -22,7 +22,7 @@ from llm_assets.manifest import PipelineManifest
 from llm_assets.release.pointer import current_release
 from llm_assets.settings import code_revision
 from resources.artifact_store import ArtifactStore
-from resources.handles import META_GIT_COMMIT, input_records, latest_materializations
+from resources.handles import META_BUILD_SECONDS, META_GIT_COMMIT, input_records, latest_materializations
 
 LOCK_FORMAT = 1
 
@@ -49,7 +49,7 @@ def build_lock(defs: dg.Definitions, instance: dg.DagsterInstance, manifest: Pip
                 "inputs": input_records(mat),
                 "code_version": meta.get("code_version"),
                 "git_commit": meta.get(META_GIT_COMMIT),
-                "wall_seconds": meta.get("wall_seconds"),
+                "wall_seconds": meta.get(META_BUILD_SECONDS, meta.get("wall_seconds")),  # of the build
                 "cost_usd": float(meta.get("cost_usd", 0.0)),  # CPU steps are not billed
                 "cache_hit": meta.get("cache_hit"),
                 "checks": [v.as_record() for v in check_verdicts(instance, graph, key, partition)],
@@ -70,7 +70,7 @@ def build_lock(defs: dg.Definitions, instance: dg.DagsterInstance, manifest: Pip
 def write_lock(lock: dict[str, Any], path: Path) -> None:
     """Write atomically: a reader never sees half a lock."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(lock, indent=1, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps(lock, indent=1, sort_keys=True, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
 
 

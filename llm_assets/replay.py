@@ -24,7 +24,7 @@ from llm_assets.checks.gates import GateOverride, store_override
 from llm_assets.lock import build_lock
 from llm_assets.manifest import load_manifest
 from llm_assets.runner import materialize_graph
-from llm_assets.settings import Settings
+from llm_assets.settings import Settings, prepare_dagster_home
 from resources.artifact_store import open_store
 
 IDENTICAL, EQUIVALENT, DIFFERENT, MISSING = "identical", "equivalent", "different", "missing"
@@ -46,7 +46,7 @@ class ReplayRow:
 
 def _gate_figures(entry: dict[str, Any]) -> dict[str, float]:
     return {gate: check["values"][gate] for check in entry.get("checks", [])
-            for gate in check.get("gates", []) if gate in check.get("values", {})}
+            for gate in check.get("gates", []) if check.get("values", {}).get(gate) is not None}
 
 
 def _relative(a: float, b: float) -> float:
@@ -125,9 +125,7 @@ def replay_lock(lock: dict[str, Any], workdir: Path, *, rtol: float = 0.05, sele
     if not wanted:
         raise ValueError(f"nothing to replay: the selection {selection!r} names no asset of the lock")
     names = {k.to_user_string() for k in wanted}
-    home = workdir / "dagster_home"
-    home.mkdir()
-    with dg.DagsterInstance.local_temp(str(home)) as instance:
+    with dg.DagsterInstance.local_temp(str(prepare_dagster_home(workdir / "dagster_home"))) as instance:
         materialize_graph(defs, instance, selection=" or ".join(f'key:"{n}"' for n in sorted(names)), log=log)
         replayed = build_lock(defs, instance, manifest, store)
     recorded = {**lock, "assets": [e for e in lock["assets"] if e["asset"] in names]}

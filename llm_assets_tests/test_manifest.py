@@ -145,15 +145,17 @@ def test_an_eval_gate_without_the_evaluation_stage_is_refused(tmp_path):
 
 def test_a_relative_gate_needs_its_baseline_and_a_delta(tmp_path):
     shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
-    gate = "  heldout_perplexity.bits_per_byte: {max: 4.0}"
-    assert gate in shipped
-    relative = gate[:-1] + ", baseline: release, max_delta: 0.05}"
-    assert load_manifest(write(tmp_path, shipped.replace(gate, relative))).gates[
-        "heldout_perplexity.bits_per_byte"].max_delta == 0.05
+    gate = "  heldout_perplexity.bits_per_byte: {max: 4.0, baseline: release, max_delta: 0.05}"
+    assert load_manifest(PROJECT_ROOT / "pipeline.yaml").gates["heldout_perplexity.bits_per_byte"].max_delta == 0.05
+
+    def with_gate(line: str):
+        assert gate in shipped
+        return load_manifest(write(tmp_path, shipped.replace(gate, f"  heldout_perplexity.bits_per_byte: {line}")))
+
     with pytest.raises(ManifestError, match=r"bits_per_byte: Value error, min_delta/max_delta are relative to a "
                                               r"baseline: add `baseline: release`"):
-        load_manifest(write(tmp_path, shipped.replace(gate, gate[:-1] + ", max_delta: 0.05}")))
+        with_gate("{max: 4.0, max_delta: 0.05}")
     with pytest.raises(ManifestError, match=r"a baseline needs min_delta"):
-        load_manifest(write(tmp_path, shipped.replace(gate, gate[:-1] + ", baseline: release}")))
+        with_gate("{max: 4.0, baseline: release}")
     with pytest.raises(ManifestError, match=r"baseline"):
-        load_manifest(write(tmp_path, shipped.replace(gate, gate[:-1] + ", baseline: last_week, max_delta: 1}")))
+        with_gate("{max: 4.0, baseline: last_week, max_delta: 1}")

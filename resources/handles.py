@@ -23,6 +23,7 @@ META_KIND = "artifact_kind"
 META_INPUTS = "input_hashes"
 META_FINGERPRINT = "fingerprint"
 META_GIT_COMMIT = "git_commit"  # of the code that built the artifact
+META_BUILD_SECONDS = "build_seconds"  # what building it took (a cache hit keeps the original's)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Blocking checks stop downstream steps of the same run only. Whatever must respec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -47,8 +48,10 @@ class CheckVerdict:
         return {gate: self.values[gate] for gate in self.gates if gate in self.values}
 
     def as_record(self) -> dict:
+        """For JSON: an unset threshold (NaN) becomes null."""
+        values = {k: v if math.isfinite(v) else None for k, v in self.values.items()}
         return {"check": self.check, "status": self.status, "blocking": self.blocking, "severity": self.severity,
-                "description": self.description, "gates": self.gates, "values": self.values, "texts": self.texts}
+                "description": self.description, "gates": self.gates, "values": values, "texts": self.texts}
 
 
 def current_materialization_record(

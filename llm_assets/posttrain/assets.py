@@ -9,19 +9,22 @@ stage has a blocking gate whose threshold comes from the manifest's `gates`.
 
 
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import polars as pl
+import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
+from llm_assets.costs import billed_usd
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
-from llm_assets.manifest import STAGE_GATES, PipelineManifest, PipelineResource
+from llm_assets.manifest import STAGE_GATES, Budget, PipelineManifest, PipelineResource
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
 from llm_assets.posttrain.datasets import (
@@ -129,6 +132,7 @@ def _train_step(
     config: dict[str, Any],
     inputs: dict[str, ArtifactHandle],
     narrowed_inputs: dict[str, ArtifactHandle] | None = None,
+    budget: Budget,
     train: Callable[[Path, Path, Path | None, OnCheckpoint, OnLog], dict[str, Any]],
 ) -> dg.Output[ArtifactHandle]:
     """A trl stage as an artifact: resume from the step's committed checkpoint, commit new ones,
@@ -153,8 +157,12 @@ def _train_step(
             raise dg.Failure(f"{label}: {exc}") from None
         if found is not None:
             context.log.info(f"{label}: resuming from the committed checkpoint of step {found[1]}")
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="llm-assets-trl-") as work_dir:
-            return train(out, Path(work_dir), found[0] if found else None, on_checkpoint, on_log)
+            metadata = train(out, Path(work_dir), found[0] if found else None, on_checkpoint, on_log)
+        # The trainer uses every visible GPU of the pod; on a CPU nothing is billed.
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return {**metadata, "cost_usd": billed_usd(time.perf_counter() - started, gpus, budget)}
 
     return materialize_artifact(context, store, kind="hf_model", config=config, inputs=inputs,
                                 narrowed_inputs=narrowed_inputs, build=build)
@@ -228,7 +236,7 @@ def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDe
                     "val_loss": round(result.val_loss, 4), "base_val_loss": round(result.base_val_loss, 4),
                     "val_rows": result.val_rows, "method": recipe.method}
 
-        return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+        return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
                            inputs={"pretrain_checkpoint": pretrain_checkpoint, "sft_dataset": sft_dataset}, train=train)
 
     assets.append(sft_model)
@@ -262,7 +270,7 @@ def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDe
                         "accuracy_before_training": round(result.held_out_before.accuracy, 4),
                         "val_pairs": result.held_out.pairs}
 
-            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
                                inputs={"sft_model": sft_model, "preference_dataset": preference_dataset}, train=train)
 
         assets.append(reward_model)
@@ -301,7 +309,7 @@ def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDe
             # DPO does not read the reward model: it stays in the lineage (the policy waits for the
             # reward gate) but out of the fingerprint, so retraining the reward model keeps DPO cached.
             scored_by = {"reward_model": reward_model}
-            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
                                inputs={**inputs, **(scored_by if uses_reward else {})},
                                narrowed_inputs=None if uses_reward else scored_by, train=train)
 

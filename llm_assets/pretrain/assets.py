@@ -23,7 +23,7 @@ from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_art
 from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
-from llm_assets.costs import training_estimate
+from llm_assets.costs import billed_usd, training_estimate
 from llm_assets.manifest import STAGE_GATES, PipelineManifest, PipelineResource
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.pretrain.job import RunSpec, StoreProgress
@@ -136,9 +136,7 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                 "parameters": size.matmul_parameters(),
                 **reported,
                 "estimated_cost_usd": round(estimate.usd, 6),
-                # On a laptop's CPU nothing is billed; on GPUs, the GPU-hours this step held.
-                "cost_usd": round(wall / 3600 * budget.usd_per_gpu_hour * processes
-                                  if torch.cuda.is_available() else 0.0, 6),
+                "cost_usd": billed_usd(wall, processes if torch.cuda.is_available() else 0, budget),
                 "loss_curve": dg.MetadataValue.md(
                     loss_curve_markdown(reported["loss_history"], [[v[0], v[2]] for v in reported["val_history"]], size_name)
                 ),

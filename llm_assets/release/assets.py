@@ -4,17 +4,19 @@ Blocking checks hold the downstream steps of their own run only; a later run tha
 `release` would not see them. So the release reads back, from the instance, the latest verdict
 of every blocking check of every asset partition it descends from, and refuses unless each one
 passed on the artifact that is current now. It then stores `release.json` (model, eval report,
-lineage, verdicts, gate figures) as an artifact and moves the size's "current release" pointer
+lineage, gate figures, the overrides it relies on) as an artifact and moves the size's "current release" pointer
 to it (`release.pointer`); the previous release stays in the store and in the history.
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from llm_assets.artifacts import artifact_asset, canonical_json, materialize_artifact
+from llm_assets.checks.gates import list_overrides
 from llm_assets.checks.results import FAILED, CheckVerdict, check_verdicts
 from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
 from llm_assets.evaluation.report import EvalReport, change_markdown
@@ -41,8 +43,10 @@ def lineage(instance: dg.DagsterInstance, asset_graph, asset_key: dg.AssetKey,
 def _refusal(held: list[CheckVerdict], partition: str) -> str:
     lines = [f"  {v.label}: {v.status}: {v.description.splitlines()[0] if v.description else ''}" for v in held]
     gates = sorted({g for v in held if v.status == FAILED for g in v.gates})
-    hint = (f"; or, on a reviewer's record, `llm-assets override --gate {'|'.join(gates)} --partition {partition} "
-            "--reviewer WHO --reason WHY`") if gates else ""
+    command = f"`llm-assets override --gate {gates[0] if len(gates) == 1 else 'NAME'} --partition {partition} " \
+              "--reviewer WHO --reason WHY`" if gates else ""
+    hint = f"; or, on a reviewer's record, {command}" + (f" for each of {', '.join(gates)}" if len(gates) > 1 else "") \
+        if gates else ""
     return (f"release[{partition}] refused: {len(held)} blocking check(s) of its lineage have not passed on the "
             f"current artifacts:\n" + "\n".join(lines) +
             f"\nFix the cause and rematerialize (or run `llm-assets verify` for checks that are stale){hint}.")
@@ -87,14 +91,16 @@ def build_release_assets(manifest: PipelineManifest, whole_graph: Callable[[], A
         held = [v for v in verdicts if v.holds_release]
         if held:
             raise dg.Failure(_refusal(held, partition), metadata={"held_by": [v.label for v in held]})
-        gate_values = {g: value for v in verdicts for g, value in v.gate_values().items()}
+        # What is released, and nothing that varies with when it was judged (a check's description,
+        # a baseline): the same lineage promoted again is the same release.
+        in_lineage = {(r["asset"], r["partition"], r["sha256"]) for r in records}
         document = {
             "partition": partition,
             "model": model.as_input_record(),
             "eval_report": eval_report.as_input_record(),
             "lineage": records,
-            "verdicts": [{"asset": v.asset, "partition": v.partition, **v.as_record()} for v in verdicts],
-            "gate_values": gate_values,
+            "gate_values": {g: value for v in verdicts for g, value in v.gate_values().items()},
+            "overrides": [asdict(o) for o in list_overrides(store) if (o.asset, o.partition, o.sha256) in in_lineage],
         }
 
         def build(out: Path) -> dict:

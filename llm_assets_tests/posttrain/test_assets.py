@@ -16,6 +16,8 @@ import yaml
 
 from llm_assets.cli import main
 from llm_assets.definitions import build_definitions
+from llm_assets.lock import build_lock
+from llm_assets.manifest import load_manifest
 from llm_assets.release.pointer import current_release, read_release
 from llm_assets.runner import materialize_graph, run_checks
 from llm_assets_tests.pretrain.test_assets import with_training
@@ -156,8 +158,13 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
         assert {"raw_corpus", "tokenizer", "pretrain_checkpoint", "sft_model", "reward_model", "policy",
                 "eval_report"} <= {entry["asset"] for entry in document["lineage"]}
         assert document["gate_values"]["policy_kl"] == policy["kl_nats_per_sequence"].value
-        kl_verdict = next(v for v in document["verdicts"] if v["check"] == "policy_kl_gate")
-        assert kl_verdict["status"] == "passed" and kl_verdict["texts"]["override_reviewer"] == "ana"
+        assert [(o["gate"], o["reviewer"]) for o in document["overrides"]] == [("policy_kl", "ana")]
+        # The run lock shows the override next to the very artifact it covers.
+        lock = {(e["asset"], e["partition"]): e for e in build_lock(defs, instance, load_manifest(manifest_path),
+                                                                    store)["assets"]}
+        assert [(o["gate"], o["reviewer"], o["sha256"]) for o in lock[("policy", "xs")]["overrides"]] == [
+            ("policy_kl", "ana", policy["sha256"].value)]
+        assert not lock[("sft_model", "xs")]["overrides"]
 
         # A gate relative to the release: bits per byte must now beat it by a full bit. The gate
         # fails, and the alert names the gate, the figure and the thresholds.
