@@ -10,6 +10,7 @@ left out, as are the non-numeric entries of its results (alias, sample counts).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,9 @@ def run_lm_eval(
             f"{', '.join(manager.all_tasks) or 'none'}. Fix the name or add the directory that defines it "
             "(lm-eval skips a YAML it cannot parse without a word: check that the file loads)"
         )
+    # lm-eval bootstraps stderrs (chrF's) in a fork pool by default; forked from a Dagster step,
+    # the workers trip its signal handlers on exit. The same resamples run in one loop instead.
+    os.environ["DISABLE_MULTIPROC"] = "1"
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "tokenizer": str(model_dir), "dtype": "float32"},
