@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 UI_PORT ?= 3000
 
-.PHONY: quickstart install test test-fast ui plan bench clean
+.PHONY: quickstart install system-packages test test-fast ui plan bench clean
 
 $(BIN)/llm-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,16 +26,20 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
+# What the tests start besides Python packages (PostgreSQL); does nothing once installed.
+system-packages:
+	scripts/install-system-packages.sh
+
 quickstart: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/llm-assets plan
 	$(BIN)/llm-assets materialize
 
 # Two workers: most of a test's time is single-threaded (Dagster runs, data stages); the slow
 # end-to-end tests are scheduled first (llm_assets_tests/conftest.py).
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest -q -ra -n 2
 
-test-fast: install
+test-fast: install system-packages
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ui: install $(DAGSTER_HOME)/dagster.yaml

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
+from dagster_k8s import k8s_job_executor
 
 from llm_assets import data, tokenizer
 from llm_assets.checks import build_hash_gates
@@ -51,6 +52,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                       *posttrain_checks, *eval_checks, *release_checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings),
+        # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute).
+        executor=k8s_job_executor if settings.executor == "k8s" else None,
     )
     return defs
 

@@ -19,6 +19,7 @@ class Settings:
     alerts_jsonl: str
     alert_webhook_url: str | None
     s3_endpoint_url: str | None
+    executor: str = "in_process"  # or "k8s": each step in its own pod, with its op tags' resources
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -29,13 +30,17 @@ class Settings:
             alerts_jsonl=env("LLM_ASSETS_ALERTS_JSONL", str(PROJECT_ROOT / ".alerts" / "alerts.jsonl")),
             alert_webhook_url=env("LLM_ASSETS_ALERT_WEBHOOK_URL") or None,
             s3_endpoint_url=env("LLM_ASSETS_S3_ENDPOINT_URL") or None,
+            executor=env("LLM_ASSETS_EXECUTOR") or "in_process",
         )
 
 
 @functools.cache
 def code_revision() -> str:
-    """The git commit of the running code, `-dirty` when tracked files differ from it; `unknown`
-    outside a git checkout (an installed package, an image built without .git)."""
+    """The git commit of the running code, `-dirty` when tracked files differ from it. An image
+    has no .git: it sets $LLM_ASSETS_GIT_COMMIT at build time; elsewhere outside git, `unknown`."""
+    if os.environ.get("LLM_ASSETS_GIT_COMMIT"):
+        return os.environ["LLM_ASSETS_GIT_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()

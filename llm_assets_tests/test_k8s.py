@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import kubernetes_validate
 import pytest
+from dagster_k8s import k8s_job_executor
 
 from llm_assets.compute import k8s_op_tags, render_step_job
+from llm_assets.definitions import build_definitions
 from llm_assets.manifest import StageCompute
 
 K8S_VERSION = "1.31"
@@ -41,3 +45,9 @@ def test_strict_validation_catches_a_misplaced_field():
     job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(job)
+
+
+def test_on_kubernetes_each_step_runs_in_its_own_pod(settings):
+    """LLM_ASSETS_EXECUTOR=k8s (the Helm values set it) selects the executor that applies op tags."""
+    assert build_definitions(replace(settings, executor="k8s")).executor is k8s_job_executor
+    assert build_definitions(settings).executor is not k8s_job_executor

@@ -1,0 +1,50 @@
+# The llm-assets image: the asset code, its pinned dependencies and the default manifest. One
+# image serves as the code server (the CMD below), the run pods and the step pods.
+#
+# This is the CPU image. A GPU image starts from a CUDA base instead (an nvidia/cuda runtime image
+# with Python 3.11 added) and installs torch's CUDA wheel from the matching index
+# (https://download.pytorch.org/whl/cu12x) in place of the CPU one; the rest stays the same.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DAGSTER_HOME=/opt/dagster/dagster_home
+# Nothing in the graph downloads models or data sets: fail fast instead of reaching for the hub.
+ENV HF_HUB_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1
+# The package is installed into site-packages, where its defaults (paths relative to the source
+# tree) point nowhere useful: name the manifest, a local store and the alert log explicitly.
+# Deployments set LLM_ASSETS_STORE=s3://... (k8s/helm/values.yaml).
+ENV LLM_ASSETS_MANIFEST=/opt/llm-assets/pipeline.yaml \
+    LLM_ASSETS_STORE=/opt/dagster/artifacts \
+    LLM_ASSETS_ALERTS_JSONL=/opt/dagster/alerts/alerts.jsonl
+
+WORKDIR /opt/llm-assets
+
+# torch first, pinned, from the CPU index: installed afterwards as a dependency, pip would take
+# the default wheel from PyPI, which drags in several GB of CUDA libraries. Its own layer, so a
+# code change does not re-download it.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+
+# The commit the image is built from, recorded with every artifact it builds (the image has no
+# .git): docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
+ARG GIT_COMMIT=unknown
+ENV LLM_ASSETS_GIT_COMMIT=$GIT_COMMIT
+
+COPY pyproject.toml README.md pipeline.yaml ./
+COPY llm_assets ./llm_assets
+COPY resources ./resources
+RUN pip install . \
+    && useradd --create-home --uid 1000 dagster \
+    && mkdir -p /opt/dagster/dagster_home /opt/dagster/artifacts /opt/dagster/alerts \
+    && chown -R dagster /opt/dagster
+
+USER dagster
+EXPOSE 3030
+
+# The gRPC code server that the webserver and daemon load the Definitions from. The Helm chart
+# starts the same command with these arguments (dagsterApiGrpcArgs in k8s/helm/values.yaml);
+# run and step pods override it with their own `dagster api execute_*` command.
+CMD ["dagster", "api", "grpc", "--host", "0.0.0.0", "--port", "3030", "--module-name", "llm_assets.definitions", "--attribute", "defs"]
