@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python bench/posttrain_overhead.py
 	$(BIN)/python bench/cache_rematerialize.py
 	$(BIN)/python bench/rollback_from_sft.py
+	$(BIN)/python bench/serve_throughput.py --threads 1
 
 clean:
-	rm -rf .dagster_home .artifacts .alerts
+	rm -rf .dagster_home .artifacts .alerts .serve

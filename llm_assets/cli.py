@@ -299,6 +299,43 @@ def cmd_override(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model of a size's current release (or any model artifact) over an OpenAI-compatible API."""
+    manifest = _open_project(args)
+    if manifest is None:
+        return EXIT_FAILED
+    from llm_assets.definitions import build_definitions
+    from llm_assets.release.pointer import current_release, read_release
+    from llm_assets.serving import ServeConfig, serve
+    from resources.artifact_store import ArtifactStoreError
+
+    store = build_definitions().resources["artifact_store"].get_store()
+    if args.model:
+        sha, what = args.model, "given by --model"
+    else:
+        sizes = sorted(manifest.model_sizes)
+        size = args.size or (sizes[0] if len(sizes) == 1 else None)
+        if size not in manifest.model_sizes:
+            print(f"name a model size with --size (the manifest's model_sizes: {', '.join(sizes)})", file=sys.stderr)
+            return EXIT_FAILED
+        release = current_release(store, size)
+        if release is None:
+            print(f"no release of {size!r} promoted yet: materialize the graph (llm-assets materialize), "
+                  "or serve a model artifact with --model HASH", file=sys.stderr)
+            return EXIT_FAILED
+        sha, what = read_release(store, release)["model"]["sha256"], f"current release {release[:12]} of {size}"
+    try:
+        model_dir = store.local_dir(sha, verify=True)  # the hash gate: serve only the recorded bytes
+    except ArtifactStoreError as exc:  # InvalidKeyError (a malformed hash) is one too
+        print(f"cannot serve model {sha[:12]}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    config = ServeConfig(api_key=os.environ.get("LLM_ASSETS_API_KEY") or None, max_tokens=args.max_tokens,
+                         max_batch_size=args.max_batch_size, request_log=Path(args.request_log))
+    print(f"serving model {sha[:12]} ({what}) on http://{args.host}:{args.port}/v1; request log {args.request_log}")
+    serve(model_dir, sha, host=args.host, port=args.port, config=config)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__)
     parser.add_argument(
@@ -330,9 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--select", help="replay only these assets (a selection closed under its upstream)")
     replay.add_argument("--rtol", type=float, default=0.05,
                         help="relative tolerance on gate figures of training stages (default 0.05)")
+    serve = sub.add_parser("serve", help="serve a size's current release over an OpenAI-compatible API")
+    which = serve.add_mutually_exclusive_group()
+    which.add_argument("--size", help="model size whose current release to serve (default: the manifest's only size)")
+    which.add_argument("--model", help="sha256 of a model artifact in the store, instead of a release")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default 127.0.0.1); set LLM_ASSETS_API_KEY before binding another")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-tokens", type=int, default=256, help="cap on a request's max_tokens (default 256)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    serve.add_argument("--request-log", default=str(PROJECT_ROOT / ".serve" / "requests.jsonl"),
+                       help="JSONL request log (default .serve/requests.jsonl)")
     args = parser.parse_args(argv)
     handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify, "override": cmd_override,
-               "rollback": cmd_rollback, "releases": cmd_releases, "lock": cmd_lock, "replay": cmd_replay}[args.command]
+               "rollback": cmd_rollback, "releases": cmd_releases, "lock": cmd_lock, "replay": cmd_replay,
+               "serve": cmd_serve}[args.command]
     return handler(args)
 
 

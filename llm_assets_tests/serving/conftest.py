@@ -1,0 +1,94 @@
+"""Fixtures: the evaluation tests' tiny trained model, stored as an artifact, and a real server for it
+on 127.0.0.1 (uvicorn in a background thread, stopped at teardown)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from llm_assets.serving import ServeConfig, create_app
+
+# The same tiny model the evaluation tests build (trained on docstrings and their chats in about a
+# second): imported fixtures, not copies of them.
+from llm_assets_tests.evaluation.conftest import heldout, tokenizer_dir, trained_dir  # noqa: F401
+from resources.artifact_store import open_store
+
+API_KEY = "test-key"
+CONFIG = dict(api_key=API_KEY, max_request_bytes=4096, max_prompt_tokens=96, max_tokens=48, max_batch_size=8,
+              batch_wait_ms=20)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str
+    model_dir: Path
+    sha256: str
+    request_log: Path
+    app: Starlette
+
+    def call(self, path: str, body: Any = None, *, key: str | None = API_KEY, raw: bytes | None = None,
+             timeout: float = 60) -> Reply:
+        """GET (no body) or POST a JSON body (or raw bytes); HTTP errors are replies too."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return Reply(response.status, json.loads(response.read()), dict(response.headers))
+        except urllib.error.HTTPError as error:
+            return Reply(error.code, json.loads(error.read()), dict(error.headers))
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.read().decode()
+
+
+@pytest.fixture(scope="session")
+def model_artifact(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:  # noqa: F811
+    """The model as the pipeline hands it to a server: a directory of the store, and its hash."""
+    store = open_store(str(tmp_path_factory.mktemp("store")))
+    sha256 = store.put_dir(trained_dir).sha256
+    return store.local_dir(sha256, verify=True), sha256
+
+
+@pytest.fixture(scope="session")
+def server(model_artifact: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    model_dir, sha256 = model_artifact
+    log_path = tmp_path_factory.mktemp("serve") / "requests.jsonl"
+    app = create_app(model_dir, sha256, ServeConfig(**CONFIG, request_log=log_path))
+    # Bound here, to port 0: no race for a "free" port between finding it and listening on it.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start; see the log above")
+        time.sleep(0.02)
+    yield RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", model_dir, sha256, log_path, app)
+    uv.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+    assert not thread.is_alive(), "the server did not stop"
+    assert not app.state.engine.alive, "the generation worker outlived the server"
