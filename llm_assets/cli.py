@@ -169,6 +169,9 @@ def _rollback_release(defs, hash_prefix: str, partition: str | None) -> int:
             metadata={"current_release": moved.sha256, "replaced": moved.previous or "", "by": moved.by}))
     print(f"release[{moved.partition}]: current release moved from {(moved.previous or 'none')[:12]} back to "
           f"{moved.sha256[:12]} (promoted {target.moved_at})")
+    if dg.AssetKey("server_spec") in defs.resolve_asset_graph().materializable_asset_keys:
+        print("re-rendering the server spec of that release and smoke-testing it")
+        return _materialize('key:"server_spec"', [moved.partition])
     return EXIT_OK
 
 

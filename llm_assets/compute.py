@@ -7,6 +7,9 @@ from typing import Any
 from llm_assets.manifest import StageCompute
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
+GPU_RESOURCE = "nvidia.com/gpu"
+# GPU node pools are usually tainted so that only pods asking for GPUs land there.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 
 
 def k8s_config(compute: StageCompute) -> dict[str, Any]:
@@ -15,13 +18,13 @@ def k8s_config(compute: StageCompute) -> dict[str, Any]:
     limits: dict[str, str] = {"memory": compute.memory}
     if compute.gpus:
         # Extended resources must be limits (a request, if given, has to equal the limit).
-        limits["nvidia.com/gpu"] = str(compute.gpus)
+        limits[GPU_RESOURCE] = str(compute.gpus)
     config: dict[str, Any] = {"container_config": {"resources": {"requests": requests, "limits": limits}}}
     pod_spec: dict[str, Any] = {}
     if compute.node_selector:
         pod_spec["node_selector"] = dict(compute.node_selector)
     if compute.gpus:
-        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        pod_spec["tolerations"] = [dict(GPU_TOLERATION)]
     if pod_spec:
         config["pod_spec_config"] = pod_spec
     return config

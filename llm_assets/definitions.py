@@ -7,7 +7,6 @@ Definitions load the manifest once, here.
 from __future__ import annotations
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from dagster_k8s import k8s_job_executor
 
 from llm_assets import data, tokenizer
@@ -18,16 +17,15 @@ from llm_assets.posttrain.assets import build_posttrain_assets
 from llm_assets.pretrain.assets import build_pretrain_assets
 from llm_assets.release.assets import build_release_assets
 from llm_assets.sensors import alert_sensor
-from llm_assets.settings import Settings
+from llm_assets.serving.assets import build_serving_assets
+from llm_assets.settings import Settings, artifact_store_resource
 from resources.alert_sinks import AlertSinksResource
-from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandleIOManager
 
 
 def build_resources(settings: Settings) -> dict[str, object]:
-    s3 = S3Resource(endpoint_url=settings.s3_endpoint_url) if settings.store_uri.startswith("s3://") else None
     return {
-        "artifact_store": ArtifactStoreResource(uri=settings.store_uri, s3=s3),
+        "artifact_store": artifact_store_resource(settings),
         "artifact_io": ArtifactHandleIOManager(),
         "pipeline": PipelineResource(manifest_path=settings.manifest),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
@@ -45,11 +43,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     eval_assets, eval_checks = build_evaluation_assets(manifest)
     # The release reads the verdicts of every check of its lineage: it gets this graph (bound below).
     release_assets, release_checks = build_release_assets(manifest, lambda: defs.resolve_asset_graph())
-    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets, *release_assets]
+    serving_assets, serving_checks = build_serving_assets(manifest)
+    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets, *release_assets,
+              *serving_assets]
     defs = dg.Definitions(
         assets=assets,
         asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks,
-                      *posttrain_checks, *eval_checks, *release_checks],
+                      *posttrain_checks, *eval_checks, *release_checks, *serving_checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings),
         # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute).

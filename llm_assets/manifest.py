@@ -389,6 +389,31 @@ class EvalRecipe(Strict):
         return [_against_manifest(p, info) for p in paths]
 
 
+class ServingRecipe(Strict):
+    """How a release is served: the CPU server of `llm-assets serve` (smoke-tested by the graph)
+    and the GPU deployment rendered for Kubernetes (vLLM's OpenAI-compatible server)."""
+
+    image: str = Field("vllm/vllm-openai:v0.11.0", description="The serving image on the GPU nodes")
+    namespace: str = Field("llm-serving", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    host: str = Field("llm.example.com", description="The endpoint's DNS name (the Service is reached through it)")
+    gpus_per_replica: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    target_cpu_utilization: int = Field(70, gt=0, le=100, description="Autoscaler target, percent of requests")
+    max_tokens: int = Field(256, gt=0, description="Cap on a request's max_tokens")
+    max_batch_size: int = Field(8, gt=0, description="Requests decoded together")
+    smoke_prompts: list[str] = Field(
+        default_factory=lambda: ["def parse(text):", "What does `json.dumps` do?"], min_length=1,
+        description="Sent to the released model by the blocking smoke check",
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServingRecipe:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
+        return self
+
+
 class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
     clean: CleanRecipe = CleanRecipe()
@@ -402,6 +427,7 @@ class Stages(Strict):
     reward: RewardRecipe | None = None
     policy: PolicyRecipe | None = None
     evaluation: EvalRecipe | None = None
+    serving: ServingRecipe | None = None
 
 
 class GateSpec(Strict):
@@ -515,6 +541,13 @@ class PipelineManifest(Strict):
                    and (gate not in self.gates or getattr(self.gates[gate], bound) is None)]
         if missing:
             raise ValueError("a threshold is missing for a required gate: " + "; ".join(missing))
+        return self
+
+    @model_validator(mode="after")
+    def _serving_needs_a_release(self) -> PipelineManifest:
+        if self.stages.serving is not None and self.stages.evaluation is None:
+            raise ValueError("stages.serving serves the release, which promotes an evaluated model: "
+                             "add stages.evaluation")
         return self
 
     @model_validator(mode="after")

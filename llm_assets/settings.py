@@ -58,3 +58,13 @@ def prepare_dagster_home(home: Path) -> Path:
     if not config.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", config)
     return home
+
+
+def artifact_store_resource(settings: Settings):
+    """The artifact store these settings name: a local directory, or S3 through dagster-aws."""
+    from dagster_aws.s3 import S3Resource
+
+    from resources.artifact_store_resource import ArtifactStoreResource
+
+    s3 = S3Resource(endpoint_url=settings.s3_endpoint_url) if settings.store_uri.startswith("s3://") else None
+    return ArtifactStoreResource(uri=settings.store_uri, s3=s3)

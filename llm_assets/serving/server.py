@@ -23,9 +23,11 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -411,6 +413,30 @@ def serve(model_dir: Path, model_sha256: str, *, host: str = "127.0.0.1", port: 
     app = create_app(model_dir, model_sha256, config)
     # The request log replaces uvicorn's access log: one line per request, with tokens and the model.
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
+
+
+@contextlib.contextmanager
+def running(app: Starlette, host: str = "127.0.0.1", timeout: float = 30) -> Iterator[str]:
+    """Serve `app` from a background thread on a port the OS picks; yields the base URL and stops
+    the server on exit. The socket is bound before the server starts: no race for a free port."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start within {timeout:.0f}s; see the log above")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)
+        sock.close()
+        if thread.is_alive():
+            raise RuntimeError(f"the server did not stop within {timeout:.0f}s")
 
 
 def _field_problems(exc: ValidationError, cls: type[BaseModel]) -> dict[str, str]:

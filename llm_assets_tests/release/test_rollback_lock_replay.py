@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dagster as dg
 import yaml
 
 from llm_assets.cli import main
@@ -14,18 +15,26 @@ from llm_assets.release.pointer import current_release
 from llm_assets_tests.posttrain.test_assets import EVALUATION, POSTTRAIN
 from llm_assets_tests.pretrain.test_assets import with_training
 from resources.artifact_store import open_store
+from resources.handles import latest_materializations
 
 
 def with_sft_and_release(manifest_path: Path) -> dict:
-    """Pretraining of one tiny size, SFT, evaluation: the release promotes the SFT model."""
+    """Pretraining of one tiny size, SFT, evaluation: the release promotes the SFT model, and the
+    server spec serves it."""
     with_training(manifest_path, steps=30)
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["model_sizes"] = {"xs": manifest["model_sizes"]["xs"]}
     manifest["stages"].update(sft={**POSTTRAIN["sft"], "steps": 12}, posttrain_data={"max_answer_chars": 160},
-                              evaluation=EVALUATION)
+                              evaluation=EVALUATION, serving={"smoke_prompts": ["def parse(text):"]})
     manifest["gates"].update({"sft_val_loss": {"max": 8.0}, "heldout_perplexity.bits_per_byte": {"max": 8.0}})
     manifest_path.write_text(yaml.safe_dump(manifest))
     return manifest
+
+
+def served_release() -> str:
+    """The release the current server spec of xs serves."""
+    with dg.DagsterInstance.get() as instance:
+        return latest_materializations(instance, dg.AssetKey("server_spec"), ["xs"])["xs"].metadata["release"].value
 
 
 def outcomes(output: str) -> dict[str, str]:
@@ -46,29 +55,32 @@ def test_rollback_from_sft_restores_the_earlier_release_and_a_lock_replays(setti
     assert main([*cli, "materialize"]) == 0
     first = current_release(store, "xs")
     assert first is not None and outcomes(capsys.readouterr().out)["release"] == "miss"
+    assert served_release() == first
 
     # A new SFT recipe: the SFT model and what follows it are rebuilt; the new release replaces the first.
     changed = {**manifest, "stages": {**manifest["stages"], "sft": {**manifest["stages"]["sft"], "learning_rate": 1e-3}}}
     manifest_path.write_text(yaml.safe_dump(changed))
     assert main([*cli, "materialize", "--select", "key:sft_model+"]) == 0
     assert set(outcomes(capsys.readouterr().out).items()) == {("sft_model", "miss"), ("eval_report", "miss"),
-                                                              ("release", "miss")}
+                                                              ("release", "miss"), ("server_spec", "miss")}
     second = current_release(store, "xs")
-    assert second not in (None, first)
+    assert second not in (None, first) and served_release() == second
 
     # The recipe is put back and the graph rolled back from SFT: the same fingerprints, so every step
     # is a cache hit, nothing upstream of SFT runs, and the first release is current again.
     manifest_path.write_text(yaml.safe_dump(manifest))
     assert main([*cli, "rollback", "--from", "sft_model", "--partition", "xs"]) == 0
     out = capsys.readouterr().out
-    assert "rematerializing eval_report, release, sft_model; every other asset is reused" in out
-    assert outcomes(out) == {"sft_model": "hit", "eval_report": "hit", "release": "hit"}
-    assert current_release(store, "xs") == first
+    assert "rematerializing eval_report, release, server_spec, sft_model; every other asset is reused" in out
+    assert outcomes(out) == {"sft_model": "hit", "eval_report": "hit", "release": "hit", "server_spec": "hit"}
+    assert current_release(store, "xs") == first and served_release() == first
 
-    # The pointer alone moves back to the second release, by a prefix of its hash.
+    # The pointer moves back to the second release, by a prefix of its hash; the server spec follows
+    # (its smoke test runs again).
     assert main([*cli, "rollback", "--release", second[:10]]) == 0
-    assert f"moved from {first[:12]} back to {second[:12]}" in capsys.readouterr().out
-    assert current_release(store, "xs") == second
+    out = capsys.readouterr().out
+    assert f"moved from {first[:12]} back to {second[:12]}" in out and set(outcomes(out)) == {"server_spec"}
+    assert current_release(store, "xs") == second and served_release() == second
     assert main([*cli, "releases"]) == 0
     history = capsys.readouterr().out
     assert history.count("promote") == 3 and f"{second[:12]}   rollback" in history

@@ -4,9 +4,6 @@ on 127.0.0.1 (uvicorn in a background thread, stopped at teardown)."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 
-from llm_assets.serving import ServeConfig, create_app
+from llm_assets.serving import ServeConfig, create_app, running
 
 # The same tiny model the evaluation tests build (trained on docstrings and their chats in about a
 # second): imported fixtures, not copies of them.
@@ -75,20 +71,5 @@ def server(model_artifact: tuple[Path, str], tmp_path_factory: pytest.TempPathFa
     model_dir, sha256 = model_artifact
     log_path = tmp_path_factory.mktemp("serve") / "requests.jsonl"
     app = create_app(model_dir, sha256, ServeConfig(**CONFIG, request_log=log_path))
-    # Bound here, to port 0: no race for a "free" port between finding it and listening on it.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start; see the log above")
-        time.sleep(0.02)
-    yield RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", model_dir, sha256, log_path, app)
-    uv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
-    assert not thread.is_alive(), "the server did not stop"
-    assert not app.state.engine.alive, "the generation worker outlived the server"
+    with running(app) as url:
+        yield RunningServer(url, model_dir, sha256, log_path, app)

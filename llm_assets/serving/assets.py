@@ -1,0 +1,99 @@
+"""server_spec: how the current release of a model size is served (the release pointer's, which
+`llm-assets rollback --release` may have moved back). The spec (endpoint, model
+hash, serving config, observability) and the Kubernetes manifests for GPU nodes are the artifact;
+two blocking checks guard it: the manifests validate against the Kubernetes API schemas, and a
+smoke test runs the real server on 127.0.0.1 with the released model.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+import kubernetes_validate
+import yaml
+
+from llm_assets.artifacts import artifact_asset, materialize_artifact
+from llm_assets.checks.scope import artifacts_under_check
+from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.release.pointer import current_release, read_release
+from llm_assets.serving.smoke import smoke_test
+from llm_assets.serving.spec import render_manifests, spec_document
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import ArtifactHandle
+
+SPEC_FILE = "server_spec.yaml"
+K8S_VERSION = "1.31"
+FETCH_IMAGE = "llm-assets:latest"  # the project's image (Dockerfile): its fetch module verifies the model
+
+
+def build_serving_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    if manifest.stages.serving is None or manifest.stages.evaluation is None or not manifest.model_sizes:
+        return [], []
+    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
+
+    @artifact_asset(
+        partitions_def=model_sizes, code_version="1", kinds={"kubernetes", "openai"}, group_name="serving",
+        description="Endpoint, model hash, serving config and observability of the release, with its vLLM "
+                    "Deployment, Service and autoscaler for GPU nodes.",
+    )
+    def server_spec(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                          artifact_store: ArtifactStoreResource, release: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        store, recipe = artifact_store.get_store(), pipeline.load().stages.serving
+        # What is served is the size's current release: after `llm-assets rollback --release`, an
+        # earlier one than the latest materialization of `release`.
+        current = current_release(store, context.partition_key) or release.sha256
+        model_sha = read_release(store, current)["model"]["sha256"]
+        model_uri = store.ref(model_sha).uri
+        store_uri = artifact_store.uri
+
+        def build(out: Path) -> dict:
+            spec = spec_document(recipe, context.partition_key, model_sha, current, model_uri)
+            (out / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+            manifests = render_manifests(recipe, context.partition_key, model_sha, FETCH_IMAGE, store_uri)
+            for filename, resource in zip(spec["manifests"], manifests, strict=True):
+                (out / filename).write_text(yaml.safe_dump(resource, sort_keys=False))
+            return {"endpoint": spec["endpoint"], "model_sha256": model_sha, "release": current,
+                    "manifests": dg.MetadataValue.md("\n\n".join(
+                        f"`{name}`\n```yaml\n{yaml.safe_dump(doc, sort_keys=False)}```"
+                        for name, doc in zip(spec["manifests"], manifests, strict=True)))}
+
+        return materialize_artifact(context, store, kind="server_spec", build=build,
+                                    config={"recipe": recipe, "store": store_uri, "release": current},
+                                    inputs={"release": release})
+
+    @dg.asset_check(asset=server_spec, blocking=True, partitions_def=model_sizes,
+                    description=f"Every rendered manifest validates against the Kubernetes {K8S_VERSION} schemas (strict).")
+    def manifests_validate(context: dg.AssetCheckExecutionContext,
+                           artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        store, problems, checked = artifact_store.get_store(), [], 0
+        for handle, _ in artifacts_under_check(context, server_spec.key, True, store):
+            spec = yaml.safe_load(store.read_bytes(handle.sha256, SPEC_FILE))
+            for filename in spec["manifests"]:
+                resource = yaml.safe_load(store.read_bytes(handle.sha256, filename))
+                try:
+                    kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
+                    checked += 1
+                except kubernetes_validate.ValidationError as exc:
+                    problems.append(f"{handle.label} {filename}: {exc}")
+        return dg.AssetCheckResult(passed=checked > 0 and not problems, severity=dg.AssetCheckSeverity.ERROR,
+                                   description="; ".join(problems) or f"{checked} manifest(s) valid",
+                                   metadata={"manifests": checked})
+
+    @dg.asset_check(asset=server_spec, blocking=True, partitions_def=model_sizes,
+                    description="Starts the server on 127.0.0.1 with the released model, sends the manifest's "
+                                "smoke prompts, checks auth, the model hash and the answers, and stops it.")
+    def server_smoke(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
+                     artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        store, recipe = artifact_store.get_store(), pipeline.load().stages.serving
+        problems, metadata = [], {}
+        for handle, _ in artifacts_under_check(context, server_spec.key, True, store):
+            model_sha = yaml.safe_load(store.read_bytes(handle.sha256, SPEC_FILE))["model"]["sha256"]
+            result = smoke_test(store.local_dir(model_sha, verify=True), model_sha, recipe.smoke_prompts)
+            problems += [f"{handle.label}: {p}" for p in result.problems]
+            metadata = {"model_sha256": model_sha, "requests": len(recipe.smoke_prompts),
+                        "seconds": round(result.seconds, 2),
+                        "answers": dg.MetadataValue.json(dict(zip(recipe.smoke_prompts, result.answers)))}
+        return dg.AssetCheckResult(passed=bool(metadata) and not problems, severity=dg.AssetCheckSeverity.ERROR,
+                                   description="; ".join(problems) or "the server answers from the released model",
+                                   metadata=metadata)
+
+    return [server_spec], [manifests_validate, server_smoke]
