@@ -52,6 +52,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a server started with start_new_session=True: SIGTERM to its group, SIGKILL if it lingers."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,11 +95,7 @@ def seaweedfs(tmp_path_factory) -> Iterator[str]:
                 raise RuntimeError(f"SeaweedFS did not start; log: {(data / 'weed.log').read_text()[-2000:]}")
             time.sleep(0.3)
     yield endpoint
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_process_group(proc)
     log.close()
 
 

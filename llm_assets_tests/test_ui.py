@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ import yaml
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
 from llm_assets.settings import PROJECT_ROOT, Settings, prepare_dagster_home
+from llm_assets_tests.conftest import stop_process_group
 
 README_SCREENSHOT = PROJECT_ROOT / "docs" / "img" / "asset-graph.png"
 # Debian's chromium: `playwright install` would download browsers, and there is no network for it.
@@ -131,12 +131,7 @@ def ui(tmp_path: Path) -> Iterator[UI]:
         assert _graphql(url, "mutation { setNuxSeen }")["setNuxSeen"] is True
         yield UI(url=url, expected=expected, log=log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def _shown_as(label: str, key: str) -> bool:
