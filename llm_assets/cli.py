@@ -151,7 +151,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _rollback_release(defs, hash_prefix: str, partition: str | None) -> int:
     import dagster as dg
 
-    from llm_assets.release.pointer import ReleaseError, find_promoted, move_release
+    from llm_assets.release.pointer import ReleaseError, current_release, find_promoted, move_release
 
     store = defs.resources["artifact_store"].get_store()
     try:
@@ -159,10 +159,10 @@ def _rollback_release(defs, hash_prefix: str, partition: str | None) -> int:
     except ReleaseError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
-    moved = move_release(store, target.partition, target.sha256, "rollback", by=os.environ.get("USER", "cli"))
-    if moved.previous == moved.sha256:
-        print(f"release[{moved.partition}] is already {moved.sha256[:12]}")
+    if current_release(store, target.partition) == target.sha256:
+        print(f"release[{target.partition}] is already {target.sha256[:12]}")
         return EXIT_OK
+    moved = move_release(store, target.partition, target.sha256, "rollback", by=os.environ.get("USER", "cli"))
     with dg.DagsterInstance.get() as instance:  # shown on the release asset in the UI
         instance.report_runless_asset_event(dg.AssetObservation(
             asset_key="release", partition=moved.partition, description="current release moved back",

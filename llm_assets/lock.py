@@ -16,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from llm_assets.checks.gates import list_overrides
+from llm_assets.checks.gates import GateOverride, list_overrides
 from llm_assets.checks.results import check_verdicts
 from llm_assets.manifest import PipelineManifest
 from llm_assets.release.pointer import current_release
@@ -25,6 +25,7 @@ from resources.artifact_store import ArtifactStore
 from resources.handles import META_BUILD_SECONDS, META_GIT_COMMIT, input_records, latest_materializations
 
 LOCK_FORMAT = 1
+ENTRY_FIELDS = ("asset", "partition", "group", "sha256", "inputs", "checks", "overrides")
 
 
 class LockError(ValueError):
@@ -87,4 +88,13 @@ def read_lock(path: Path) -> dict[str, Any]:
     missing = [f for f in ("manifest", "assets") if f not in lock]
     if missing:
         raise LockError(f"{path}: the lock lacks {', '.join(missing)}; export it again with `llm-assets lock`")
+    for n, entry in enumerate(lock["assets"]):
+        lacking = [f for f in ENTRY_FIELDS if not isinstance(entry, dict) or f not in entry]
+        if lacking:
+            raise LockError(f"{path}: assets[{n}] lacks {', '.join(lacking)}; export the lock again")
+        for override in entry["overrides"]:
+            try:
+                GateOverride(**override)
+            except TypeError as exc:
+                raise LockError(f"{path}: assets[{n}] ({entry['asset']}) has a malformed override: {exc}") from None
     return lock

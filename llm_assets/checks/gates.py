@@ -61,15 +61,20 @@ def gate_metadata(gates: dict[str, GateSpec], name: str, baseline: float | None 
     return metadata
 
 
-def baseline_figure(store: ArtifactStore, gates: dict[str, GateSpec], name: str, partition: str | None) -> float | None:
+def baseline_figure(store: ArtifactStore, gates: dict[str, GateSpec], name: str, partition: str | None,
+                    sha256: str) -> float | None:
     """The figure a relative gate is measured from: what this gate recorded for the current
-    release of the same model size (None before the first release)."""
+    release of the same model size. None before the first release, when the figure was not
+    finite, and when the artifact under judgment is part of that release (it would be measured
+    against itself)."""
     gate = gates.get(name)
     if gate is None or gate.baseline != "release" or partition is None:
         return None
     release = current_release_document(store, partition)
-    value = (release or {}).get("gate_values", {}).get(name)
-    return float(value) if value is not None else None
+    if release is None or sha256 in {entry["sha256"] for entry in release.get("lineage", [])}:
+        return None
+    value = release.get("gate_values", {}).get(name)
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def judge_gate(store: ArtifactStore, gates: dict[str, GateSpec], name: str, valu
                partition: str | None, sha256: str, other_problems: list[str] | None = None) -> GateJudgement:
     """One gate on one artifact: its thresholds (absolute and against the baseline), plus any
     problems the check found besides, unless a reviewer overrode this gate for this artifact."""
-    baseline = baseline_figure(store, gates, name, partition)
+    baseline = baseline_figure(store, gates, name, partition, sha256)
     problems = [*(other_problems or []), *gate_problems(gates, name, value, partition or name, baseline)]
     passed, why, override = verdict(store, name, partition, sha256, problems)
     return GateJudgement(passed, why, {name: value, **gate_metadata(gates, name, baseline), **override})

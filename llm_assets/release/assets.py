@@ -8,6 +8,7 @@ lineage, gate figures, the overrides it relies on) as an artifact and moves the 
 to it (`release.pointer`); the previous release stays in the store and in the history.
 """
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -36,8 +37,12 @@ def lineage(instance: dg.DagsterInstance, asset_graph, asset_key: dg.AssetKey,
         same_size = isinstance(partitions_def, dg.StaticPartitionsDefinition) and \
             partition in partitions_def.get_partition_keys()
         current = latest_materializations(instance, key, [partition] if same_size else None)
+        # A shard removed from the partitions since is no longer part of anything downstream.
+        existing = None if partitions_def is None or same_size else \
+            set(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
         for part, mat in sorted(current.items(), key=lambda item: item[0] or ""):
-            yield key, part, mat
+            if existing is None or part in existing:
+                yield key, part, mat
 
 
 def _refusal(held: list[CheckVerdict], partition: str) -> str:
@@ -99,7 +104,7 @@ def build_release_assets(manifest: PipelineManifest, whole_graph: Callable[[], A
             "model": model.as_input_record(),
             "eval_report": eval_report.as_input_record(),
             "lineage": records,
-            "gate_values": {g: value for v in verdicts for g, value in v.gate_values().items()},
+            "gate_values": {g: value for v in verdicts for g, value in v.gate_values().items() if math.isfinite(value)},
             "overrides": [asdict(o) for o in list_overrides(store) if (o.asset, o.partition, o.sha256) in in_lineage],
         }
 

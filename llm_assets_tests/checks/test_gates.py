@@ -19,7 +19,9 @@ def local_store(tmp_path) -> ArtifactStore:
 
 def _release(store: ArtifactStore, tmp_path, partition: str, gate_values: dict) -> str:
     src = Path(tempfile.mkdtemp(dir=tmp_path))
-    (src / RELEASE_JSON).write_text(json.dumps({"partition": partition, "gate_values": gate_values}))
+    lineage = [{"asset": "eval_report", "partition": partition, "sha256": "e" * 64}]
+    (src / RELEASE_JSON).write_text(json.dumps({"partition": partition, "gate_values": gate_values,
+                                                "lineage": lineage}))
     return store.put_dir(src).sha256
 
 
@@ -35,6 +37,8 @@ def test_a_relative_gate_is_measured_from_the_current_release(local_store, tmp_p
     assert worse.description == "xs: heldout_mc.acc 0.45 < release baseline 0.5 + min_delta -0.02"
     assert worse.metadata["gate_heldout_mc.acc_baseline"] == 0.5 and worse.metadata["heldout_mc.acc"] == 0.45
     assert judge_gate(local_store, gates, "heldout_mc.acc", 0.49, "xs", "a" * 64).passed
+    # The released report itself is not measured against its own figure.
+    assert judge_gate(local_store, gates, "heldout_mc.acc", 0.45, "xs", "e" * 64).passed
     # Another model size has its own release (none yet): the relative bound does not apply.
     assert judge_gate(local_store, gates, "heldout_mc.acc", 0.45, "s", "a" * 64).passed
     # Absolute bounds still hold on their own.

@@ -1,7 +1,10 @@
-"""The release pointer and the replay comparison, without Dagster."""
+"""The release pointer, the lock file and the replay comparison, without Dagster."""
+
+import json
 
 import pytest
 
+from llm_assets.lock import LockError, read_lock
 from llm_assets.release.pointer import (
     RELEASE_JSON,
     ReleaseError,
@@ -69,3 +72,20 @@ def test_replay_comparison_is_strict_for_data_and_tolerant_for_training():
     assert rows["sft_model"].status == DIFFERENT and "sft_val_loss 4 -> 4.8 (16.7%)" in rows["sft_model"].detail
     assert rows["scaling_law"].status == EQUIVALENT  # no figure of its own; its input is equivalent
     assert rows["policy"].status == MISSING and not rows["policy"].ok
+
+
+def test_a_malformed_lock_is_refused_naming_what_is_wrong(tmp_path):
+    path = tmp_path / "run.lock.json"
+    with pytest.raises(LockError, match="no such lock file"):
+        read_lock(path)
+    path.write_text("{not json")
+    with pytest.raises(LockError, match="not a JSON run lock"):
+        read_lock(path)
+    entry = {"asset": "policy", "partition": "xs", "group": "posttrain", "sha256": "a" * 64, "inputs": [],
+             "checks": [], "overrides": [{"gate": "policy_kl"}]}
+    path.write_text(json.dumps({"format": 1, "manifest": {}, "assets": [{k: v for k, v in entry.items() if k != "checks"}]}))
+    with pytest.raises(LockError, match=r"assets\[0\] lacks checks"):
+        read_lock(path)
+    path.write_text(json.dumps({"format": 1, "manifest": {}, "assets": [entry]}))
+    with pytest.raises(LockError, match=r"assets\[0\] \(policy\) has a malformed override"):
+        read_lock(path)
