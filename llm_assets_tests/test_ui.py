@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -116,7 +117,7 @@ def ui(tmp_path: Path) -> Iterator[UI]:
     with open(log, "wb") as log_file:
         # Its own session (process group): the webserver and the code server it spawns go together.
         proc = subprocess.Popen(
-            [shutil.which("dagster-webserver") or "dagster-webserver", "-h", "127.0.0.1", "-p", str(port),
+            [sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port),
              "-m", "llm_assets.definitions", "-d", str(PROJECT_ROOT)],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
         )
