@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Quantization runs in an environment of its own (llm_assets/quantize): gptqmodel and Dagster
+# require incompatible protobuf versions.
+QUANT_VENV := .venv-quant
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -20,7 +23,14 @@ $(BIN)/llm-assets: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(BIN)/llm-assets
+$(QUANT_VENV)/installed: requirements-quantize.txt pyproject.toml
+	$(PYTHON) -m venv $(QUANT_VENV)
+	$(QUANT_VENV)/bin/pip install --quiet torch==2.13.0
+	$(QUANT_VENV)/bin/pip install --quiet -r requirements-quantize.txt
+	$(QUANT_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(BIN)/llm-assets $(QUANT_VENV)/installed
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)

@@ -39,6 +39,17 @@ def estimate_rows(manifest: PipelineManifest) -> list[dict]:
     ]
 
 
+
+def _partitioning(partitions_def: object) -> str:
+    """How the plan names an asset's partitions: dynamic by name, static by count, multi by dimension."""
+    import dagster as dg
+
+    if partitions_def is None:
+        return "-"
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        return " × ".join(d.name for d in partitions_def.partitions_defs)
+    return getattr(partitions_def, "name", None) or f"{len(partitions_def.get_partition_keys())} static"
+
 def cmd_plan(args: argparse.Namespace) -> int:
     try:
         manifest = load_manifest(args.manifest)
@@ -55,9 +66,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
         parents = ", ".join(sorted(p.to_user_string() for p in node.parent_keys)) or "(source)"
-        partitions = getattr(node.partitions_def, "name", None) or ("static" if node.partitions_def else "-")
+        partitions = _partitioning(node.partitions_def)
         checks = ", ".join(sorted(c.name for c in node.check_keys))
-        print(f"  {key.to_user_string():<22} <- {parents:<28} partitions: {partitions:<14} checks: {checks}")
+        print(f"  {key.to_user_string():<22} <- {parents:<28} partitions: {partitions:<20} checks: {checks}")
 
     rows = estimate_rows(manifest)
     budget = manifest.budget
@@ -99,9 +110,9 @@ def _materialize(selection: str | None, partitions: list[str] | None = None) -> 
 
     with dg.DagsterInstance.get() as instance:
         result = materialize_graph(build_definitions(), instance, selection=selection, partitions=partitions)
-    print(f"\n{'asset':<22} {'partition':<14} {'sha256':<14} {'cache':<6} {'seconds':>8}")
+    print(f"\n{'asset':<22} {'partition':<20} {'sha256':<14} {'cache':<6} {'seconds':>8}")
     for o in result.outcomes:
-        print(f"{o.asset:<22} {o.partition or '-':<14} {o.sha256[:12]:<14} "
+        print(f"{o.asset:<22} {o.partition or '-':<20} {o.sha256[:12]:<14} "
               f"{'hit' if o.cache_hit else 'miss':<6} {o.seconds:>8.2f}")
     print(f"\n{len(result.outcomes)} materialization(s), {result.cache_hits} cache hit(s), "
           f"{result.seconds:.1f}s; instance at {os.environ['DAGSTER_HOME']}")

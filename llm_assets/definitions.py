@@ -15,12 +15,14 @@ from llm_assets.evaluation.assets import build_evaluation_assets
 from llm_assets.manifest import PipelineResource, load_manifest
 from llm_assets.posttrain.assets import build_posttrain_assets
 from llm_assets.pretrain.assets import build_pretrain_assets
+from llm_assets.quantize.assets import build_quantize_assets
 from llm_assets.release.assets import build_release_assets
 from llm_assets.sensors import alert_sensor
 from llm_assets.serving.assets import build_serving_assets
 from llm_assets.settings import Settings, artifact_store_resource
 from resources.alert_sinks import AlertSinksResource
 from resources.handles import ArtifactHandleIOManager
+from resources.quantize_environment import QuantizeEnvironmentResource
 
 
 def build_resources(settings: Settings) -> dict[str, object]:
@@ -29,6 +31,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "artifact_io": ArtifactHandleIOManager(),
         "pipeline": PipelineResource(manifest_path=settings.manifest),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "quantize_environment": QuantizeEnvironmentResource(python=settings.quantize_python),
         "alert_sinks": AlertSinksResource(
             jsonl_path=settings.alerts_jsonl, webhook_url=settings.alert_webhook_url
         ),
@@ -44,12 +47,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     # The release reads the verdicts of every check of its lineage: it gets this graph (bound below).
     release_assets, release_checks = build_release_assets(manifest, lambda: defs.resolve_asset_graph())
     serving_assets, serving_checks = build_serving_assets(manifest)
+    quantize_assets, quantize_checks = build_quantize_assets(manifest)
     assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets, *release_assets,
-              *serving_assets]
+              *serving_assets, *quantize_assets]
     defs = dg.Definitions(
         assets=assets,
         asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks,
-                      *posttrain_checks, *eval_checks, *release_checks, *serving_checks],
+                      *posttrain_checks, *eval_checks, *release_checks, *serving_checks, *quantize_checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings),
         # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute).

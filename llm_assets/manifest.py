@@ -17,6 +17,9 @@ import dagster as dg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from llm_assets.quantize.worker import SCHEMES
+from llm_assets.quantize.worker import Scheme as QuantScheme
+
 MANIFEST_ENV = "LLM_ASSETS_MANIFEST"
 
 
@@ -414,6 +417,27 @@ class ServingRecipe(Strict):
         return self
 
 
+class QuantizeRecipe(Strict):
+    """quantized_model: the final model of each size quantized by each scheme, its quality on
+    held-out text compared with the full-precision model's (gates `quantized_perplexity_increase`,
+    optionally `quantized_accuracy_drop`)."""
+
+    schemes: list[QuantScheme] = Field(default_factory=lambda: list(SCHEMES), min_length=1)
+    group_size: int = Field(
+        32, gt=0, description="GPTQ: input columns sharing one scale; divides every size's hidden and intermediate size"
+    )
+    calibration_texts: int = Field(128, gt=0, description="Training-split documents in the GPTQ calibration set")
+    heldout_texts: int = Field(64, gt=0, description="Test-split documents on which both models are measured")
+    max_tokens: int = Field(256, gt=1, description="Each text is cut to this many tokens (and to the model's context)")
+
+    @field_validator("schemes")
+    @classmethod
+    def _unique(cls, schemes: list[str]) -> list[str]:
+        if len(set(schemes)) != len(schemes):
+            raise ValueError(f"schemes are listed twice: {schemes}")
+        return schemes
+
+
 class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
     clean: CleanRecipe = CleanRecipe()
@@ -428,6 +452,7 @@ class Stages(Strict):
     policy: PolicyRecipe | None = None
     evaluation: EvalRecipe | None = None
     serving: ServingRecipe | None = None
+    quantize: QuantizeRecipe | None = None
 
 
 class GateSpec(Strict):
@@ -496,7 +521,10 @@ STAGE_GATES = {
     "sft": ("sft_val_loss", "max"),
     "reward": ("reward_accuracy", "min"),
     "policy": ("policy_kl", "max"),
+    "quantize": ("quantized_perplexity_increase", "max"),
 }
+# The quantization gates: figures of one quantized model against its own full-precision model.
+QUANTIZE_GATES = ("quantized_perplexity_increase", "quantized_accuracy_drop")
 
 
 class PipelineManifest(Strict):
@@ -541,6 +569,27 @@ class PipelineManifest(Strict):
                    and (gate not in self.gates or getattr(self.gates[gate], bound) is None)]
         if missing:
             raise ValueError("a threshold is missing for a required gate: " + "; ".join(missing))
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_fits_the_models(self) -> PipelineManifest:
+        recipe = self.stages.quantize
+        if recipe is None:
+            return self
+        if self.stages.pretrain is None:
+            raise ValueError("stages.quantize quantizes a trained model: add stages.pretrain")
+        relative = [name for name in QUANTIZE_GATES if name in self.gates and self.gates[name].baseline is not None]
+        if relative:
+            raise ValueError(f"gates {', '.join(relative)} compare the quantized model with its own full-precision "
+                             "model; they take min/max only, not a release baseline")
+        if "gptq-4bit" in recipe.schemes:
+            g = recipe.group_size
+            misfit = [f"{name} (hidden_size {size.hidden_size}, intermediate_size {size.intermediate_size})"
+                      for name, size in self.model_sizes.items()
+                      if size.hidden_size % g or size.intermediate_size % g]
+            if misfit:
+                raise ValueError(f"stages.quantize.group_size {g} must divide the layer widths of every model size; "
+                                 f"it does not for {'; '.join(misfit)}: choose a divisor such as 16 or 32")
         return self
 
     @model_validator(mode="after")

@@ -91,7 +91,9 @@ def _partition_keys(asset_graph, instance: dg.DagsterInstance, wave: Sequence[dg
     if partitions_def is None:
         return [None]
     keys = list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
-    narrowed = [k for k in keys if k in (only or ())]
+    # A multi-dimensional key (model_size × scheme) is narrowed by any of its dimensions' keys.
+    narrowed = [k for k in keys if k in (only or ())
+                or isinstance(k, dg.MultiPartitionKey) and set(k.keys_by_dimension.values()) & set(only or ())]
     return narrowed or keys
 
 

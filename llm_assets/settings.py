@@ -20,6 +20,7 @@ class Settings:
     alert_webhook_url: str | None
     s3_endpoint_url: str | None
     executor: str = "in_process"  # or "k8s": each step in its own pod, with its op tags' resources
+    quantize_python: str = str(PROJECT_ROOT / ".venv-quant" / "bin" / "python")  # see llm_assets/quantize
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -31,6 +32,7 @@ class Settings:
             alert_webhook_url=env("LLM_ASSETS_ALERT_WEBHOOK_URL") or None,
             s3_endpoint_url=env("LLM_ASSETS_S3_ENDPOINT_URL") or None,
             executor=env("LLM_ASSETS_EXECUTOR") or "in_process",
+            quantize_python=env("LLM_ASSETS_QUANTIZE_PYTHON") or cls.quantize_python,
         )
 
 

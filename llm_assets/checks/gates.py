@@ -94,6 +94,19 @@ def judge_gate(store: ArtifactStore, gates: dict[str, GateSpec], name: str, valu
     return GateJudgement(passed, why, {name: value, **gate_metadata(gates, name, baseline), **override})
 
 
+def judge_gates(store: ArtifactStore, gates: dict[str, GateSpec], figures: dict[str, float],
+                partition: str | None, sha256: str, problems_by_gate: dict[str, list[str]] | None = None) -> GateJudgement:
+    """Several gates of one check on one artifact, each judged (and overridable) on its own; the
+    metadata keys of each gate's thresholds and override are prefixed with its name."""
+    problems, metadata = [], {}
+    for name, value in figures.items():
+        judged = judge_gate(store, gates, name, value, partition, sha256, (problems_by_gate or {}).get(name))
+        if not judged.passed:
+            problems.append(judged.description)
+        metadata.update({k if k.startswith((name, "gate_")) else f"{name}.{k}": v for k, v in judged.metadata.items()})
+    return GateJudgement(not problems, "; ".join(problems), metadata)
+
+
 @dataclass(frozen=True)
 class GateOverride:
     gate: str

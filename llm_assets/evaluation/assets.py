@@ -13,7 +13,7 @@ import polars as pl
 from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
+from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.harness import run_lm_eval
@@ -119,22 +119,16 @@ def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsD
         if not mats:
             return dg.AssetCheckResult(passed=False, description="no eval_report materialization to check")
         mat = mats[-1]
-        problems, metadata, held = [], {}, 0
+        figures, missing = {}, {}
         for name in sorted(n for n in gates if "." in n):
             entry = mat.metadata.get(name)
-            found = [] if entry is not None else [
-                f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
-                f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
-            value = float(entry.value) if entry is not None else float("nan")
-            judged = judge_gate(store, gates, name, value, mat.partition, mat.metadata["sha256"].value, found)
-            if not judged.passed:
-                problems.append(judged.description)
-            held += judged.passed
-            # Override records are per gate here: several gates share this one check.
-            metadata.update({k if k.startswith((name, "gate_")) else f"{name}.{k}": v
-                             for k, v in judged.metadata.items()})
-        return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-                                   description="; ".join(problems) or f"{held} eval gate(s) hold",
-                                   metadata=metadata)
+            figures[name] = float(entry.value) if entry is not None else float("nan")
+            if entry is None:
+                missing[name] = [f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
+                                 f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
+        judged = judge_gates(store, gates, figures, mat.partition, mat.metadata["sha256"].value, missing)
+        return dg.AssetCheckResult(passed=judged.passed, severity=dg.AssetCheckSeverity.ERROR,
+                                   description=judged.description or f"{len(figures)} eval gate(s) hold",
+                                   metadata=judged.metadata)
 
     return [eval_report], [eval_gates]

@@ -24,6 +24,7 @@ from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd, training_estimate
+from llm_assets.launch import run_worker
 from llm_assets.manifest import STAGE_GATES, PipelineManifest, PipelineResource
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.pretrain.job import RunSpec, StoreProgress
@@ -119,19 +120,9 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                 spec_path.write_text(spec.model_dump_json(indent=1))
                 context.log.info(f"training {size_name} in {processes} process(es): {estimate.flops:.3g} FLOPs")
                 started = time.perf_counter()
-                try:
-                    invocation = pipes_subprocess_client.run(
-                        context=context, command=launch_command(spec_path, processes), env=secrets,
-                    )
-                except Exception:
-                    # The worker's traceback is in the run's log (stderr and the Pipes closing event);
-                    # the step's failure says what went wrong in one line.
-                    error = Path(spec.error_file)
-                    if not error.exists():
-                        raise
-                    raise dg.Failure(f"training {size_name} failed: {error.read_text().splitlines()[0]}") from None
+                reported = run_worker(context, pipes_subprocess_client, launch_command(spec_path, processes),
+                                      env=secrets, error_file=Path(spec.error_file), what=f"training {size_name}")
                 wall = time.perf_counter() - started
-            reported = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
             return {
                 "parameters": size.matmul_parameters(),
                 **reported,

@@ -13,13 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
-from pydantic import BaseModel, ConfigDict
 
 from llm_assets.manifest import ModelSize
 from llm_assets.pretrain.checkpoint import latest_checkpoint
@@ -29,16 +26,13 @@ from llm_assets.pretrain.export import save_hf
 from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
 from llm_assets.pretrain.model import build_model, flops_per_token
 from llm_assets.progress import StepProgress
+from llm_assets.worker import Reporter, WorkerSpec, write_failure
 from resources.artifact_store_resource import store_from_config
 
 HISTORY_POINTS = 200  # loss-curve points reported to the UI
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StoreProgress(_Spec):
+class StoreProgress(WorkerSpec):
     """Where rank 0 commits checkpoints: the store, and the step they belong to."""
 
     store: dict[str, Any]  # ArtifactStoreResource.for_child_process()
@@ -47,7 +41,7 @@ class StoreProgress(_Spec):
     fingerprint: str
 
 
-class RunSpec(_Spec):
+class RunSpec(WorkerSpec):
     model: ModelSize
     train: dict[str, Any]  # TrainConfig fields
     train_bins: list[str]
@@ -63,34 +57,6 @@ class RunSpec(_Spec):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.train)
-
-
-class Reporter:
-    """Rank 0's voice: Dagster Pipes when a Pipes client launched us, JSON lines on stdout otherwise."""
-
-    def __init__(self, pipes: PipesContext | None) -> None:
-        self.pipes = pipes
-
-    @classmethod
-    def open(cls, dist: DistInfo) -> Reporter:
-        launched_by_pipes = dist.is_main and PipesEnvVarParamsLoader().is_dagster_pipes_process()
-        return cls(open_dagster_pipes() if launched_by_pipes else None)
-
-    def event(self, event: str, message: str, **fields: Any) -> None:
-        if self.pipes is not None:
-            self.pipes.log.info(message)
-        else:
-            print(json.dumps({"event": event, "message": message, **fields}), flush=True)
-
-    def report(self, metadata: dict[str, Any]) -> None:
-        if self.pipes is not None:
-            self.pipes.report_asset_materialization(metadata=metadata)
-        else:
-            print(json.dumps({"event": "result", "metadata": metadata}), flush=True)
-
-    def close(self) -> None:
-        if self.pipes is not None:
-            self.pipes.close()
 
 
 def measured_peak_flops(precision: str, device: torch.device) -> float:
@@ -152,12 +118,12 @@ def _resume_point(spec: RunSpec, progress: StepProgress | None, reporter: Report
 def run(spec: RunSpec) -> TrainResult:
     """Train as `spec` says; every rank calls this (see the module docstring for who does what)."""
     dist = maybe_init_distributed()
-    reporter = Reporter.open(dist)
+    reporter = Reporter.open(dist.is_main)
     try:
         return _run(spec, dist, reporter)
     except BaseException as exc:
-        if dist.is_main and spec.error_file:
-            Path(spec.error_file).write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        if dist.is_main:
+            write_failure(spec.error_file, exc)
         raise
     finally:
         reporter.close()

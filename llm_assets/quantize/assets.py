@@ -1,0 +1,159 @@
+"""quantized_model[model_size × scheme]: the model eval_report evaluates, quantized; and the
+blocking check that its quality on held-out text stays within the manifest's gates.
+
+The asset picks the texts (GPTQ calibration from the training split, the held-out set from the
+test split), writes them with a spec, and starts the worker in the quantization environment
+through Dagster Pipes (see `llm_assets/quantize/__init__.py`); the worker's figures become the
+materialization's metadata, and the check reads them.
+"""
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import torch
+from transformers import AutoConfig
+
+from llm_assets.artifacts import artifact_asset, materialize_artifact
+from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
+from llm_assets.checks.scope import materializations_under_check
+from llm_assets.compute import k8s_op_tags
+from llm_assets.costs import billed_usd
+from llm_assets.evaluation.assets import evaluated_stage
+from llm_assets.launch import run_worker
+from llm_assets.manifest import QUANTIZE_GATES, PipelineManifest, PipelineResource
+from llm_assets.quantize.worker import QuantizeSpec
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import ArtifactHandle
+from resources.quantize_environment import QuantizeEnvironmentResource
+
+SIZE, SCHEME = "model_size", "scheme"  # the partition dimensions
+
+
+def pick_texts(rows: Iterable[tuple[str, str]], count: int, seed: int) -> list[str]:
+    """`count` texts of (id, text) rows, chosen by a seeded hash of the id: the same rows give
+    the same texts in the same order, whatever order they come in."""
+    ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}\x00{row[0]}".encode()).digest())
+    return [text for _, text in ranked[:count]]
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def _rows(paths: Iterable[Path]) -> list[tuple[str, str]]:
+    frames = [pl.read_parquet(p, columns=["id", "text"]) for p in paths]
+    return [row for frame in frames for row in frame.iter_rows()]
+
+
+def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    recipe = manifest.stages.quantize
+    if recipe is None or not manifest.model_sizes:
+        return [], []
+    partitions = dg.MultiPartitionsDefinition({
+        SIZE: dg.StaticPartitionsDefinition(sorted(manifest.model_sizes)),
+        SCHEME: dg.StaticPartitionsDefinition(list(recipe.schemes)),
+    })
+    model_asset = evaluated_stage(manifest)
+    gate_names = [name for name in QUANTIZE_GATES if name in manifest.gates]
+
+    @artifact_asset(
+        partitions_def=partitions, code_version="1", kinds={"pytorch", "huggingface"}, group_name="quantize",
+        # Dagster maps each model_size × scheme partition to its model_size partition of the model.
+        ins={"model": dg.AssetIn(key=model_asset), "dataset_splits": dg.AssetIn()},
+        op_tags=k8s_op_tags(manifest.compute.training),
+        description=f"{model_asset} quantized (GPTQ 4-bit with gptqmodel, calibrated on the training split; int8 "
+                    "weight-only with torchao); transformers loads it. Held-out perplexity, accuracy and size "
+                    "against the full-precision model.",
+    )
+    def quantized_model(
+        context: dg.AssetExecutionContext,
+        pipeline: PipelineResource,
+        artifact_store: ArtifactStoreResource,
+        quantize_environment: QuantizeEnvironmentResource,
+        pipes_subprocess_client: dg.PipesSubprocessClient,
+        model: ArtifactHandle,
+        dataset_splits: ArtifactHandle,
+    ) -> dg.Output[ArtifactHandle]:
+        store, current = artifact_store.get_store(), pipeline.load()
+        recipe = current.stages.quantize
+        keys = context.partition_key.keys_by_dimension
+        size, scheme = keys[SIZE], keys[SCHEME]
+        gptq = scheme == "gptq-4bit"
+        config = {
+            "scheme": scheme, "seed": current.seed, "heldout_texts": recipe.heldout_texts, "max_tokens": recipe.max_tokens,
+            **({"group_size": recipe.group_size, "calibration_texts": recipe.calibration_texts} if gptq else {}),
+        }
+
+        def build(out: Path) -> dict:
+            model_dir, splits = store.local_dir(model.sha256), store.local_dir(dataset_splits.sha256)
+            max_tokens = min(recipe.max_tokens, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
+            with tempfile.TemporaryDirectory(prefix="llm-assets-quantize-") as scratch:
+                work = Path(scratch)
+                heldout = pick_texts(_rows([splits / "test.parquet"]), recipe.heldout_texts, current.seed)
+                calibration = (pick_texts(_rows(sorted((splits / "train").glob("*.parquet"))),
+                                          recipe.calibration_texts, current.seed) if gptq else [])
+                if not heldout or (gptq and not calibration):
+                    raise dg.Failure(f"dataset_splits {dataset_splits.sha256[:12]} has no "
+                                     f"{'test' if not heldout else 'training'} documents to quantize with; "
+                                     "check the splits' fractions in stages.splits")
+                spec = QuantizeSpec(
+                    scheme=scheme, model_dir=str(model_dir), out_dir=str(out), max_tokens=max_tokens,
+                    heldout=str(write_texts(work / "heldout.jsonl", heldout)),
+                    calibration=str(write_texts(work / "calibration.jsonl", calibration)) if gptq else None,
+                    group_size=recipe.group_size, seed=current.seed, error_file=str(work / "error.txt"),
+                )
+                spec_path = work / "spec.json"
+                spec_path.write_text(spec.model_dump_json(indent=1))
+                context.log.info(f"quantizing {model_asset}[{size}] {model.sha256[:12]} ({scheme}) in "
+                                 f"{quantize_environment.python}")
+                started = time.perf_counter()
+                reported = run_worker(context, pipes_subprocess_client, quantize_environment.command(spec_path),
+                                      error_file=work / "error.txt", what=f"quantizing {model_asset}[{size}] ({scheme})")
+                wall = time.perf_counter() - started
+            return {**reported, "model_sha256": model.sha256,
+                    "libraries": dg.MetadataValue.json(reported["libraries"]),
+                    "cost_usd": billed_usd(wall, 1 if torch.cuda.is_available() else 0, current.budget)}
+
+        return materialize_artifact(context, store, kind="hf_model", build=build, config=config,
+                                    inputs={"model": model, "dataset_splits": dataset_splits})
+
+    @dg.asset_check(
+        asset=quantized_model, blocking=True, partitions_def=partitions,
+        metadata={GATE_METADATA_KEY: ",".join(gate_names)},
+        description="The quantized model loads, is quantized and smaller, and its held-out quality is within "
+                    f"the gates {', '.join(gate_names)} of the full-precision model's.",
+    )
+    def quantization_quality(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
+                             artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        gates, store = pipeline.load().gates, artifact_store.get_store()
+        mats = materializations_under_check(context, quantized_model.key, True)
+        if not mats:
+            return dg.AssetCheckResult(passed=False, description="no quantized_model materialization to check")
+        mat = mats[-1]
+        figure = {k: float(mat.metadata[k].value)
+                  for k in ("perplexity_increase", "accuracy_drop", "size_ratio", "quantized_layers")}
+        structural = []
+        if figure["quantized_layers"] < 1:
+            structural.append(f"{mat.partition}: no layer is stored quantized")
+        if figure["size_ratio"] >= 1:
+            structural.append(f"{mat.partition}: the quantized weights are not smaller (size ratio {figure['size_ratio']})")
+        figures = {name: figure["perplexity_increase" if name == "quantized_perplexity_increase" else "accuracy_drop"]
+                   for name in gate_names}
+        judged = judge_gates(store, gates, figures, mat.partition, mat.metadata["sha256"].value)
+        # Not quantized, or not smaller, is a broken artifact: no reviewer's override covers that.
+        problems = structural + ([judged.description] if not judged.passed else [])
+        return dg.AssetCheckResult(
+            passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"size_ratio": figure["size_ratio"], **judged.metadata},
+            description="; ".join(problems) or (f"perplexity {figure['perplexity_increase']:+.4%}, token accuracy "
+                                                f"{-figure['accuracy_drop']:+.4f}, size ratio {figure['size_ratio']}"),
+        )
+
+    return [quantized_model], [quantization_quality]
