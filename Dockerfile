@@ -28,6 +28,14 @@ WORKDIR /opt/llm-assets
 # code change does not re-download it.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
+# The quantization environment (llm_assets/quantize): gptqmodel requires protobuf >= 7.34 and
+# Dagster protobuf < 7, so quantized_model's worker runs in a venv of its own, with the same torch.
+COPY requirements-quantize.txt ./
+RUN python -m venv /opt/venv-quant \
+    && /opt/venv-quant/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && /opt/venv-quant/bin/pip install -r requirements-quantize.txt
+ENV LLM_ASSETS_QUANTIZE_PYTHON=/opt/venv-quant/bin/python
+
 # The commit the image is built from, recorded with every artifact it builds (the image has no
 # .git): docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
 ARG GIT_COMMIT=unknown
@@ -37,6 +45,7 @@ COPY pyproject.toml README.md pipeline.yaml ./
 COPY llm_assets ./llm_assets
 COPY resources ./resources
 RUN pip install . \
+    && /opt/venv-quant/bin/pip install --no-deps . \
     && useradd --create-home --uid 1000 dagster \
     && mkdir -p /opt/dagster/dagster_home /opt/dagster/artifacts /opt/dagster/alerts \
     && chown -R dagster /opt/dagster

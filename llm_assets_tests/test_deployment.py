@@ -249,6 +249,28 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def dockerfile_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for keyword, args in instructions if keyword == "ENV" for pair in shlex.split(args))
+
+
+def test_dockerfile_builds_the_quantization_environment_the_settings_name():
+    """gptqmodel's venv: the CPU torch first, then requirements-quantize.txt, then the project
+    without its dependencies (which would bring Dagster's protobuf back)."""
+    instructions = dockerfile_instructions()
+    python = dockerfile_env(instructions)["LLM_ASSETS_QUANTIZE_PYTHON"]
+    venv = python.removesuffix("/bin/python")
+    steps = [cmd.strip() for keyword, args in instructions if keyword == "RUN" for cmd in args.split("&&")]
+    order = [steps.index(f"python -m venv {venv}"),
+             steps.index(f"{venv}/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0"),
+             steps.index(f"{venv}/bin/pip install -r requirements-quantize.txt"),
+             steps.index(f"{venv}/bin/pip install --no-deps .")]
+    assert order == sorted(order)
+    assert ("COPY", "requirements-quantize.txt ./") in instructions
+    requirements = (PROJECT_ROOT / "requirements-quantize.txt").read_text()
+    assert "gptqmodel==7.6.0" in requirements and "dagster-pipes==" in requirements
+    assert "\ndagster==" not in requirements and "torch==2.13.0" in requirements
+
+
 def test_dockerfile_pins_cpu_torch_before_the_project():
     instructions = dockerfile_instructions()
     assert instructions[0] == ("FROM", "python:3.11-slim")
@@ -278,9 +300,7 @@ def test_dockerfile_copies_what_the_build_and_the_settings_need():
     project = pyproject()
     packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
     assert {"pyproject.toml", project["project"]["readme"], *packages} <= set(copied)
-    env = dict(
-        pair.split("=", 1) for keyword, args in instructions if keyword == "ENV" for pair in shlex.split(args)
-    )
+    env = dockerfile_env(instructions)
     assert env["LLM_ASSETS_MANIFEST"] == copied["pipeline.yaml"]
     assert env["HF_HUB_OFFLINE"] == "1"
 

@@ -159,3 +159,31 @@ def test_a_relative_gate_needs_its_baseline_and_a_delta(tmp_path):
         with_gate("{max: 4.0, baseline: release}")
     with pytest.raises(ManifestError, match=r"baseline"):
         with_gate("{max: 4.0, baseline: last_week, max_delta: 1}")
+
+
+def test_quantization_settings_that_cannot_work_are_refused(tmp_path):
+    shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
+    recipe = load_manifest(PROJECT_ROOT / "pipeline.yaml").stages.quantize
+    assert recipe is not None and recipe.schemes == ["gptq-4bit", "int8"]
+
+    def changed(old: str, new: str):
+        assert old in shipped
+        return load_manifest(write(tmp_path, shipped.replace(old, new)))
+
+    with pytest.raises(ManifestError, match=r"stages\.quantize\.group_size 48 must divide the layer widths of every "
+                                              r"model size; it does not for tiny-0\.4m \(hidden_size 64, "
+                                              r"intermediate_size 256\); tiny-1m \(hidden_size 128"):
+        changed("    group_size: 32 ", "    group_size: 48 ")
+    assert changed("    group_size: 32 ", "    group_size: 64 ").stages.quantize.group_size == 64
+    # int8 has no groups: without GPTQ, any group size is fine.
+    assert changed("schemes: [gptq-4bit, int8]", "schemes: [int8]  ").stages.quantize.schemes == ["int8"]
+    with pytest.raises(ManifestError, match=r"schemes.*Input should be 'gptq-4bit' or 'int8'"):
+        changed("schemes: [gptq-4bit, int8]", "schemes: [gptq-3bit]")
+    with pytest.raises(ManifestError, match=r"schemes are listed twice"):
+        changed("schemes: [gptq-4bit, int8]", "schemes: [int8, int8]")
+    with pytest.raises(ManifestError, match=r"gates quantized_perplexity_increase compare the quantized model with "
+                                              r"its own full-precision model; they take min/max only"):
+        changed("quantized_perplexity_increase: {max: 0.10}",
+                "quantized_perplexity_increase: {max: 0.10, baseline: release, max_delta: 0.0}")
+    with pytest.raises(ManifestError, match=r"missing for a required gate: gates\.quantized_perplexity_increase"):
+        changed("  quantized_perplexity_increase: {max: 0.10}", "")

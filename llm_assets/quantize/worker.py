@@ -96,6 +96,19 @@ def heldout_quality(model: Any, sequences: list[list[int]]) -> Quality:
     return Quality(nll=mean, perplexity=math.exp(mean), token_accuracy=correct / tokens, tokens=tokens)
 
 
+def load_model(model_dir: Path, what: str) -> Any:
+    """A causal LM directory as transformers loads it (fp32, CPU), or an error naming the directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu")
+    except Exception as exc:
+        raise RuntimeError(f"{model_dir}: transformers cannot load the {what} ({type(exc).__name__}: {exc}); "
+                           "if it is an artifact, `llm-assets verify` checks its files, and rematerializing "
+                           "its asset rebuilds it") from exc
+
+
 def weight_bytes(model_dir: Path) -> int:
     """Bytes of a model directory's weight files."""
     files = [p for p in model_dir.iterdir() if p.name.endswith(".safetensors")]
@@ -194,7 +207,7 @@ def _absolute_paths(spec: QuantizeSpec, cwd: Path) -> dict[str, str]:
 
 def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(spec.seed)
     model_dir, out_dir = Path(spec.model_dir), Path(spec.out_dir)
@@ -211,7 +224,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
         if not calibration:
             raise ValueError(f"{spec.calibration}: every calibration text is shorter than 2 tokens")
 
-    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu")
+    full = load_model(model_dir, "full-precision model")
     before = heldout_quality(full, heldout)
     del full
     reporter.event("measured", f"full precision: perplexity {before.perplexity:.4f} on {before.tokens} held-out "
@@ -228,7 +241,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
     if spec.calibration is not None and calibration:
         shutil.copy2(spec.calibration, out_dir / CALIBRATION_FILE)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, device_map="cpu")
+    reloaded = load_model(out_dir, f"{spec.scheme} result")
     after = heldout_quality(reloaded, heldout)
     quantized = quantized_layers(reloaded)
     if not quantized:

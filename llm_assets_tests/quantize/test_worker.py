@@ -1,0 +1,160 @@
+"""The quantization worker as the asset starts it, in its own environment: what it writes and
+reports for each scheme, that the result is the same every time, and how it fails."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm_assets.quantize.assets import pick_texts, write_texts
+from llm_assets.quantize.worker import (
+    CALIBRATION_FILE,
+    SUMMARY_FILE,
+    QuantizeSpec,
+    carry_over,
+    heldout_quality,
+    read_texts,
+    token_sequences,
+)
+
+LINEAR_LAYERS = 14  # 2 decoder layers × (q, k, v, o, gate, up, down)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def run_worker(python: str, spec: QuantizeSpec, cwd: Path) -> tuple[subprocess.CompletedProcess, dict | None]:
+    spec_path = cwd / "spec.json"
+    spec_path.write_text(spec.model_dump_json())
+    done = subprocess.run([python, "-m", "llm_assets.quantize", "--spec", str(spec_path)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event": "result"')]
+    return done, results[0]["metadata"] if results else None
+
+
+def spec_for(root: Path, model_dir: Path, heldout: pl.DataFrame, scheme: str, out: str) -> QuantizeSpec:
+    texts = heldout["text"].to_list()
+    return QuantizeSpec(
+        scheme=scheme, model_dir=str(model_dir), out_dir=str(root / out), max_tokens=96, group_size=32,
+        heldout=str(write_texts(root / "heldout.jsonl", texts)),
+        calibration=str(write_texts(root / "calibration.jsonl", texts * 2)) if scheme == "gptq-4bit" else None,
+        error_file=str(root / "error.txt"),
+    )
+
+
+@pytest.fixture(scope="module")
+def gptq(quantize_python, trained_dir, heldout, tmp_path_factory) -> tuple[Path, dict, Path]:
+    root = tmp_path_factory.mktemp("gptq")
+    done, figures = run_worker(quantize_python, spec_for(root, trained_dir, heldout, "gptq-4bit", "out"), root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "out", figures, root
+
+
+def test_gptq_writes_a_4_bit_model_transformers_loads_and_measures_it(gptq, trained_dir):
+    out, figures, root = gptq
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"]) == ("gptq", 4, 32)
+    # Measured on the reloaded directory: every linear layer of the decoder is a packed 4-bit one.
+    assert figures["quantized_layers"] == LINEAR_LAYERS
+    assert figures["bits"] == 4 and figures["heldout_tokens"] > 300
+    assert figures["size_ratio"] < 0.4, figures  # embeddings and the head stay in full precision
+    assert figures["quantized_weight_bytes"] < figures["full_precision_weight_bytes"]
+    assert abs(figures["perplexity_increase"]) < 0.1, figures
+    assert figures["perplexity_increase"] == pytest.approx(
+        figures["quantized_perplexity"] / figures["full_precision_perplexity"] - 1, abs=1e-5)
+    # The calibration set travels with the artifact, under the hash recorded for it.
+    assert hashlib.sha256((out / CALIBRATION_FILE).read_bytes()).hexdigest() == figures["calibration_sha256"]
+    assert figures["calibration_texts"] == 2 * 16
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["libraries"]["gptqmodel"] == "7.6.0" and len(summary["gptq_layer_losses"]) == LINEAR_LAYERS
+    # The tokenizer is the model's own, byte for byte; gptqmodel's droppings stay out of the
+    # artifact and out of the working directory.
+    assert tree_hashes(out)["tokenizer.json"] == tree_hashes(trained_dir)["tokenizer.json"]
+    assert tree_hashes(out)["tokenizer_config.json"] == tree_hashes(trained_dir)["tokenizer_config.json"]
+    assert "quant_log.csv" not in tree_hashes(out)
+    assert sorted(p.name for p in root.iterdir()) == ["calibration.jsonl", "heldout.jsonl", "out", "spec.json"]
+
+
+def test_gptq_is_deterministic(gptq, quantize_python, trained_dir, heldout):
+    """Same model, same calibration: the same bytes, so the artifact has the same hash."""
+    out, _, root = gptq
+    done, _ = run_worker(quantize_python, spec_for(root, trained_dir, heldout, "gptq-4bit", "again"), root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tree_hashes(root / "again") == tree_hashes(out)
+
+
+def test_int8_is_smaller_than_full_precision_and_close_to_it(quantize_python, trained_dir, heldout, tmp_path):
+    done, figures = run_worker(quantize_python, spec_for(tmp_path, trained_dir, heldout, "int8", "out"), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "torchao"
+    assert figures["quantized_layers"] == LINEAR_LAYERS and figures["bits"] == 8
+    assert 0.4 < figures["size_ratio"] < 0.7, figures  # int8 linears, fp32 embeddings and head
+    assert abs(figures["perplexity_increase"]) < 0.01 and abs(figures["accuracy_drop"]) < 0.01, figures
+    assert "calibration_sha256" not in figures and not (tmp_path / "out" / CALIBRATION_FILE).exists()
+
+
+def test_a_corrupted_model_fails_naming_the_file(quantize_python, trained_dir, heldout, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for source in trained_dir.iterdir():
+        (broken / source.name).write_bytes(source.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    done, figures = run_worker(quantize_python, spec_for(tmp_path, broken, heldout, "int8", "out"), tmp_path)
+    assert done.returncode != 0 and figures is None
+    first_line = (tmp_path / "error.txt").read_text().splitlines()[0]
+    assert f"{broken}: transformers cannot load the full-precision model (SafetensorError" in first_line
+    assert "llm-assets verify" in first_line
+
+
+# The pure parts, in this environment.
+
+def test_read_texts_names_the_bad_line(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    with pytest.raises(ValueError, match=r"texts.jsonl:2: expected a JSON object with a 'text' field"):
+        read_texts(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match="no texts"):
+        read_texts(path)
+
+
+def test_pick_texts_is_seeded_and_ignores_row_order():
+    rows = [(f"doc-{i}", f"text {i}") for i in range(50)]
+    picked = pick_texts(rows, 10, seed=3)
+    assert len(picked) == 10 and pick_texts(list(reversed(rows)), 10, seed=3) == picked
+    assert pick_texts(rows, 10, seed=4) != picked
+    assert pick_texts(rows, 500, seed=3) == pick_texts(rows, 50, seed=3)
+
+
+def test_heldout_quality_is_the_models_own_loss(trained_dir, heldout):
+    tokenizer = AutoTokenizer.from_pretrained(trained_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32)
+    sequences = token_sequences(tokenizer, heldout["text"].to_list(), max_tokens=64)
+    assert sequences and all(2 <= len(s) <= 64 for s in sequences)
+    quality = heldout_quality(model, sequences)
+    with torch.no_grad():
+        losses = [(model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss.item(), len(s) - 1)
+                  for s in sequences]
+    assert quality.tokens == sum(n for _, n in losses)
+    assert quality.nll == pytest.approx(sum(loss * n for loss, n in losses) / quality.tokens, rel=1e-5)
+    assert 0 < quality.token_accuracy < 1
+    with pytest.raises(ValueError, match="no held-out tokens"):
+        heldout_quality(model, [])
+
+
+def test_carry_over_copies_the_tokenizer_not_the_model(trained_dir, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"quantized")
+    (tmp_path / "config.json").write_text("{}")
+    carry_over(trained_dir, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == b"quantized"
+    assert (tmp_path / "config.json").read_text() == "{}"
+    assert (tmp_path / "tokenizer.json").read_bytes() == (trained_dir / "tokenizer.json").read_bytes()
