@@ -68,6 +68,7 @@ bench: install
 	$(BIN)/python bench/cache_rematerialize.py
 	$(BIN)/python bench/rollback_from_sft.py
 	$(BIN)/python bench/serve_throughput.py --threads 1
+	$(BIN)/python bench/quantize_vs_full_precision.py
 
 clean:
 	rm -rf .dagster_home .artifacts .alerts .serve
