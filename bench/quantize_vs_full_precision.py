@@ -111,9 +111,9 @@ def main() -> None:
         hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
         sequences = token_sequences(hf_tokenizer, heldout, MAX_TOKENS)
         rtn = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        full = heldout_quality(rtn, sequences)
+        full, reference = heldout_quality(rtn, sequences)
         round_to_nearest(rtn, args.group_size)
-        rtn_quality = heldout_quality(rtn, sequences)
+        rtn_quality, _ = heldout_quality(rtn, sequences, reference)
 
     gptq, int8 = figures["gptq-4bit"], figures["int8"]
     rtn_increase = rtn_quality.perplexity / full.perplexity - 1
@@ -127,13 +127,17 @@ def main() -> None:
                                      f"{f['full_precision_weight_bytes'] / 1e6:.2f} MB fp32)"),
             (f"{scheme} perplexity", f"{f['quantized_perplexity']:.3f} ({f['perplexity_increase']:+.3%}); "
                                      f"token accuracy {-f['accuracy_drop']:+.4f}; quantized in {f['quantize_seconds']}s"),
+            (f"{scheme} top-1 agreement", f"{f['top1_agreement']:.4f}"),
         ]
     rows += [
         ("round-to-nearest 4-bit perplexity", f"{rtn_quality.perplexity:.3f} ({rtn_increase:+.3%})"),
-        ("GPTQ increase / RTN increase", f"{gptq['perplexity_increase'] / rtn_increase:.3f}"
-                                         if rtn_increase > 0 else "RTN lost nothing"),
-        ("int8 increase / GPTQ increase", f"{int8['perplexity_increase'] / gptq['perplexity_increase']:.3f}"
-                                          if gptq["perplexity_increase"] > 0 else "GPTQ lost nothing"),
+        ("round-to-nearest 4-bit top-1 agreement", f"{rtn_quality.agreement:.4f}"),
+        # Disagreement with full precision: the error each method leaves (perplexity alone can
+        # even fall under quantization noise on a small, undertrained model).
+        ("GPTQ disagreement / RTN disagreement", f"{(1 - gptq['top1_agreement']) / (1 - rtn_quality.agreement):.3f}"
+                                                 if rtn_quality.agreement < 1 else "RTN changed no prediction"),
+        ("int8 disagreement / GPTQ disagreement", f"{(1 - int8['top1_agreement']) / (1 - gptq['top1_agreement']):.3f}"
+                                                  if gptq["top1_agreement"] < 1 else "GPTQ changed no prediction"),
     ]
     report("quantized vs full precision", rows)
 

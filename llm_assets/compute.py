@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from llm_assets.manifest import StageCompute
@@ -32,6 +33,13 @@ def k8s_config(compute: StageCompute) -> dict[str, Any]:
 
 def k8s_op_tags(compute: StageCompute) -> dict[str, Any]:
     return {K8S_CONFIG_TAG: k8s_config(compute)}
+
+
+def data_step_configs(data: StageCompute, assets: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """Per op name, the `compute.data` pod config for every asset whose op asks for nothing itself:
+    the data stages, which are defined before any manifest is read and so carry no op tags."""
+    return {asset.node_def.name: k8s_config(data) for asset in assets
+            if K8S_CONFIG_TAG not in (asset.node_def.tags or {})}
 
 
 def render_step_job(

@@ -11,6 +11,7 @@ from dagster_k8s import k8s_job_executor
 
 from llm_assets import data, tokenizer
 from llm_assets.checks import build_hash_gates
+from llm_assets.compute import data_step_configs
 from llm_assets.evaluation.assets import build_evaluation_assets
 from llm_assets.manifest import PipelineResource, load_manifest
 from llm_assets.posttrain.assets import build_posttrain_assets
@@ -56,8 +57,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                       *posttrain_checks, *eval_checks, *release_checks, *serving_checks, *quantize_checks],
         sensors=[*data.sensors, alert_sensor],
         resources=build_resources(settings),
-        # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute).
-        executor=k8s_job_executor if settings.executor == "k8s" else None,
+        # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute),
+        # the data stages by the manifest's compute.data.
+        executor=k8s_job_executor.configured(
+            {"per_step_k8s_config": data_step_configs(manifest.compute.data, assets)}, name="k8s",
+        ) if settings.executor == "k8s" else None,
     )
     return defs
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import kubernetes_validate
 import pytest
 from dagster_k8s import k8s_job_executor
 
-from llm_assets.compute import k8s_op_tags, render_step_job
+from llm_assets.compute import K8S_CONFIG_TAG, data_step_configs, k8s_op_tags, render_step_job
 from llm_assets.definitions import build_definitions
 from llm_assets.manifest import StageCompute
+from llm_assets_tests.quantize.test_assets import with_quantization
 
 K8S_VERSION = "1.31"
 
@@ -49,5 +51,33 @@ def test_strict_validation_catches_a_misplaced_field():
 
 def test_on_kubernetes_each_step_runs_in_its_own_pod(settings):
     """LLM_ASSETS_EXECUTOR=k8s (the Helm values set it) selects the executor that applies op tags."""
-    assert build_definitions(replace(settings, executor="k8s")).executor is k8s_job_executor
-    assert build_definitions(settings).executor is not k8s_job_executor
+    executor = build_definitions(replace(settings, executor="k8s")).executor
+    assert executor.name == k8s_job_executor.name == "k8s"
+    assert executor.executor_creation_fn is k8s_job_executor.executor_creation_fn
+    assert build_definitions(settings).executor is None  # in-process, on a laptop
+
+
+def test_data_steps_get_the_manifests_data_compute(settings):
+    """Steps whose asset carries no op tags (the data stages) get compute.data through the
+    executor's per-step config; training steps keep their own tags."""
+    defs = build_definitions(settings)
+    data = StageCompute(cpu="2", memory="8Gi", node_selector={"pool": "cpu"})
+    configs = data_step_configs(data, defs.assets)
+    assert {"raw_corpus", "clean_corpus", "dedup_corpus", "dataset_splits", "token_shards"} <= configs.keys()
+    job = render_step_job("clean_corpus", k8s_op_tags(data), image="llm-assets:1")
+    validate(job)
+    assert render_step_job("clean_corpus", {K8S_CONFIG_TAG: configs["clean_corpus"]}, image="llm-assets:1") == job
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+
+
+def test_training_steps_keep_their_gpu_tags(settings, manifest_path):
+    with_quantization(manifest_path)
+    assets = {a.node_def.name: a for a in build_definitions(settings).assets}
+    configs = data_step_configs(StageCompute(), assets.values())
+    for name in ("pretrain_checkpoint", "quantized_model"):
+        assert name not in configs
+        # Dagster keeps op tag values as JSON strings.
+        resources = json.loads(assets[name].node_def.tags[K8S_CONFIG_TAG])["container_config"]["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == "1"

@@ -23,6 +23,19 @@ def materializations_under_check(
     return list(latest_materializations(context.instance, asset_key, partitions).values())
 
 
+def partition_under_check(context: dg.AssetCheckExecutionContext,
+                          asset_key: dg.AssetKey) -> dg.AssetMaterialization | None:
+    """The one materialization a partitioned gate judges: the last of this run's for the check's
+    partition, else the partition's current one; None when there is none."""
+    mats = materializations_under_check(context, asset_key, True)
+    return mats[-1] if mats else None
+
+
+def nothing_to_check(asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                               description=f"no materialization of {asset_key.to_user_string()} to check")
+
+
 def artifacts_under_check(
     context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, partitioned: bool, store: ArtifactStore,
     *, verify: bool = True,

@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
-from llm_assets.checks.scope import materializations_under_check
+from llm_assets.checks.scope import nothing_to_check, partition_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.harness import run_lm_eval
 from llm_assets.evaluation.report import EvalReport
@@ -115,10 +115,9 @@ def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsD
     def eval_gates(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
                    artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         gates, store = pipeline.load().gates, artifact_store.get_store()
-        mats = materializations_under_check(context, eval_report.key, True)
-        if not mats:
-            return dg.AssetCheckResult(passed=False, description="no eval_report materialization to check")
-        mat = mats[-1]
+        mat = partition_under_check(context, eval_report.key)
+        if mat is None:
+            return nothing_to_check(eval_report.key)
         figures, missing = {}, {}
         for name in sorted(n for n in gates if "." in n):
             entry = mat.metadata.get(name)

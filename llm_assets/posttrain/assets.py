@@ -20,7 +20,7 @@ import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
-from llm_assets.checks.scope import materializations_under_check
+from llm_assets.checks.scope import nothing_to_check, partition_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
@@ -192,11 +192,9 @@ def _gate_check(asset: dg.AssetsDefinition, partitions: dg.PartitionsDefinition,
     def check(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
               artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         gates, store = pipeline.load().gates, artifact_store.get_store()
-        mats = materializations_under_check(context, asset.key, True)
-        if not mats:
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                                       description=f"no materialization of {asset.key.to_user_string()} to check")
-        mat = mats[-1]
+        mat = partition_under_check(context, asset.key)
+        if mat is None:
+            return nothing_to_check(asset.key)
         values = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
         judged = judge_gate(store, gates, gate, float(values.get(metric, float("nan"))), mat.partition,
                             mat.metadata["sha256"].value, extra(values) if extra else [])

@@ -21,7 +21,7 @@ import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
-from llm_assets.checks.scope import materializations_under_check
+from llm_assets.checks.scope import materializations_under_check, nothing_to_check, partition_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd, training_estimate
 from llm_assets.launch import run_worker
@@ -149,11 +149,9 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
     def training_sane(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
                       artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         gates = pipeline.load().gates
-        mats = materializations_under_check(context, pretrain_checkpoint.key, True)
-        if not mats:
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                                       description="no pretrain_checkpoint materialization to check")
-        mat = mats[-1]
+        mat = partition_under_check(context, pretrain_checkpoint.key)
+        if mat is None:
+            return nothing_to_check(pretrain_checkpoint.key)
         meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
         problems = []
         if not all(math.isfinite(v) for v in meta.values()):

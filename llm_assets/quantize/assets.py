@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
-from llm_assets.checks.scope import materializations_under_check
+from llm_assets.checks.scope import nothing_to_check, partition_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd
 from llm_assets.evaluation.assets import evaluated_stage
@@ -133,12 +133,11 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
     def quantization_quality(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
                              artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         gates, store = pipeline.load().gates, artifact_store.get_store()
-        mats = materializations_under_check(context, quantized_model.key, True)
-        if not mats:
-            return dg.AssetCheckResult(passed=False, description="no quantized_model materialization to check")
-        mat = mats[-1]
+        mat = partition_under_check(context, quantized_model.key)
+        if mat is None:
+            return nothing_to_check(quantized_model.key)
         figure = {k: float(mat.metadata[k].value)
-                  for k in ("perplexity_increase", "accuracy_drop", "size_ratio", "quantized_layers")}
+                  for k in ("perplexity_increase", "accuracy_drop", "top1_agreement", "size_ratio", "quantized_layers")}
         structural = []
         if figure["quantized_layers"] < 1:
             structural.append(f"{mat.partition}: no layer is stored quantized")
@@ -152,8 +151,9 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         return dg.AssetCheckResult(
             passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
             metadata={"size_ratio": figure["size_ratio"], **judged.metadata},
-            description="; ".join(problems) or (f"perplexity {figure['perplexity_increase']:+.4%}, token accuracy "
-                                                f"{-figure['accuracy_drop']:+.4f}, size ratio {figure['size_ratio']}"),
+            description="; ".join(problems) or (
+                f"perplexity {figure['perplexity_increase']:+.4%}, token accuracy {-figure['accuracy_drop'] + 0.0:+.4f}, "
+                f"top-1 agreement with full precision {figure['top1_agreement']:.4f}, size ratio {figure['size_ratio']}"),
         )
 
     return [quantized_model], [quantization_quality]

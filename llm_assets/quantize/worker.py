@@ -55,6 +55,9 @@ class Quality:
     perplexity: float
     token_accuracy: float  # top-1 next-token accuracy
     tokens: int  # predicted tokens
+    # Top-1 agreement with a reference model's predictions (the full-precision model's): more
+    # sensitive to quantization error than perplexity, which noise can even lower.
+    agreement: float | None = None
 
 
 def read_texts(path: Path) -> list[str]:
@@ -76,24 +79,32 @@ def token_sequences(tokenizer: Any, texts: list[str], max_tokens: int, min_token
     return [seq for seq in ids if len(seq) >= min_tokens]
 
 
-def heldout_quality(model: Any, sequences: list[list[int]]) -> Quality:
-    """Mean next-token NLL, perplexity and top-1 accuracy of `model` over the sequences."""
+def heldout_quality(model: Any, sequences: list[list[int]], reference: list[Any] | None = None) -> tuple[Quality, list[Any]]:
+    """Mean next-token NLL, perplexity and top-1 accuracy of `model` over the sequences, and its
+    top-1 predictions (one tensor per sequence); with `reference` predictions, the agreement."""
     import torch
 
-    nll, correct, tokens = 0.0, 0, 0
+    nll, correct, agreed, tokens = 0.0, 0, 0, 0
+    predictions = []
     model.eval()
     with torch.no_grad():
-        for seq in sequences:
+        for i, seq in enumerate(sequences):
             ids = torch.tensor([seq])
             logits = model(input_ids=ids).logits[0, :-1].float()
             targets = ids[0, 1:]
+            predicted = logits.argmax(-1)
             nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            correct += int((logits.argmax(-1) == targets).sum())
+            correct += int((predicted == targets).sum())
+            if reference is not None:
+                agreed += int((predicted == reference[i]).sum())
+            predictions.append(predicted)
             tokens += len(targets)
     if not tokens:
         raise ValueError("no held-out tokens to measure: every held-out text is shorter than 2 tokens")
     mean = nll / tokens
-    return Quality(nll=mean, perplexity=math.exp(mean), token_accuracy=correct / tokens, tokens=tokens)
+    quality = Quality(nll=mean, perplexity=math.exp(mean), token_accuracy=correct / tokens, tokens=tokens,
+                      agreement=agreed / tokens if reference is not None else None)
+    return quality, predictions
 
 
 def load_model(model_dir: Path, what: str) -> Any:
@@ -225,7 +236,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
             raise ValueError(f"{spec.calibration}: every calibration text is shorter than 2 tokens")
 
     full = load_model(model_dir, "full-precision model")
-    before = heldout_quality(full, heldout)
+    before, reference = heldout_quality(full, heldout)
     del full
     reporter.event("measured", f"full precision: perplexity {before.perplexity:.4f} on {before.tokens} held-out "
                                f"tokens; quantizing ({spec.scheme})")
@@ -242,11 +253,12 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
         shutil.copy2(spec.calibration, out_dir / CALIBRATION_FILE)
 
     reloaded = load_model(out_dir, f"{spec.scheme} result")
-    after = heldout_quality(reloaded, heldout)
+    after, _ = heldout_quality(reloaded, heldout, reference)
     quantized = quantized_layers(reloaded)
     if not quantized:
         raise RuntimeError(f"{out_dir}: transformers loaded no quantized layer: the {spec.scheme} result is not quantized")
-    reporter.event("measured", f"{spec.scheme}: perplexity {after.perplexity:.4f}, {quantized} quantized layers")
+    reporter.event("measured", f"{spec.scheme}: perplexity {after.perplexity:.4f}, top-1 agreement with full "
+                               f"precision {after.agreement:.4f}, {quantized} quantized layers")
 
     fp_bytes, q_bytes = weight_bytes(model_dir), weight_bytes(out_dir)
     calibration_figures = {
@@ -282,6 +294,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
         "accuracy_drop": round(before.token_accuracy - after.token_accuracy, 6),
         "full_precision_token_accuracy": round(before.token_accuracy, 6),
         "quantized_token_accuracy": round(after.token_accuracy, 6),
+        "top1_agreement": round(after.agreement, 6),
         "quantized_layers": quantized,
         "full_precision_weight_bytes": fp_bytes,
         "quantized_weight_bytes": q_bytes,

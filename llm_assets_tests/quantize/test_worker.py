@@ -68,6 +68,7 @@ def test_gptq_writes_a_4_bit_model_transformers_loads_and_measures_it(gptq, trai
     assert figures["size_ratio"] < 0.4, figures  # embeddings and the head stay in full precision
     assert figures["quantized_weight_bytes"] < figures["full_precision_weight_bytes"]
     assert abs(figures["perplexity_increase"]) < 0.1, figures
+    assert 0.8 < figures["top1_agreement"] < 1, figures  # 4 bits do change some predictions
     assert figures["perplexity_increase"] == pytest.approx(
         figures["quantized_perplexity"] / figures["full_precision_perplexity"] - 1, abs=1e-5)
     # The calibration set travels with the artifact, under the hash recorded for it.
@@ -99,6 +100,7 @@ def test_int8_is_smaller_than_full_precision_and_close_to_it(quantize_python, tr
     assert figures["quantized_layers"] == LINEAR_LAYERS and figures["bits"] == 8
     assert 0.4 < figures["size_ratio"] < 0.7, figures  # int8 linears, fp32 embeddings and head
     assert abs(figures["perplexity_increase"]) < 0.01 and abs(figures["accuracy_drop"]) < 0.01, figures
+    assert figures["top1_agreement"] > 0.95, figures
     assert "calibration_sha256" not in figures and not (tmp_path / "out" / CALIBRATION_FILE).exists()
 
 
@@ -140,13 +142,16 @@ def test_heldout_quality_is_the_models_own_loss(trained_dir, heldout):
     model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32)
     sequences = token_sequences(tokenizer, heldout["text"].to_list(), max_tokens=64)
     assert sequences and all(2 <= len(s) <= 64 for s in sequences)
-    quality = heldout_quality(model, sequences)
+    quality, predictions = heldout_quality(model, sequences)
     with torch.no_grad():
         losses = [(model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss.item(), len(s) - 1)
                   for s in sequences]
     assert quality.tokens == sum(n for _, n in losses)
     assert quality.nll == pytest.approx(sum(loss * n for loss, n in losses) / quality.tokens, rel=1e-5)
-    assert 0 < quality.token_accuracy < 1
+    assert 0 < quality.token_accuracy < 1 and quality.agreement is None
+    # Against its own predictions a model agrees everywhere; against shifted ones, rarely.
+    assert heldout_quality(model, sequences, predictions)[0].agreement == 1.0
+    assert heldout_quality(model, sequences, [p.roll(1) for p in predictions])[0].agreement < 0.9
     with pytest.raises(ValueError, match="no held-out tokens"):
         heldout_quality(model, [])
 
