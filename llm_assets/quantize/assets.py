@@ -64,7 +64,7 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
     gate_names = [name for name in QUANTIZE_GATES if name in manifest.gates]
 
     @artifact_asset(
-        partitions_def=partitions, code_version="1", kinds={"pytorch", "huggingface"}, group_name="quantize",
+        partitions_def=partitions, code_version="2", kinds={"pytorch", "huggingface"}, group_name="quantize",
         # Dagster maps each model_size × scheme partition to its model_size partition of the model.
         ins={"model": dg.AssetIn(key=model_asset), "dataset_splits": dg.AssetIn()},
         op_tags=k8s_op_tags(manifest.compute.training),
