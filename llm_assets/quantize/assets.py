@@ -11,7 +11,6 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
@@ -35,21 +34,20 @@ from resources.quantize_environment import QuantizeEnvironmentResource
 SIZE, SCHEME = "model_size", "scheme"  # the partition dimensions
 
 
-def pick_texts(rows: Iterable[tuple[str, str]], count: int, seed: int) -> list[str]:
-    """`count` texts of (id, text) rows, chosen by a seeded hash of the id: the same rows give
-    the same texts in the same order, whatever order they come in."""
-    ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}\x00{row[0]}".encode()).digest())
-    return [text for _, text in ranked[:count]]
+def pick_texts(paths: list[Path], count: int, seed: int) -> list[str]:
+    """`count` texts of parquet files of documents (id, text), chosen by a seeded hash of the id:
+    the same documents give the same texts in the same order, however they are sharded. Only
+    the ids are read whole; the texts of the chosen documents are read by a filtered scan."""
+    ids = pl.scan_parquet(paths).select("id").collect()["id"].to_list()
+    chosen = sorted(ids, key=lambda doc_id: hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest())[:count]
+    found = pl.scan_parquet(paths).filter(pl.col("id").is_in(chosen)).select("id", "text").collect()
+    texts = dict(found.iter_rows())
+    return [texts[doc_id] for doc_id in chosen]
 
 
 def write_texts(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     return path
-
-
-def _rows(paths: Iterable[Path]) -> list[tuple[str, str]]:
-    frames = [pl.read_parquet(p, columns=["id", "text"]) for p in paths]
-    return [row for frame in frames for row in frame.iter_rows()]
 
 
 def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
@@ -96,8 +94,8 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
             max_tokens = min(recipe.max_tokens, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
             with tempfile.TemporaryDirectory(prefix="llm-assets-quantize-") as scratch:
                 work = Path(scratch)
-                heldout = pick_texts(_rows([splits / "test.parquet"]), recipe.heldout_texts, current.seed)
-                calibration = (pick_texts(_rows(sorted((splits / "train").glob("*.parquet"))),
+                heldout = pick_texts([splits / "test.parquet"], recipe.heldout_texts, current.seed)
+                calibration = (pick_texts(sorted((splits / "train").glob("*.parquet")),
                                           recipe.calibration_texts, current.seed) if gptq else [])
                 if not heldout or (gptq and not calibration):
                     raise dg.Failure(f"dataset_splits {dataset_splits.sha256[:12]} has no "

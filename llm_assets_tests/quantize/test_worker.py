@@ -129,12 +129,16 @@ def test_read_texts_names_the_bad_line(tmp_path):
         read_texts(path)
 
 
-def test_pick_texts_is_seeded_and_ignores_row_order():
-    rows = [(f"doc-{i}", f"text {i}") for i in range(50)]
-    picked = pick_texts(rows, 10, seed=3)
-    assert len(picked) == 10 and pick_texts(list(reversed(rows)), 10, seed=3) == picked
-    assert pick_texts(rows, 10, seed=4) != picked
-    assert pick_texts(rows, 500, seed=3) == pick_texts(rows, 50, seed=3)
+def test_pick_texts_is_seeded_and_ignores_sharding(tmp_path):
+    frame = pl.DataFrame({"id": [f"doc-{i}" for i in range(50)], "text": [f"text {i}" for i in range(50)]})
+    frame.write_parquet(tmp_path / "one.parquet")
+    frame[::-1][:20].write_parquet(tmp_path / "a.parquet")
+    frame[::-1][20:].write_parquet(tmp_path / "b.parquet")
+    picked = pick_texts([tmp_path / "one.parquet"], 10, seed=3)
+    assert len(picked) == 10 and len(set(picked)) == 10
+    assert pick_texts([tmp_path / "a.parquet", tmp_path / "b.parquet"], 10, seed=3) == picked
+    assert pick_texts([tmp_path / "one.parquet"], 10, seed=4) != picked
+    assert sorted(pick_texts([tmp_path / "one.parquet"], 500, seed=3)) == sorted(frame["text"].to_list())
 
 
 def test_heldout_quality_is_the_models_own_loss(trained_dir, heldout):
