@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128, help="GPTQ and RTN: columns per scale (GPTQ's usual 128)")
     args = parser.parse_args()
-    python = Settings.quantize_python
+    python = Settings.from_env().quantize_python
     if not Path(python).is_file():
         sys.exit(f"no quantization environment at {python}: run `make install`")
 

@@ -39,7 +39,6 @@ def estimate_rows(manifest: PipelineManifest) -> list[dict]:
     ]
 
 
-
 def _partitioning(partitions_def: object) -> str:
     """How the plan names an asset's partitions: dynamic by name, static by count, multi by dimension."""
     import dagster as dg
@@ -299,7 +298,9 @@ def cmd_override(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         if not current:
             where = f"[{args.partition}]" if args.partition else ""
-            print(f"{asset_key.to_user_string()}{where} has no materialization to override the gate for; "
+            existing = sorted(map(str, latest_materializations(instance, asset_key)))
+            known = f" (its materialized partitions: {', '.join(existing)})" if existing else ""
+            print(f"{asset_key.to_user_string()}{where} has no materialization to override the gate for{known}; "
                   "materialize it first", file=sys.stderr)
             return EXIT_FAILED
         partition, mat = next(iter(current.items()))
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     override.add_argument("--gate", required=True, help="the gate's name in the manifest's gates, e.g. policy_kl")
     override.add_argument("--reviewer", required=True, help="who takes responsibility")
     override.add_argument("--reason", required=True, help="why the artifact may pass anyway")
-    override.add_argument("--partition", help="the model size (required when the asset has several)")
+    override.add_argument("--partition", help="the partition: a model size, or 'SIZE|SCHEME' for quantized_model "
+                                              "(required when the asset has several)")
     rollback = sub.add_parser("rollback", help="rematerialize a stage and its downstream, or move a release back")
     target = rollback.add_mutually_exclusive_group(required=True)
     target.add_argument("--from", dest="stage", help="the asset to rematerialize from, e.g. sft_model")

@@ -39,6 +39,15 @@ def build_resources(settings: Settings) -> dict[str, object]:
     }
 
 
+def k8s_executor(per_step: dict[str, dict]) -> dg.ExecutorDefinition:
+    """dagster-k8s's step-per-pod executor with `per_step` pod configs added to whatever a run's
+    config says (a run's own per-step entries win); every other executor setting stays the run's."""
+    return k8s_job_executor.configured(
+        lambda config: {**config, "per_step_k8s_config": {**per_step, **config.get("per_step_k8s_config", {})}},
+        config_schema=k8s_job_executor.config_schema, name="k8s",
+    )
+
+
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     manifest = load_manifest(settings.manifest)
@@ -59,9 +68,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         resources=build_resources(settings),
         # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute),
         # the data stages by the manifest's compute.data.
-        executor=k8s_job_executor.configured(
-            {"per_step_k8s_config": data_step_configs(manifest.compute.data, assets)}, name="k8s",
-        ) if settings.executor == "k8s" else None,
+        executor=k8s_executor(data_step_configs(manifest.compute.data, assets)) if settings.executor == "k8s" else None,
     )
     return defs
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,10 @@ def replay_lock(lock: dict[str, Any], workdir: Path, *, rtol: float = 0.05, sele
     manifest_path = workdir / "pipeline.yaml"
     manifest_path.write_text(yaml.safe_dump(lock["manifest"], sort_keys=False))
     manifest = load_manifest(manifest_path)
-    settings = Settings(manifest=str(manifest_path), store_uri=str(workdir / "store"),
-                        alerts_jsonl=str(workdir / "alerts.jsonl"), alert_webhook_url=None, s3_endpoint_url=None)
+    # This machine's environment (the quantization interpreter, the executor), the lock's manifest,
+    # a fresh store and alert log.
+    settings = replace(Settings.from_env(), manifest=str(manifest_path), store_uri=str(workdir / "store"),
+                       alerts_jsonl=str(workdir / "alerts.jsonl"), alert_webhook_url=None, s3_endpoint_url=None)
     store = open_store(settings.store_uri)
     # A reviewer's override holds for the very artifact it was given for: if the replay
     # reproduces that artifact, the override applies again.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import dagster as dg
 import kubernetes_validate
 import pytest
 from dagster_k8s import k8s_job_executor
@@ -70,6 +71,20 @@ def test_data_steps_get_the_manifests_data_compute(settings):
     pod = job["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
     assert pod["nodeSelector"] == {"pool": "cpu"}
+
+
+def test_a_runs_executor_config_is_kept_and_wins_over_the_data_defaults(settings):
+    job = build_definitions(replace(settings, executor="k8s")).resolve_implicit_global_asset_job_def()
+    own = {"container_config": {"resources": {"requests": {"cpu": "5"}}}}
+    resolved = dg.validate_run_config(job, {"execution": {"config": {
+        "max_concurrent": 3, "job_namespace": "llm", "per_step_k8s_config": {"raw_corpus": own}}}})
+    config = resolved["execution"]["k8s"]
+    assert config["max_concurrent"] == 3 and config["job_namespace"] == "llm"
+    per_step = config["per_step_k8s_config"]
+    assert per_step["raw_corpus"]["container_config"] == own["container_config"]
+    assert per_step["clean_corpus"]["container_config"]["resources"]["requests"] == {"cpu": "1", "memory": "4Gi"}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="max_concurent"):
+        dg.validate_run_config(job, {"execution": {"config": {"max_concurent": 3}}})
 
 
 def test_training_steps_keep_their_gpu_tags(settings, manifest_path):

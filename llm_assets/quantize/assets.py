@@ -38,6 +38,8 @@ def pick_texts(paths: list[Path], count: int, seed: int) -> list[str]:
     """`count` texts of parquet files of documents (id, text), chosen by a seeded hash of the id:
     the same documents give the same texts in the same order, however they are sharded. Only
     the ids are read whole; the texts of the chosen documents are read by a filtered scan."""
+    if not paths:
+        return []
     ids = pl.scan_parquet(paths).select("id").collect()["id"].to_list()
     chosen = sorted(ids, key=lambda doc_id: hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest())[:count]
     found = pl.scan_parquet(paths).filter(pl.col("id").is_in(chosen)).select("id", "text").collect()
@@ -62,7 +64,7 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
     gate_names = [name for name in QUANTIZE_GATES if name in manifest.gates]
 
     @artifact_asset(
-        partitions_def=partitions, code_version="2", kinds={"pytorch", "huggingface"}, group_name="quantize",
+        partitions_def=partitions, code_version="3", kinds={"pytorch", "huggingface"}, group_name="quantize",
         # Dagster maps each model_size × scheme partition to its model_size partition of the model.
         ins={"model": dg.AssetIn(key=model_asset), "dataset_splits": dg.AssetIn()},
         op_tags=k8s_op_tags(manifest.compute.training),
@@ -87,6 +89,9 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         config = {
             "scheme": scheme, "seed": current.seed, "heldout_texts": recipe.heldout_texts, "max_tokens": recipe.max_tokens,
             **({"group_size": recipe.group_size, "calibration_texts": recipe.calibration_texts} if gptq else {}),
+            # Another library version, or the GPU instead of the CPU, may write other bytes.
+            "libraries": quantize_environment.libraries(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
 
         def build(out: Path) -> dict:
@@ -94,9 +99,9 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
             max_tokens = min(recipe.max_tokens, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
             with tempfile.TemporaryDirectory(prefix="llm-assets-quantize-") as scratch:
                 work = Path(scratch)
+                train_files = sorted((splits / "train").glob("*.parquet"))
                 heldout = pick_texts([splits / "test.parquet"], recipe.heldout_texts, current.seed)
-                calibration = (pick_texts(sorted((splits / "train").glob("*.parquet")),
-                                          recipe.calibration_texts, current.seed) if gptq else [])
+                calibration = pick_texts(train_files, recipe.calibration_texts, current.seed) if gptq else []
                 if not heldout or (gptq and not calibration):
                     raise dg.Failure(f"dataset_splits {dataset_splits.sha256[:12]} has no "
                                      f"{'test' if not heldout else 'training'} documents to quantize with; "

@@ -178,6 +178,25 @@ def quantize_int8(model_dir: Path, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
 
 
+def canonical_safetensors_headers(out_dir: Path) -> None:
+    """Sort the `__metadata__` of every safetensors file in place: safetensors writes that map in
+    hash order, which differs run to run (torchao keeps one entry per tensor there), and a
+    content-addressed artifact must not. Only the header's text changes, never its length or the
+    tensor data after it."""
+    for path in sorted(out_dir.glob("*.safetensors")):
+        with path.open("r+b") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            if "__metadata__" not in header:
+                continue
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":")).encode()
+            if len(text) > size:  # a writer that used a more compact form: leave the file as it is
+                continue
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))  # the format pads headers with spaces
+
+
 def quantized_layers(model: Any) -> int:
     """Linear layers whose weights are stored quantized: GPTQ's packed layers, torchao's tensors."""
     import torch
@@ -195,19 +214,21 @@ def quantized_layers(model: Any) -> int:
 def run(spec: QuantizeSpec) -> dict[str, Any]:
     reporter = Reporter.open()
     cwd = Path.cwd()
+    spec = spec.model_copy(update=_absolute_paths(spec, cwd))
     try:
         # gptqmodel leaves its offload and log folders in the working directory: a scratch one.
         with tempfile.TemporaryDirectory(prefix="llm-assets-quantize-") as scratch:
             os.chdir(scratch)
-            figures = _run(spec.model_copy(update=_absolute_paths(spec, cwd)), reporter)
-            os.chdir(cwd)
+            try:
+                figures = _run(spec, reporter)
+            finally:
+                os.chdir(cwd)
         reporter.report(figures)
         return figures
     except BaseException as exc:
         write_failure(spec.error_file, exc)
         raise
     finally:
-        os.chdir(cwd)
         reporter.close()
 
 
@@ -248,6 +269,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
     else:
         quantize_int8(model_dir, out_dir)
     seconds = time.perf_counter() - started
+    canonical_safetensors_headers(out_dir)
     carry_over(model_dir, out_dir)
     if spec.calibration is not None and calibration:
         shutil.copy2(spec.calibration, out_dir / CALIBRATION_FILE)

@@ -15,6 +15,6 @@ from llm_assets_tests.evaluation.conftest import heldout, tokenizer_dir, trained
 
 @pytest.fixture(scope="session")
 def quantize_python() -> str:
-    python = Settings.quantize_python
+    python = Settings.from_env().quantize_python
     assert Path(python).is_file(), f"no quantization environment at {python}: run `make install`"
     return python

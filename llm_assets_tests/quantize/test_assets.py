@@ -6,6 +6,7 @@ and a failure names what to do. Upstream artifacts are stored and recorded as ma
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,6 +138,13 @@ def test_failures_say_what_to_do(settings, manifest_path, instance, trained_dir,
     message = step_failure(instance, result.run_id)
     assert "the quantization environment is missing" in message and "make install" in message
     assert "LLM_ASSETS_QUANTIZE_PYTHON" in message
+
+    # An interpreter without the quantization libraries (this one): refused before anything runs.
+    result = materialize(build_definitions(replace(settings, quantize_python=sys.executable)), instance, int8)
+    assert not result.success
+    message = step_failure(instance, result.run_id)
+    assert f"the quantization environment at {sys.executable} cannot run the worker" in message
+    assert "No package metadata was found for gptqmodel" in message and "make install" in message
 
     # A model artifact whose weights are not a safetensors file: the worker's error, in one line.
     broken = tmp_path / "broken"

@@ -84,12 +84,39 @@ def test_gptq_writes_a_4_bit_model_transformers_loads_and_measures_it(gptq, trai
     assert sorted(p.name for p in root.iterdir()) == ["calibration.jsonl", "heldout.jsonl", "out", "spec.json"]
 
 
-def test_gptq_is_deterministic(gptq, quantize_python, trained_dir, heldout):
-    """Same model, same calibration: the same bytes, so the artifact has the same hash."""
-    out, _, root = gptq
-    done, _ = run_worker(quantize_python, spec_for(root, trained_dir, heldout, "gptq-4bit", "again"), root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert tree_hashes(root / "again") == tree_hashes(out)
+def copy_model(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+@pytest.mark.parametrize("scheme", ["gptq-4bit", "int8"])
+def test_quantization_is_deterministic(scheme, gptq, quantize_python, trained_dir, heldout, tmp_path):
+    """The same model and texts, from another directory: the same bytes, so the same artifact hash
+    wherever the store keeps its files."""
+    elsewhere = copy_model(trained_dir, tmp_path / "elsewhere" / "model")
+    runs = []
+    for root, model_dir in ((tmp_path / "a", trained_dir), (tmp_path / "b", elsewhere)):
+        root.mkdir()
+        if scheme == "gptq-4bit" and root.name == "a":
+            runs.append(tree_hashes(gptq[0]))  # the fixture's run
+            continue
+        done, _ = run_worker(quantize_python, spec_for(root, model_dir, heldout, scheme, "out"), root)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(tree_hashes(root / "out"))
+    assert runs[0] == runs[1]
+
+
+def test_a_spec_with_relative_paths_and_a_bad_text_file_fails_naming_the_line(quantize_python, trained_dir,
+                                                                              tmp_path):
+    (tmp_path / "heldout.jsonl").write_text('{"text": "fine"}\n{"text": 3\n')
+    spec = QuantizeSpec(scheme="int8", model_dir=str(trained_dir), out_dir="out", heldout="heldout.jsonl",
+                        max_tokens=32, error_file="error.txt")
+    done, figures = run_worker(quantize_python, spec, tmp_path)
+    assert done.returncode != 0 and figures is None
+    first_line = (tmp_path / "error.txt").read_text().splitlines()[0]
+    assert first_line.startswith(f"ValueError: {tmp_path / 'heldout.jsonl'}:2: expected a JSON object"), first_line
 
 
 def test_int8_is_smaller_than_full_precision_and_close_to_it(quantize_python, trained_dir, heldout, tmp_path):
