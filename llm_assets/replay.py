@@ -44,17 +44,29 @@ class ReplayRow:
         return self.status in (IDENTICAL, EQUIVALENT)
 
 
-def _gate_figures(entry: dict[str, Any]) -> dict[str, float]:
-    return {gate: check["values"][gate] for check in entry.get("checks", [])
-            for gate in check.get("gates", []) if check.get("values", {}).get(gate) is not None}
+def _gate_figures(entry: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each gate figure of an entry, with the magnitude of its gate's threshold (0 if none)."""
+    figures = {}
+    for check in entry.get("checks", []):
+        values = check.get("values", {})
+        for gate in check.get("gates", []):
+            if values.get(gate) is None:
+                continue
+            bounds = [abs(v) for v in (values.get(f"gate_{gate}_min"), values.get(f"gate_{gate}_max"))
+                      if v is not None and math.isfinite(v)]
+            figures[gate] = (values[gate], max(bounds, default=0.0))
+    return figures
 
 
-def _relative(a: float, b: float) -> float:
+def _relative(a: float, b: float, scale: float = 0.0) -> float:
+    """The change from a to b relative to the larger of the two figures and their gate's
+    threshold: a figure that is itself a small difference (a quantized model's perplexity
+    increase, +0.07% then -0.05%) drifts against its gate's scale, not against zero."""
     if a == b:
         return 0.0
     if not (math.isfinite(a) and math.isfinite(b)):
         return math.inf
-    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+    return abs(a - b) / max(abs(a), abs(b), scale, 1e-12)
 
 
 def compare_entry(recorded: dict[str, Any], replayed: dict[str, Any] | None, rtol: float,
@@ -72,8 +84,8 @@ def compare_entry(recorded: dict[str, Any], replayed: dict[str, Any] | None, rto
     old, new = _gate_figures(recorded), _gate_figures(replayed)
     shared = sorted(set(old) & set(new))
     if shared:
-        drift = {gate: _relative(old[gate], new[gate]) for gate in shared}
-        shown = ", ".join(f"{g} {old[g]:.4g} -> {new[g]:.4g} ({drift[g]:.1%})" for g in shared)
+        drift = {gate: _relative(old[gate][0], new[gate][0], old[gate][1]) for gate in shared}
+        shown = ", ".join(f"{g} {old[g][0]:.4g} -> {new[g][0]:.4g} ({drift[g]:.1%})" for g in shared)
         worst = max(drift.values())
         return row(EQUIVALENT if worst <= rtol else DIFFERENT, f"{shown}; tolerance {rtol:.1%}")
     inputs = [input_status.get((i["asset"], i["partition"]), MISSING) for i in recorded.get("inputs", [])]

@@ -89,3 +89,21 @@ def test_a_malformed_lock_is_refused_naming_what_is_wrong(tmp_path):
     path.write_text(json.dumps({"format": 1, "manifest": {}, "assets": [entry]}))
     with pytest.raises(LockError, match=r"assets\[0\] \(policy\) has a malformed override"):
         read_lock(path)
+
+
+def test_a_small_difference_figure_drifts_against_its_gates_scale():
+    """A quantized model's perplexity increase is itself a difference near zero: +0.07% then
+    -0.05% is a 170% change relative to the figures, 1.2% relative to the gate's 10%."""
+    def quantized(sha: str, increase: float) -> dict:
+        values = {"quantized_perplexity_increase": increase, "gate_quantized_perplexity_increase_max": 0.1,
+                  "gate_quantized_perplexity_increase_min": None}
+        return {"asset": "quantized_model", "partition": "xs|gptq-4bit", "group": "quantize", "sha256": sha,
+                "checks": [{"check": "quantization_quality", "gates": ["quantized_perplexity_increase"],
+                            "values": values}], "inputs": []}
+
+    def status(after: float) -> str:
+        return compare_locks({"assets": [quantized("a" * 64, 0.0007)]},
+                             {"assets": [quantized("b" * 64, after)]}, rtol=0.05)[0].status
+
+    assert status(-0.0005) == EQUIVALENT
+    assert status(0.02) == DIFFERENT  # 1.93 points of a 10-point gate: 19%
