@@ -239,9 +239,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except (LockError, ManifestError, FileExistsError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
-    print(f"\n{'asset':<22} {'partition':<14} {'status':<11} detail")
+    print(f"\n{'asset':<22} {'partition':<20} {'status':<11} detail")
     for r in rows:
-        print(f"{r.asset:<22} {r.partition or '-':<14} {r.status:<11} {r.detail}")
+        print(f"{r.asset:<22} {r.partition or '-':<20} {r.status:<11} {r.detail}")
     counts = {status: sum(r.status == status for r in rows) for status in sorted({r.status for r in rows})}
     print(f"\nreplayed into {workdir}: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     return EXIT_OK if all(r.ok for r in rows) else EXIT_FAILED

@@ -237,7 +237,20 @@ def _absolute_paths(spec: QuantizeSpec, cwd: Path) -> dict[str, str]:
     return {name: str(cwd / getattr(spec, name)) for name in fields if getattr(spec, name) is not None}
 
 
+def _quiet_libraries() -> None:
+    """Keep the run's log to what matters: torchao announces every CUDA kernel library it cannot
+    load on a CPU machine, and transformers draws a progress bar per model load."""
+    import logging
+
+    import transformers
+
+    for noisy in ("torchao", "torch.utils._pytree"):  # the latter: torchao's enum registrations
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
+    _quiet_libraries()
     import torch
     from transformers import AutoTokenizer
 
