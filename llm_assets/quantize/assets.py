@@ -52,6 +52,22 @@ def write_texts(path: Path, texts: list[str]) -> Path:
     return path
 
 
+def comparison_markdown(figures: dict, scheme: str) -> str:
+    """Full precision and quantized side by side, for the asset's page in the UI."""
+    rows = [
+        ("perplexity", f"{figures['full_precision_perplexity']:.4f}", f"{figures['quantized_perplexity']:.4f}",
+         f"{figures['perplexity_increase']:+.3%}"),
+        ("top-1 accuracy", f"{figures['full_precision_token_accuracy']:.4f}", f"{figures['quantized_token_accuracy']:.4f}",
+         f"{-figures['accuracy_drop'] + 0.0:+.4f}"),
+        ("top-1 agreement with full precision", "1", f"{figures['top1_agreement']:.4f}", ""),
+        ("weights (MB)", f"{figures['full_precision_weight_bytes'] / 1e6:.2f}",
+         f"{figures['quantized_weight_bytes'] / 1e6:.2f}", f"× {figures['size_ratio']}"),
+    ]
+    lines = [f"| on {figures['heldout_tokens']} held-out tokens | full precision | {scheme} | change |",
+             "|---|---|---|---|", *(f"| {' | '.join(row)} |" for row in rows)]
+    return "\n".join(lines)
+
+
 def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
     recipe = manifest.stages.quantize
     if recipe is None or not manifest.model_sizes:
@@ -121,6 +137,7 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                                       error_file=work / "error.txt", what=f"quantizing {model_asset}[{size}] ({scheme})")
                 wall = time.perf_counter() - started
             return {**reported, "model_sha256": model.sha256,
+                    "comparison": dg.MetadataValue.md(comparison_markdown(reported, scheme)),
                     "libraries": dg.MetadataValue.json(reported["libraries"]),
                     "cost_usd": billed_usd(wall, 1 if torch.cuda.is_available() else 0, current.budget)}
 

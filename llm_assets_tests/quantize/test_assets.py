@@ -94,6 +94,7 @@ def test_both_schemes_of_a_size_materialize_and_pass_the_gate(settings, manifest
         partition = f"xs|{scheme}"
         meta = {k: v.value for k, v in current(instance, partition).metadata.items()}
         assert meta["bits"] == bits and meta["model_sha256"] == upstream["model"]
+        assert f"| full precision | {scheme} | change |" in meta["comparison"]
         assert 0 < meta["size_ratio"] < 0.7 and meta["quantized_layers"] == 14
         assert {r["asset"]: r["sha256"] for r in meta["input_hashes"]} == {
             "pretrain_checkpoint": upstream["model"], "dataset_splits": upstream["splits"]}
