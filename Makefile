@@ -46,7 +46,10 @@ quickstart: install $(DAGSTER_HOME)/dagster.yaml
 
 # Two workers: most of a test's time is single-threaded (Dagster runs, data stages); the slow
 # end-to-end tests are scheduled first (llm_assets_tests/conftest.py).
-test: install system-packages
+# `dg check defs` first: the code location (llm_assets.definitions, [tool.dg] in pyproject.toml)
+# loads as Dagster would load it, on the embedded default instance.
+test: install system-packages $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dg check defs
 	$(BIN)/python -m pytest -q -ra -n 2
 
 test-fast: install system-packages

@@ -27,15 +27,11 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import report, timed  # noqa: E402
-from llm_assets.data.cleaning import (  # noqa: E402
-    CleanStats,
-    clean_frame,
-    html_to_text,
-    normalize_text,
-    quality_failures,
-    quality_signals,
-    redact_pii,
-)
+from llm_assets.data.cleaning import CleanStats, clean_frame  # noqa: E402
+from llm_assets.data.html_text import html_to_text  # noqa: E402
+from llm_assets.data.normalize import normalize_text  # noqa: E402
+from llm_assets.data.pii import redact_pii  # noqa: E402
+from llm_assets.data.quality import quality_failures, quality_signals  # noqa: E402
 from llm_assets.manifest import CleanRecipe  # noqa: E402
 
 SCHEMA = {name: pl.String for name in ("id", "text", "source", "uri", "kind", "sha256")}

@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import report, timed  # noqa: E402
 from llm_assets.definitions import build_definitions  # noqa: E402
 from llm_assets.manifest import load_manifest  # noqa: E402
-from llm_assets.posttrain.datasets import read_dataset  # noqa: E402
+from llm_assets.posttrain.dataset_files import read_dataset  # noqa: E402
 from llm_assets.posttrain.policy import run_policy  # noqa: E402
 from llm_assets.posttrain.reward import run_reward  # noqa: E402
 from llm_assets.posttrain.sft import run_sft  # noqa: E402
 from llm_assets.runner import materialize_graph  # noqa: E402
 from llm_assets.settings import PROJECT_ROOT, Settings  # noqa: E402
-from resources.artifact_store import open_store  # noqa: E402
+from llm_assets.store import open_store  # noqa: E402
 
 SIZE = "bench"
 

@@ -21,10 +21,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import report, timed  # noqa: E402
 from llm_assets.definitions import build_definitions  # noqa: E402
-from llm_assets.release.pointer import current_release  # noqa: E402
+from llm_assets.release_pointer import current_release  # noqa: E402
 from llm_assets.runner import DriveResult, materialize_graph  # noqa: E402
 from llm_assets.settings import PROJECT_ROOT, Settings  # noqa: E402
-from resources.artifact_store import open_store  # noqa: E402
+from llm_assets.store import open_store  # noqa: E402
 from resources.handles import latest_materializations  # noqa: E402
 
 ROLLBACK = 'key:"sft_model"+'

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import report, timed  # noqa: E402
-from resources.artifact_store import open_store  # noqa: E402
+from llm_assets.store import open_store  # noqa: E402
 
 
 def main() -> None:

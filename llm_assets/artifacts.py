@@ -17,8 +17,9 @@ from typing import Any
 import dagster as dg
 from pydantic import BaseModel
 
+from llm_assets.compute import requests_gpu
 from llm_assets.settings import code_revision
-from resources.artifact_store import ArtifactStore
+from llm_assets.store import ArtifactStore
 from resources.handles import (
     META_BUILD_SECONDS,
     META_FINGERPRINT,
@@ -64,9 +65,32 @@ def fingerprint(
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+# The lifecycle's parts: an asset's group_name, and its `stage` tag.
+STAGES = ("data", "tokenizer", "pretrain", "posttrain", "evaluation", "release", "quantize", "serving")
+# Who answers for each part's assets (shown in the UI, selectable as `owner:team:ml-platform`).
+# One team owns the whole lifecycle today; give a part its own team here.
+STAGE_OWNERS = {stage: "team:ml-platform" for stage in STAGES}
+
+
+def asset_tags(group_name: str, op_tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """The tags every asset carries: `stage` (its group) and `compute` (`gpu` when its step asks
+    Kubernetes for a GPU through `llm_assets.compute.k8s_op_tags`, else `cpu`)."""
+    if group_name not in STAGES:
+        raise ValueError(f"group_name {group_name!r} is not a lifecycle stage ({', '.join(STAGES)})")
+    return {"stage": group_name, "compute": "gpu" if requests_gpu(dict(op_tags or {})) else "cpu"}
+
+
 def artifact_asset(**kwargs: Any) -> Callable:
     """``@dg.asset`` for assets whose output is an artifact handle: they all use the artifact IO
-    manager, which passes handles (never data) to their children."""
+    manager, which passes handles (never data) to their children. Each gets its stage's owner and
+    the `stage` and `compute` tags (:func:`asset_tags`), derived from ``group_name`` and
+    ``op_tags``; owners or tags given by the caller are added to those."""
+    group = kwargs.get("group_name")
+    if group is None:
+        raise ValueError("artifact_asset needs a group_name: the lifecycle stage the asset belongs to")
+    tags = asset_tags(group, kwargs.get("op_tags"))  # refuses a group that is not a stage
+    kwargs["owners"] = list(dict.fromkeys([STAGE_OWNERS[group], *kwargs.get("owners", [])]))
+    kwargs["tags"] = {**tags, **kwargs.get("tags", {})}
     return dg.asset(io_manager_key="artifact_io", **kwargs)
 
 

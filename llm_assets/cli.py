@@ -161,7 +161,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _rollback_release(defs, hash_prefix: str, partition: str | None) -> int:
     import dagster as dg
 
-    from llm_assets.release.pointer import ReleaseError, current_release, find_promoted, move_release
+    from llm_assets.release_pointer import ReleaseError, current_release, find_promoted, move_release
 
     store = defs.resources["artifact_store"].get_store()
     try:
@@ -190,7 +190,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     if _open_project(args) is None:
         return EXIT_FAILED
     from llm_assets.definitions import build_definitions
-    from llm_assets.release.pointer import current_release, release_history
+    from llm_assets.release_pointer import current_release, release_history
 
     store = build_definitions().resources["artifact_store"].get_store()
     moves = release_history(store, args.partition)
@@ -320,9 +320,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if manifest is None:
         return EXIT_FAILED
     from llm_assets.definitions import build_definitions
-    from llm_assets.release.pointer import current_release, read_release
+    from llm_assets.release_pointer import current_release, read_release
     from llm_assets.serving import ServeConfig, serve
-    from resources.artifact_store import ArtifactStoreError
+    from llm_assets.store import ArtifactStoreError
 
     store = build_definitions().resources["artifact_store"].get_store()
     if args.model:

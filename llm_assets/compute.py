@@ -35,6 +35,13 @@ def k8s_op_tags(compute: StageCompute) -> dict[str, Any]:
     return {K8S_CONFIG_TAG: k8s_config(compute)}
 
 
+def requests_gpu(op_tags: dict[str, Any] | None) -> bool:
+    """Whether a step with these op tags asks Kubernetes for a GPU (the limit `k8s_config` sets)."""
+    config = (op_tags or {}).get(K8S_CONFIG_TAG) or {}
+    limits = config.get("container_config", {}).get("resources", {}).get("limits", {})
+    return int(limits.get(GPU_RESOURCE, 0) or 0) > 0
+
+
 def data_step_configs(data: StageCompute, assets: Iterable[Any]) -> dict[str, dict[str, Any]]:
     """Per op name, the `compute.data` pod config for every asset whose op asks for nothing itself:
     the data stages, which are defined before any manifest is read and so carry no op tags."""

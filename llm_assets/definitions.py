@@ -1,7 +1,9 @@
 """The Definitions: every part of the lifecycle, assembled.
 
-The training stages are built from the manifest (its model sizes are their partitions), so the
-Definitions load the manifest once, here.
+Each stage package builds its own `dg.Definitions` from the manifest (its model sizes are the
+training stages' partitions), in lifecycle order; this module merges them and applies the
+project-wide policy on top, the way one global policy is applied over every asset: the generated
+hash gates, the alert sensor, the resources and the executor.
 """
 
 from __future__ import annotations
@@ -9,28 +11,30 @@ from __future__ import annotations
 import dagster as dg
 from dagster_k8s import k8s_job_executor
 
-from llm_assets import data, tokenizer
 from llm_assets.checks import build_hash_gates
 from llm_assets.compute import data_step_configs
-from llm_assets.evaluation.assets import build_evaluation_assets
-from llm_assets.manifest import PipelineResource, load_manifest
-from llm_assets.posttrain.assets import build_posttrain_assets
-from llm_assets.pretrain.assets import build_pretrain_assets
-from llm_assets.quantize.assets import build_quantize_assets
-from llm_assets.release.assets import build_release_assets
+from llm_assets.data import assets as data
+from llm_assets.evaluation import assets as evaluation
+from llm_assets.manifest import PipelineManifest, load_manifest
+from llm_assets.posttrain import assets as posttrain
+from llm_assets.pretrain import assets as pretrain
+from llm_assets.quantize import assets as quantize
+from llm_assets.release import assets as release
 from llm_assets.sensors import alert_sensor
-from llm_assets.serving.assets import build_serving_assets
+from llm_assets.serving import assets as serving
 from llm_assets.settings import Settings, artifact_store_resource
+from llm_assets.tokenizer import assets as tokenizer
 from resources.alert_sinks import AlertSinksResource
 from resources.handles import ArtifactHandleIOManager
+from resources.pipeline import PipelineResource
 from resources.quantize_environment import QuantizeEnvironmentResource
 
-
-def build_resources(settings: Settings) -> dict[str, object]:
+def build_resources(settings: Settings, manifest: PipelineManifest) -> dict[str, object]:
     return {
         "artifact_store": artifact_store_resource(settings),
         "artifact_io": ArtifactHandleIOManager(),
-        "pipeline": PipelineResource(manifest_path=settings.manifest),
+        # Pinned to the manifest the graph was built from: a run refuses one that changed since.
+        "pipeline": PipelineResource.for_manifest(settings.manifest, manifest),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "quantize_environment": QuantizeEnvironmentResource(python=settings.quantize_python),
         "alert_sinks": AlertSinksResource(
@@ -48,29 +52,29 @@ def k8s_executor(per_step: dict[str, dict]) -> dg.ExecutorDefinition:
     )
 
 
+def with_hash_gates(defs: dg.Definitions) -> dg.Definitions:
+    """`defs` with an integrity and an input-chain gate generated for each of its assets."""
+    return dg.Definitions.merge(defs, dg.Definitions(asset_checks=build_hash_gates(defs.assets or [])))
+
+
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     manifest = load_manifest(settings.manifest)
-    pretrain_assets, pretrain_checks = build_pretrain_assets(manifest)
-    posttrain_assets, posttrain_checks = build_posttrain_assets(manifest)
-    eval_assets, eval_checks = build_evaluation_assets(manifest)
-    # The release reads the verdicts of every check of its lineage: it gets this graph (bound below).
-    release_assets, release_checks = build_release_assets(manifest, lambda: defs.resolve_asset_graph())
-    serving_assets, serving_checks = build_serving_assets(manifest)
-    quantize_assets, quantize_checks = build_quantize_assets(manifest)
-    assets = [*data.assets, *tokenizer.assets, *pretrain_assets, *posttrain_assets, *eval_assets, *release_assets,
-              *serving_assets, *quantize_assets]
-    defs = dg.Definitions(
-        assets=assets,
-        asset_checks=[*build_hash_gates(assets), *data.checks, *tokenizer.checks, *pretrain_checks,
-                      *posttrain_checks, *eval_checks, *release_checks, *serving_checks, *quantize_checks],
-        sensors=[*data.sensors, alert_sensor],
-        resources=build_resources(settings),
+    lineage = with_hash_gates(dg.Definitions.merge(
+        *(stage.build_defs(manifest) for stage in (data, tokenizer, pretrain, posttrain, evaluation, quantize)),
+        dg.Definitions(resources=build_resources(settings, manifest)),
+    ))
+    # The release reads back the verdict of every check of its lineage: it gets that graph.
+    released = with_hash_gates(dg.Definitions.merge(
+        release.build_defs(manifest, lineage.resolve_asset_graph()), serving.build_defs(manifest)))
+    stages = dg.Definitions.merge(lineage, released)
+    return dg.Definitions.merge(stages, dg.Definitions(
+        sensors=[alert_sensor],
         # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute),
         # the data stages by the manifest's compute.data.
-        executor=k8s_executor(data_step_configs(manifest.compute.data, assets)) if settings.executor == "k8s" else None,
-    )
-    return defs
+        executor=k8s_executor(data_step_configs(manifest.compute.data, stages.assets or []))
+        if settings.executor == "k8s" else None,
+    ))
 
 
 defs = build_definitions()

@@ -19,9 +19,9 @@ import dagster as dg
 from llm_assets.checks.gates import GateOverride, list_overrides
 from llm_assets.checks.results import check_verdicts
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release.pointer import current_release
+from llm_assets.release_pointer import current_release
 from llm_assets.settings import code_revision
-from resources.artifact_store import ArtifactStore
+from llm_assets.store import ArtifactStore
 from resources.handles import META_BUILD_SECONDS, META_GIT_COMMIT, input_records, latest_materializations
 
 LOCK_FORMAT = 1

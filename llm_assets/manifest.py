@@ -8,19 +8,20 @@ meant.
 from __future__ import annotations
 
 import difflib
-import os
-from functools import lru_cache
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import dagster as dg
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-
-from llm_assets.quantize.worker import SCHEMES
-from llm_assets.quantize.worker import Scheme as QuantScheme
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 MANIFEST_ENV = "LLM_ASSETS_MANIFEST"
+# The quantization schemes quantized_model knows (llm_assets/quantize/worker.py implements each).
+QuantScheme = Literal["gptq-4bit", "int8"]
+QUANT_SCHEMES: tuple[QuantScheme, ...] = ("gptq-4bit", "int8")
+# auto: bf16 where the device computes it faster than fp32 (see llm_assets/pretrain/loop.py).
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class Strict(BaseModel):
@@ -259,7 +260,13 @@ class PretrainRecipe(Strict):
     eval_every: int = Field(100, ge=0)
     eval_batches: int = Field(10, gt=0)
     checkpoint_every: int = Field(100, ge=0, description="Intermediate checkpoints, committed to the store")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> PretrainRecipe:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps]: {self.warmup_steps} > {self.steps}")
+        return self
 
     def tokens(self) -> int:
         return self.steps * self.batch_size * self.grad_accum * self.seq_len
@@ -277,7 +284,7 @@ class TrainerRecipe(Strict):
     max_length: int = Field(256, gt=0, description="Tokens per example; longer examples are truncated")
     eval_every: int = Field(0, ge=0, description="Steps between val evaluations; 0: at the end only")
     checkpoint_every: int = Field(50, ge=0, description="Intermediate checkpoints, committed to the store; 0: none")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
 
     def sequences_per_example(self) -> int:
         return 1
@@ -422,7 +429,7 @@ class QuantizeRecipe(Strict):
     held-out text compared with the full-precision model's (gates `quantized_perplexity_increase`,
     optionally `quantized_accuracy_drop`)."""
 
-    schemes: list[QuantScheme] = Field(default_factory=lambda: list(SCHEMES), min_length=1)
+    schemes: list[QuantScheme] = Field(default_factory=lambda: list(QUANT_SCHEMES), min_length=1)
     group_size: int = Field(
         32, gt=0, description="GPTQ: input columns sharing one scale; divides every size's hidden and intermediate size"
     )
@@ -537,6 +544,13 @@ class PipelineManifest(Strict):
     gates: dict[str, GateSpec] = Field(default_factory=dict)
     compute: Compute = Compute()
     budget: Budget
+    # The sha256 of the file this manifest was read from (load_manifest sets it): what a run
+    # compares to know it executes the manifest its Definitions were built from.
+    _source_sha256: str | None = PrivateAttr(default=None)
+
+    @property
+    def source_sha256(self) -> str | None:
+        return self._source_sha256
 
     @model_validator(mode="after")
     def _models_hold_the_vocabulary(self) -> PipelineManifest:
@@ -709,9 +723,11 @@ def load_manifest(path: str | Path) -> PipelineManifest:
     """Parse and validate a manifest file; raise ManifestError naming file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest; pass --manifest or set ${MANIFEST_ENV}") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
     try:
@@ -725,26 +741,9 @@ def load_manifest(path: str | Path) -> PipelineManifest:
         raise ManifestError(f"{path}: the manifest must be a YAML mapping with version, name, sources, budget")
     _check_duplicate_keys(root, path)
     try:
-        return PipelineManifest.model_validate(data, context={"base_dir": str(path.resolve().parent)})
+        manifest = PipelineManifest.model_validate(data, context={"base_dir": str(path.resolve().parent)})
     except ValidationError as exc:
         messages = [_format_error(path, root, err) for err in exc.errors()]
         raise ManifestError("\n".join(messages)) from None
-
-
-@lru_cache(maxsize=8)
-def _load_cached(path: str, mtime_ns: int) -> PipelineManifest:
-    return load_manifest(path)
-
-
-class PipelineResource(dg.ConfigurableResource):
-    """The pipeline manifest that every asset reads its recipe from."""
-
-    manifest_path: str = Field(description="Path of pipeline.yaml")
-
-    def load(self) -> PipelineManifest:
-        path = os.path.abspath(self.manifest_path)
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except FileNotFoundError:
-            raise ManifestError(f"{path}: no such manifest; set ${MANIFEST_ENV} or fix the resource config") from None
-        return _load_cached(path, mtime)
+    manifest._source_sha256 = hashlib.sha256(raw).hexdigest()
+    return manifest

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from resources.artifact_store import ArtifactCorruptError, ArtifactRef, ArtifactStore, index_key
+from llm_assets.store import ArtifactCorruptError, ArtifactRef, ArtifactStore, index_key
 
 
 class ResumeError(RuntimeError):

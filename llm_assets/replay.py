@@ -25,7 +25,7 @@ from llm_assets.lock import build_lock
 from llm_assets.manifest import load_manifest
 from llm_assets.runner import materialize_graph
 from llm_assets.settings import Settings, prepare_dagster_home
-from resources.artifact_store import open_store
+from llm_assets.store import open_store
 
 IDENTICAL, EQUIVALENT, DIFFERENT, MISSING = "identical", "equivalent", "different", "missing"
 BIT_EXACT_GROUPS = frozenset({"data", "tokenizer"})

@@ -16,8 +16,8 @@ import dagster as dg
 
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.sensors import landing_requests
-from llm_assets.manifest import PipelineResource
 from resources.handles import latest_materializations
+from resources.pipeline import PipelineResource
 
 RUN_TAG = "llm-assets/driver"
 

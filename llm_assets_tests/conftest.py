@@ -19,7 +19,7 @@ import yaml
 
 from llm_assets.definitions import build_definitions
 from llm_assets.settings import Settings
-from resources.artifact_store import ArtifactStore, open_store
+from llm_assets.store import ArtifactStore, open_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -13,9 +13,9 @@ import pytest
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph, run_checks
 from llm_assets.sensors import alert_sensor
-from llm_assets_tests.resources.test_artifact_store import flip_byte
+from llm_assets.store import open_store
+from llm_assets_tests.store.test_store import flip_byte
 from resources.alert_sinks import AlertDeliveryError
-from resources.artifact_store import open_store
 
 RAW = dg.AssetKey("raw_corpus")
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import dagster as dg
 import yaml
 
+from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
-from resources.artifact_store import open_store
+from llm_assets.store import open_store
 
 RAW = dg.AssetKey("raw_corpus")
 INVENTORY = dg.AssetKey("corpus_inventory")
@@ -72,11 +74,12 @@ def test_recomputing_identical_output_cuts_off_downstream(defs, instance, settin
     assert inventory[0].cache_hit
 
 
-def test_a_recipe_change_recomputes_and_changes_hashes(defs, instance, manifest_path):
+def test_a_recipe_change_recomputes_and_changes_hashes(defs, instance, manifest_path, settings):
     first = materialize_graph(defs, instance, selection=CHAIN, log=quiet)
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["sources"][0]["min_docstring_chars"] = 50
     manifest_path.write_text(yaml.safe_dump(manifest))
+    defs = build_definitions(settings)  # the Definitions follow the manifest they were built from
     second = materialize_graph(defs, instance, selection=CHAIN, log=quiet)
     assert second.success and second.cache_hits == 0
     before = {(o.asset, o.partition): o.sha256 for o in first.outcomes}
@@ -99,7 +102,6 @@ def test_the_graph_runs_on_an_s3_store(settings, instance, s3_client, s3_bucket,
     """The same assets against a real S3 server, through dagster-aws's S3Resource."""
     from dataclasses import replace
 
-    from llm_assets.definitions import build_definitions
 
     s3_settings = replace(settings, store_uri=f"s3://{s3_bucket}/lifecycle", s3_endpoint_url=seaweedfs)
     defs = build_definitions(s3_settings)
@@ -111,3 +113,35 @@ def test_the_graph_runs_on_an_s3_store(settings, instance, s3_client, s3_bucket,
     assert any(k.endswith("/MANIFEST.json") for k in keys) and any("/index/" in k for k in keys)
     second = materialize_graph(defs, instance, selection=CHAIN, log=quiet)
     assert second.cache_hits == len(second.outcomes)
+
+
+def test_every_asset_has_an_owner_a_stage_and_a_compute_tag(settings, tmp_path):
+    """Every asset of the whole default graph (pipeline.yaml: every stage configured) is owned by
+    a team and tagged with its lifecycle stage and whether its step asks for a GPU."""
+    from dataclasses import replace
+
+    from llm_assets.artifacts import STAGES
+    from llm_assets.settings import PROJECT_ROOT
+
+    graph = build_definitions(replace(settings, manifest=str(PROJECT_ROOT / "pipeline.yaml"))).resolve_asset_graph()
+    nodes = list(graph.asset_nodes)
+    assert nodes
+    tag_value = r"^[A-Za-z0-9_.-]{1,63}$"
+    for node in nodes:
+        name = node.key.to_user_string()
+        assert node.owners and all(o.startswith("team:") for o in node.owners), name
+        assert node.tags.get("stage") in STAGES and node.tags["stage"] == node.group_name, name
+        assert node.tags.get("compute") in ("cpu", "gpu"), name
+        assert all(re.match(tag_value, node.tags[k]) for k in ("stage", "compute")), name
+    stages = {n.key.to_user_string(): n.tags["stage"] for n in nodes}
+    compute = {n.key.to_user_string(): n.tags["compute"] for n in nodes}
+    assert set(stages.values()) == set(STAGES), "the default graph has every stage"
+    # GPUs are asked for by the training, evaluation and quantization steps (compute.training).
+    assert {a for a, c in compute.items() if c == "gpu"} == {
+        "pretrain_checkpoint", "sft_model", "reward_model", "policy", "eval_report", "quantized_model"}
+
+
+def test_a_run_refuses_a_manifest_changed_since_the_definitions_were_built(defs, instance, manifest_path):
+    manifest_path.write_text(manifest_path.read_text() + "# edited after the Definitions were built\n")
+    with pytest.raises(ManifestError, match="changed after the Definitions were built from it.*Reload the code"):
+        materialize_graph(defs, instance, selection="key:raw_corpus", log=quiet)

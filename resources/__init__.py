@@ -1,7 +1,8 @@
-"""Dagster resources: the artifact store, the handle IO manager and the alert sinks."""
+"""Dagster resources: the artifact store resource, the handle IO manager and the alert sinks.
+
+The storage library itself is :mod:`llm_assets.store`."""
 
 from resources.alert_sinks import AlertSinksResource
-from resources.artifact_store import ArtifactStore, open_store
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, ArtifactHandleIOManager
 
@@ -9,7 +10,5 @@ __all__ = [
     "AlertSinksResource",
     "ArtifactHandle",
     "ArtifactHandleIOManager",
-    "ArtifactStore",
     "ArtifactStoreResource",
-    "open_store",
 ]

@@ -8,7 +8,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from resources.artifact_store import ArtifactStore, open_store
+from llm_assets.store import ArtifactStore, open_store
 
 # S3Resource fields that are secrets: a child process gets them as environment variables (which
 # boto3 reads), never in a file it is handed.

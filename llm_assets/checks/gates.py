@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llm_assets.manifest import GateSpec
-from llm_assets.release.pointer import current_release_document
-from resources.artifact_store import ArtifactStore, index_key
+from llm_assets.release_pointer import current_release_document
+from llm_assets.store import ArtifactStore, index_key
 
 OVERRIDES = "overrides"
 GATE_METADATA_KEY = "gate"  # on a gate's asset check: the name of its entry in the manifest's gates
@@ -97,7 +97,11 @@ def judge_gate(store: ArtifactStore, gates: dict[str, GateSpec], name: str, valu
 def judge_gates(store: ArtifactStore, gates: dict[str, GateSpec], figures: dict[str, float],
                 partition: str | None, sha256: str, problems_by_gate: dict[str, list[str]] | None = None) -> GateJudgement:
     """Several gates of one check on one artifact, each judged (and overridable) on its own; the
-    metadata keys of each gate's thresholds and override are prefixed with its name."""
+    metadata keys of each gate's thresholds and override are prefixed with its name (a single
+    gate's are as `judge_gate` gives them)."""
+    if len(figures) == 1:
+        [(name, value)] = figures.items()
+        return judge_gate(store, gates, name, value, partition, sha256, (problems_by_gate or {}).get(name))
     problems, metadata = [], {}
     for name, value in figures.items():
         judged = judge_gate(store, gates, name, value, partition, sha256, (problems_by_gate or {}).get(name))

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from resources.artifact_store import ArtifactStore
+from llm_assets.store import ArtifactStore
 from resources.handles import ArtifactHandle, latest_materializations, materializations_in_run
 
 

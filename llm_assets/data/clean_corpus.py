@@ -5,12 +5,13 @@ import polars as pl
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.scope import artifacts_under_check, materializations_under_check
-from llm_assets.data.cleaning import clean_frame, scan_pii_frame
+from llm_assets.data.cleaning import clean_frame
 from llm_assets.data.partitions import corpus_shards
+from llm_assets.data.pii import scan_pii_frame
 from llm_assets.data.raw_corpus import SHARD_FILE
-from llm_assets.manifest import PipelineResource
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 
 @artifact_asset(

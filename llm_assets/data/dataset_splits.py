@@ -6,7 +6,6 @@ overlap of the training split with the held-out splits and with every evaluation
 manifest names.
 """
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,22 @@ from llm_assets.data.contamination import measure_contamination
 from llm_assets.data.documents import SourceError
 from llm_assets.data.raw_corpus import SHARD_FILE
 from llm_assets.data.splits import assign_splits
-from llm_assets.manifest import EvalSetSpec, PipelineResource
-from resources.artifact_store import ArtifactStore
+from llm_assets.manifest import EvalSetSpec
+from llm_assets.store import ArtifactStore, hash_file
+from llm_assets.tables import table
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 CONTAMINATION_FILE = "contamination.json"
 HELD_OUT = ("val", "test")
+# The contamination table in the UI: a row per held-out split and per evaluation set.
+CONTAMINATION_COLUMNS = [
+    ("eval_set", "string"), ("documents", "int"),
+    ("contaminated", "int", "documents whose n-grams are found in the training split at doc_overlap or more"),
+    ("fraction", "float", "contaminated / documents"),
+    ("mean_overlap", "float", "mean fraction of a document's n-grams found in the training split"),
+]
 
 
 def train_path(shard: str) -> str:
@@ -61,7 +69,7 @@ def read_eval_set(spec: EvalSetSpec) -> tuple[list[str], list[str]]:
 
 def file_digest(path: str) -> str:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return hash_file(Path(path))[0]
     except FileNotFoundError:
         return "missing"
 
@@ -97,13 +105,12 @@ def build_splits(store: ArtifactStore, shards: dict[str, ArtifactHandle], manife
         eval_sets[spec.name] = read_eval_set(spec)
     reports = measure_contamination(_train_batches(out, order), eval_sets, contamination)
     (out / CONTAMINATION_FILE).write_text(json.dumps([r.as_dict() for r in reports], indent=1, sort_keys=True))
-    table = "| eval set | documents | contaminated | fraction | mean overlap |\n|---|---|---|---|---|\n" + "\n".join(
-        f"| {r.name} | {r.documents} | {r.contaminated} | {r.contaminated_fraction:.4f} | {r.mean_overlap:.4f} |"
-        for r in reports
-    )
+    rows = [{"eval_set": r.name, "documents": r.documents, "contaminated": r.contaminated,
+             "fraction": round(r.contaminated_fraction, 4), "mean_overlap": round(r.mean_overlap, 4)}
+            for r in reports]
     return {
         **{f"{split}_documents": n for split, n in counts.items()},
-        "contamination": dg.MetadataValue.md(table),
+        "contamination": table(rows, CONTAMINATION_COLUMNS),
     }
 
 

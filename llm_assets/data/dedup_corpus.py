@@ -17,9 +17,10 @@ from llm_assets.data.dedup import cluster_near_duplicates, exact_duplicate_repre
 from llm_assets.data.dedup import minhash_signatures as signatures_of
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import SHARD_FILE
-from llm_assets.manifest import PipelineResource
+from llm_assets.tables import frame_table
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 SIGNATURES_FILE = "signatures.npy"
 DOCUMENTS_FILE = "documents.parquet"
@@ -99,6 +100,12 @@ def dedup_clusters(
         for shard in shards:
             table.filter(pl.col("shard") == shard).drop("shard").write_parquet(out / keep_list_path(shard))
         sizes = np.bincount(cluster)
+        by_shard = table.group_by("shard").agg(
+            pl.len().alias("documents"),
+            (pl.col("reason") == "near_duplicate").sum().alias("near_duplicates_removed"),
+            (pl.col("reason") == "exact_duplicate").sum().alias("exact_duplicates_removed"),
+            pl.col("keep").sum().alias("kept"),
+        ).sort("shard").with_columns((pl.col("kept") / pl.col("documents")).round(4).alias("kept_fraction"))
         return {
             "documents": len(cluster),
             "near_duplicates_removed": int(near.sum()),
@@ -106,6 +113,7 @@ def dedup_clusters(
             "duplicate_clusters": int((sizes > 1).sum()),
             "largest_cluster": int(sizes.max()) if len(sizes) else 0,
             "kept_fraction": round(float((~near & ~exact).mean()) if len(cluster) else 1.0, 4),
+            "by_shard": frame_table(by_shard),
         }
 
     return materialize_artifact(

@@ -9,7 +9,8 @@ import polars as pl
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.data.raw_corpus import SHARD_FILE
-from resources.artifact_store import ArtifactStore
+from llm_assets.store import ArtifactStore
+from llm_assets.tables import frame_table
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 
@@ -43,13 +44,8 @@ def build_inventory(store: ArtifactStore, shards: Mapping[str, ArtifactHandle], 
         "documents": int(totals["documents"][0]),
         "docstring_documents": int(totals["docstring_documents"][0]),
         "text_mb": round(totals["text_chars"][0] / 1e6, 3),
-        "by_shard": dg.MetadataValue.md(_markdown(table)),
+        "by_shard": frame_table(table),
     }
-
-
-def _markdown(table: pl.DataFrame) -> str:
-    header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
-    return header + "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in table.iter_rows())
 
 
 @artifact_asset(

@@ -15,9 +15,10 @@ from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.documents import Document, ReadStats
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.sources import find_shard, read_shard
-from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.manifest import PipelineManifest
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 SHARD_FILE = "shard.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"

@@ -10,7 +10,8 @@ from llm_assets.data.dedup_corpus import minhash_signatures
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import raw_corpus
 from llm_assets.data.sources import ShardSpec, discover
-from llm_assets.manifest import PipelineManifest, PipelineResource
+from llm_assets.manifest import PipelineManifest
+from resources.pipeline import PipelineResource
 
 
 def landing_requests(

@@ -13,17 +13,17 @@ import polars as pl
 from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
-from llm_assets.checks.scope import nothing_to_check, partition_under_check
+from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.harness import run_lm_eval
 from llm_assets.evaluation.report import EvalReport
 from llm_assets.evaluation.safety import load_red_team_prompts, refusal_rate
 from llm_assets.evaluation.tasks import TaskSetupError, write_builtin_tasks
-from llm_assets.manifest import PipelineManifest, PipelineResource
-from llm_assets.release.pointer import current_release_document
+from llm_assets.manifest import PipelineManifest
+from llm_assets.release_pointer import current_release_document
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
+from resources.pipeline import PipelineResource
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
@@ -47,10 +47,10 @@ def promoted_report(store, partition: str) -> tuple[str, EvalReport] | None:
     return sha, EvalReport.from_json(store.read_bytes(sha, REPORT_JSON).decode())
 
 
-def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     recipe = manifest.stages.evaluation
     if recipe is None or not manifest.model_sizes:
-        return [], []
+        return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     model_asset = evaluated_stage(manifest)
 
@@ -106,28 +106,23 @@ def build_evaluation_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsD
         against = f"the current release's report {promoted[0][:12]}" if promoted else ""
         return dg.Output(result.value, data_version=result.data_version, metadata={
             **result.metadata, "compared_with": against or "no release yet",
+            "figures": report.figures_table(),
             "report": dg.MetadataValue.md(report.to_markdown(promoted[1] if promoted else None, against)),
         })
 
-    @dg.asset_check(asset=eval_report, blocking=True, partitions_def=model_sizes,
-                    metadata={GATE_METADATA_KEY: ",".join(eval_gate_names(manifest))},
-                    description="Every manifest gate named task.metric holds for the report's figure.")
-    def eval_gates(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
-                   artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
-        gates, store = pipeline.load().gates, artifact_store.get_store()
-        mat = partition_under_check(context, eval_report.key)
-        if mat is None:
-            return nothing_to_check(eval_report.key)
+    gate_names = eval_gate_names(manifest)
+
+    def report_figures(mat: dg.AssetMaterialization) -> Figures:
         figures, missing = {}, {}
-        for name in sorted(n for n in gates if "." in n):
+        for name in gate_names:
             entry = mat.metadata.get(name)
             figures[name] = float(entry.value) if entry is not None else float("nan")
             if entry is None:
                 missing[name] = [f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
                                  f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
-        judged = judge_gates(store, gates, figures, mat.partition, mat.metadata["sha256"].value, missing)
-        return dg.AssetCheckResult(passed=judged.passed, severity=dg.AssetCheckSeverity.ERROR,
-                                   description=judged.description or f"{len(figures)} eval gate(s) hold",
-                                   metadata=judged.metadata)
+        return Figures(values=figures, problems=missing, summary=f"{len(figures)} eval gate(s) hold")
 
-    return [eval_report], [eval_gates]
+    eval_gates = gate_check(eval_report, name="eval_gates", gates=gate_names, read=report_figures,
+                            description="Every manifest gate named task.metric holds for the report's figure.")
+
+    return dg.Definitions(assets=[eval_report], asset_checks=[eval_gates])

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval
-import torch
 
 from llm_assets.evaluation.tasks import TaskSetupError, load_task_dirs
+from llm_assets.hf_models import training_device
 
 _STDERR = "_stderr"
 
@@ -55,10 +55,6 @@ def _split_figures(task_results: Mapping[str, Any]) -> tuple[dict[str, float], d
         name, is_stderr = named
         (stderr if is_stderr else metrics)[name] = float(value)
     return metrics, stderr
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_lm_eval(
@@ -102,7 +98,7 @@ def run_lm_eval(
         model_args={"pretrained": str(model_dir), "tokenizer": str(model_dir), "dtype": "float32"},
         tasks=list(task_names),
         batch_size=batch_size,
-        device=_device(),
+        device=training_device().type,
         limit=limit,
         bootstrap_iters=bootstrap_iters,
         log_samples=False,

@@ -24,12 +24,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from llm_assets.evaluation.safety import SafetyExample, SafetyResult
 
 if TYPE_CHECKING:  # lm-eval takes seconds to import; a report read back from JSON does not need it
+    import dagster as dg
+
     from llm_assets.evaluation.harness import HarnessResult
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss", "kl", "ter", "brier_score")
 SAFETY_TASK, EXTRA_TASK = "safety", "extra"
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 Verdict = Literal["worse", "better", "same"]
+# The figures table of the UI: a row per figure of the report.
+FIGURE_COLUMNS = [
+    ("task", "string"), ("metric", "string"), ("value", "float"), ("stderr", "float"),
+    ("higher_is_better", "bool"), ("documents", "int", "documents (prompts for safety) the figure was measured on"),
+]
 
 
 def higher_is_better(metric: str) -> bool:
@@ -64,6 +71,17 @@ class EvalReport:
         if self.extra:
             out[EXTRA_TASK] = dict(self.extra)
         return out
+
+    def figures_table(self) -> dg.TableMetadataValue:
+        """Every figure (:meth:`figures`) as table metadata for the UI, with its stderr, its
+        direction and the documents behind it."""
+        from llm_assets.tables import table
+
+        documents = {**self.samples, **({SAFETY_TASK: self.safety.prompts} if self.safety is not None else {})}
+        rows = [{"task": task, "metric": metric, "value": value, "stderr": self.stderr.get(task, {}).get(metric),
+                 "higher_is_better": higher_is_better(metric), "documents": documents.get(task)}
+                for task, values in sorted(self.figures().items()) for metric, value in sorted(values.items())]
+        return table(rows, FIGURE_COLUMNS)
 
     def to_json(self) -> str:
         """Sorted keys, two-space indent: the same report gives the same bytes. Non-finite numbers

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_assets.posttrain.common import load_model, load_tokenizer
-from llm_assets.posttrain.datasets import render_prompt
+from llm_assets.hf_models import load_model, load_tokenizer
+from llm_assets.prompts import render_prompt
 
 RED_TEAM_FILE = Path(__file__).parent / "data" / "red_team.jsonl"
 REFUSAL_MARKERS = (

@@ -8,7 +8,7 @@ Pure functions, no Dagster. :func:`write_builtin_tasks` turns the ``test.parquet
   ``max_docs``, each cut to ``max_doc_chars`` at a line end. Metrics ``word_perplexity``,
   ``byte_perplexity``, ``bits_per_byte`` (lower is better).
 - ``heldout_mc`` (``multiple_choice``): the question about a held-out docstring's object (the
-  post-training prompt format, :func:`~llm_assets.posttrain.datasets.render_prompt`), four
+  post-training prompt format, :func:`~llm_assets.prompts.render_prompt`), four
   answers: its own and three other objects' (the next distinct answers in a seeded sha256 order of
   the ids, wrapping around), in a seeded order. Metrics ``acc``, ``acc_norm``.
 - ``heldout_generation`` (``generate_until``): the same question; the target is the first line of
@@ -43,7 +43,8 @@ import polars as pl
 import yaml
 from lm_eval.tasks import TaskManager
 
-from llm_assets.posttrain.datasets import derive_sft_examples, read_written_jsonl
+from llm_assets.jsonl import read_written_jsonl
+from llm_assets.posttrain.derived import derive_sft_examples
 
 PERPLEXITY, MC, GENERATION = "heldout_perplexity", "heldout_mc", "heldout_generation"
 BUILTIN_TASKS = (PERPLEXITY, MC, GENERATION)

@@ -19,28 +19,24 @@ import polars as pl
 import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
-from llm_assets.checks.scope import nothing_to_check, partition_under_check
+from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
-from llm_assets.manifest import STAGE_GATES, Budget, PipelineManifest, PipelineResource
+from llm_assets.manifest import STAGE_GATES, Budget, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
-from llm_assets.posttrain.datasets import (
-    DataSetError,
-    build_preference_dataset,
-    build_sft_dataset,
-    read_dataset,
-    write_dataset,
-)
+from llm_assets.posttrain.dataset_files import read_dataset, write_dataset
+from llm_assets.posttrain.dataset_schema import DataSetError
+from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
 from llm_assets.posttrain.policy import run_policy
 from llm_assets.posttrain.reward import run_reward
 from llm_assets.posttrain.sft import run_sft
 from llm_assets.progress import ResumeError, StepProgress
-from resources.artifact_store import ArtifactStore
+from llm_assets.store import ArtifactStore
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 SFT_VAL_LOSS_GATE, _ = STAGE_GATES["sft"]
 REWARD_ACCURACY_GATE, _ = STAGE_GATES["reward"]
@@ -182,37 +178,26 @@ def _training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
     }
 
 
-def _gate_check(asset: dg.AssetsDefinition, partitions: dg.PartitionsDefinition, gate: str, metric: str,
-                description: str, extra: Callable[[dict], list[str]] | None = None) -> dg.AssetChecksDefinition:
-    """A blocking check of one metric of a model stage against gates.`gate`, per partition
-    (a reviewer's override for the artifact under check lets it pass, on the record)."""
+def _metric_gate(asset: dg.AssetsDefinition, gate: str, metric: str, description: str,
+                 extra: Callable[[dict], list[str]] | None = None) -> dg.AssetChecksDefinition:
+    """The check of one metric of a model stage against gates.`gate`; `extra` finds further
+    problems in the materialization's numeric metadata."""
 
-    @dg.asset_check(asset=asset, name=f"{gate}_gate", blocking=True, partitions_def=partitions,
-                    description=description, metadata={GATE_METADATA_KEY: gate})
-    def check(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
-              artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
-        gates, store = pipeline.load().gates, artifact_store.get_store()
-        mat = partition_under_check(context, asset.key)
-        if mat is None:
-            return nothing_to_check(asset.key)
+    def read(mat: dg.AssetMaterialization) -> Figures:
         values = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
-        judged = judge_gate(store, gates, gate, float(values.get(metric, float("nan"))), mat.partition,
-                            mat.metadata["sha256"].value, extra(values) if extra else [])
-        return dg.AssetCheckResult(
-            passed=judged.passed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=judged.description or f"{metric} {values.get(metric)} within gates.{gate}",
-            metadata={metric: values.get(metric, float("nan")), **judged.metadata},
-        )
+        return Figures(values={gate: float(values.get(metric, float("nan")))},
+                       problems={gate: extra(values) if extra else []},
+                       metadata={metric: values.get(metric, float("nan"))},
+                       summary=f"{metric} {values.get(metric)} within gates.{gate}")
 
-    return check
+    return gate_check(asset, name=f"{gate}_gate", gates=[gate], read=read, description=description)
 
 
-def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     """The post-training stages the manifest configures (none without an SFT recipe or sizes)."""
     stages = manifest.stages
     if stages.sft is None or stages.pretrain is None or not manifest.model_sizes:
-        return [], []
+        return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     op_tags = k8s_op_tags(manifest.compute.training)
     assets: list[dg.AssetsDefinition] = [sft_dataset]
@@ -238,8 +223,8 @@ def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDe
                            inputs={"pretrain_checkpoint": pretrain_checkpoint, "sft_dataset": sft_dataset}, train=train)
 
     assets.append(sft_model)
-    checks.append(_gate_check(
-        sft_model, model_sizes, SFT_VAL_LOSS_GATE, "val_loss",
+    checks.append(_metric_gate(
+        sft_model, SFT_VAL_LOSS_GATE, "val_loss",
         f"Val loss on the SFT val set at most gates.{SFT_VAL_LOSS_GATE}.max, and below the base model's.",
         lambda meta: [] if meta.get("val_loss", float("inf")) < meta.get("base_val_loss", float("-inf")) else
         [f"val loss {meta.get('val_loss')} is not below the base model's {meta.get('base_val_loss')}"],
@@ -272,8 +257,8 @@ def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDe
                                inputs={"sft_model": sft_model, "preference_dataset": preference_dataset}, train=train)
 
         assets.append(reward_model)
-        checks.append(_gate_check(
-            reward_model, model_sizes, REWARD_ACCURACY_GATE, "accuracy",
+        checks.append(_metric_gate(
+            reward_model, REWARD_ACCURACY_GATE, "accuracy",
             f"Held-out pairwise accuracy (chosen scored above rejected) at least gates.{REWARD_ACCURACY_GATE}.min.",
         ))
 
@@ -312,9 +297,9 @@ def build_posttrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDe
                                narrowed_inputs=None if uses_reward else scored_by, train=train)
 
         assets.append(policy)
-        checks.append(_gate_check(
-            policy, model_sizes, POLICY_KL_GATE, "kl_nats_per_sequence",
+        checks.append(_metric_gate(
+            policy, POLICY_KL_GATE, "kl_nats_per_sequence",
             f"KL(policy‖reference) on held-out prompts, nats per sequence, at most gates.{POLICY_KL_GATE}.max "
             "(the KL budget).",
         ))
-    return assets, checks
+    return dg.Definitions(assets=assets, asset_checks=checks)

@@ -1,6 +1,5 @@
-"""What every trl stage shares: its config from a `TrainerRecipe`, loading and exporting a model
-directory, callbacks that hand each checkpoint and log line to the caller, resume, and the record
-of the run.
+"""What every trl stage shares: its config from a `TrainerRecipe`, callbacks that hand each
+checkpoint and log line to the caller, resume, and the record of the run.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from llm_assets.hf_models import training_device
 from llm_assets.manifest import TrainerRecipe
-from llm_assets.pretrain.export import use_tokenizer_special_ids
 from llm_assets.pretrain.loop import resolve_precision
 
 # peft and trl read the model's is_gradient_checkpointing, which transformers 5 renamed; pinned
@@ -71,10 +70,6 @@ class TrainingRun:
     precision: Literal["fp32", "bf16"]
 
 
-def training_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def config_kwargs(recipe: TrainerRecipe, work_dir: Path, *, seed: int) -> dict[str, Any]:
     """The arguments every trl config takes from the recipe; each stage adds its own."""
     device = training_device()
@@ -114,31 +109,6 @@ def config_kwargs(recipe: TrainerRecipe, work_dir: Path, *, seed: int) -> dict[s
         # Data loading in the main process: its shuffling RNG is the one checkpoints save and restore.
         "dataloader_num_workers": 0,
     }
-
-
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    missing = [name for name in ("eos_token", "pad_token") if getattr(tokenizer, name) is None]
-    if missing:
-        raise ValueError(f"the tokenizer in {model_dir} has no {' and no '.join(missing)}: post-training needs both "
-                         "(eos ends every completion, pad fills batches); set them in its tokenizer_config.json")
-    return tokenizer
-
-
-def load_model(auto_class: type, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """`auto_class.from_pretrained(model_dir)` in fp32 on the training device, its special-token ids
-    set from `tokenizer`."""
-    model = auto_class.from_pretrained(model_dir, dtype=torch.float32)
-    use_tokenizer_special_ids(model, tokenizer)
-    return model.to(training_device())
-
-
-def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
-    """An HF model directory: config.json, model.safetensors and the tokenizer files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 class CheckpointCallback(TrainerCallback):

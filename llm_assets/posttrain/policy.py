@@ -21,17 +21,8 @@ from transformers import (
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
 from llm_assets.manifest import PolicyRecipe
-from llm_assets.posttrain.common import (
-    OnCheckpoint,
-    OnLog,
-    TrainingRun,
-    callbacks,
-    config_kwargs,
-    export,
-    load_model,
-    load_tokenizer,
-    run_trainer,
-)
+from llm_assets.hf_models import export_model, load_model, load_tokenizer
+from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import PAIR_KEYS, Rows, records
 from llm_assets.posttrain.scoring import Pairwise, implicit_reward_pairwise, policy_kl, reward_scores
 
@@ -81,7 +72,7 @@ def run_policy(sft_dir: Path, reward_dir: Path | None, train_pairs: Rows, val_pa
     implicit_reward = (implicit_reward_pairwise(trainer.model, reference, tokenizer, val_records, beta=recipe.beta,
                                                 max_length=recipe.max_length, batch_size=recipe.batch_size)
                        if recipe.algorithm == "dpo" else None)
-    export(trainer.model, tokenizer, out_dir)
+    export_model(trainer.model, tokenizer, out_dir)
     return PolicyResult(training=run, algorithm=recipe.algorithm, kl_nats_per_sequence=kl, kl_rows=len(kl_rows),
                         implicit_reward=implicit_reward, wall_seconds=time.perf_counter() - started)
 

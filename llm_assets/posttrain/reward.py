@@ -11,16 +11,8 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from llm_assets.manifest import RewardRecipe
-from llm_assets.posttrain.common import (
-    OnCheckpoint,
-    OnLog,
-    TrainingRun,
-    callbacks,
-    config_kwargs,
-    export,
-    load_tokenizer,
-    run_trainer,
-)
+from llm_assets.hf_models import export_model, load_tokenizer
+from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import PAIR_KEYS, Rows, records
 from llm_assets.posttrain.scoring import Pairwise, reward_pairwise
 
@@ -62,6 +54,6 @@ def run_reward(sft_dir: Path, train_pairs: Rows, val_pairs: Rows, recipe: Reward
 
     after = reward_pairwise(trainer.model, tokenizer, val_records, max_length=recipe.max_length,
                             batch_size=recipe.batch_size)
-    export(trainer.model, tokenizer, out_dir)
+    export_model(trainer.model, tokenizer, out_dir)
     return RewardResult(training=run, held_out=after, held_out_before=before,
                         wall_seconds=time.perf_counter() - started)

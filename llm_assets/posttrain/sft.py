@@ -12,17 +12,8 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from llm_assets.manifest import LoraSpec, SftRecipe
-from llm_assets.posttrain.common import (
-    OnCheckpoint,
-    OnLog,
-    TrainingRun,
-    callbacks,
-    config_kwargs,
-    export,
-    load_model,
-    load_tokenizer,
-    run_trainer,
-)
+from llm_assets.hf_models import export_model, load_model, load_tokenizer
+from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import SFT_KEYS, Rows, records
 from llm_assets.posttrain.scoring import completion_loss
 
@@ -70,7 +61,7 @@ def run_sft(base_dir: Path, train_rows: Rows, val_rows: Rows, recipe: SftRecipe,
     trained = trainer.model.merge_and_unload() if recipe.method == "lora" else trainer.model
     val_loss = completion_loss(trained, tokenizer, val_records, max_length=recipe.max_length,
                                batch_size=recipe.batch_size)
-    export(trained, tokenizer, out_dir)
+    export_model(trained, tokenizer, out_dir)
     return SftResult(training=run, val_loss=val_loss, base_val_loss=base_val_loss, val_rows=len(val_records),
                      wall_seconds=time.perf_counter() - started)
 

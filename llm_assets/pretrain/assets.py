@@ -20,12 +20,12 @@ import dagster as dg
 import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gate
-from llm_assets.checks.scope import materializations_under_check, nothing_to_check, partition_under_check
+from llm_assets.checks.gate_check import Figures, gate_check
+from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd, training_estimate
 from llm_assets.launch import run_worker
-from llm_assets.manifest import STAGE_GATES, PipelineManifest, PipelineResource
+from llm_assets.manifest import STAGE_GATES, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.pretrain.job import RunSpec, StoreProgress
 from llm_assets.pretrain.loop import TrainConfig
@@ -33,6 +33,7 @@ from llm_assets.pretrain.scaling import PARAMETERS_FITTED, fit_scaling_law
 from llm_assets.tokenizer.packing import TOKENS_FILE, read_packed
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
+from resources.pipeline import PipelineResource
 
 VAL_LOSS_GATE, _ = STAGE_GATES["pretrain"]
 
@@ -54,10 +55,22 @@ def _spent_elsewhere(context: dg.AssetExecutionContext) -> float:
     )
 
 
-def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+def _training_figures(mat: dg.AssetMaterialization) -> Figures:
+    """The val loss for its gate; a non-finite loss, or one that did not fall, fails it too."""
+    meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
+    problems = []
+    if not all(math.isfinite(v) for v in meta.values()):
+        problems.append(f"{mat.partition}: a loss is not finite ({meta})")
+    elif meta["final_train_loss"] >= meta["initial_loss"]:
+        problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
+    return Figures(values={VAL_LOSS_GATE: meta["final_val_loss"]}, problems={VAL_LOSS_GATE: problems},
+                   metadata=meta, summary="losses finite, falling, within the gate")
+
+
+def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     """The training half of the sweep; nothing when the manifest has no pretrain recipe or sizes."""
     if manifest.stages.pretrain is None or not manifest.model_sizes:
-        return [], []
+        return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
 
     @artifact_asset(
@@ -93,7 +106,7 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                 f"${spent:.2f} is already spent, over budget.usd_cap ${budget.usd_cap:.2f}. "
                 "Shrink the sweep or the steps, or raise the cap."
             )
-        config = {"size": size, "train": cfg.__dict__ | {"betas": list(cfg.betas)}}
+        config = {"size": size, "train": cfg.model_dump(mode="json")}
         inputs = {"token_shards": token_shards, "heldout_tokens": heldout_tokens, "tokenizer": tokenizer}
         fp = fingerprint_of(context, config, inputs)
         asset_name = context.asset_key.to_user_string()
@@ -139,33 +152,10 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
             context, store, kind="hf_model", config=config, inputs=inputs, build=build,
         )
 
-    @dg.asset_check(
-        asset=pretrain_checkpoint,
-        blocking=True,
-        partitions_def=model_sizes,
+    training_sane = gate_check(
+        pretrain_checkpoint, name="training_sane", gates=[VAL_LOSS_GATE], read=_training_figures,
         description=f"Finite losses, the loss fell, and val loss at most gates.{VAL_LOSS_GATE}.max.",
-        metadata={GATE_METADATA_KEY: VAL_LOSS_GATE},
     )
-    def training_sane(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
-                      artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
-        gates = pipeline.load().gates
-        mat = partition_under_check(context, pretrain_checkpoint.key)
-        if mat is None:
-            return nothing_to_check(pretrain_checkpoint.key)
-        meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
-        problems = []
-        if not all(math.isfinite(v) for v in meta.values()):
-            problems.append(f"{mat.partition}: a loss is not finite ({meta})")
-        elif meta["final_train_loss"] >= meta["initial_loss"]:
-            problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
-        judged = judge_gate(artifact_store.get_store(), gates, VAL_LOSS_GATE, meta["final_val_loss"],
-                            mat.partition, mat.metadata["sha256"].value, problems)
-        return dg.AssetCheckResult(
-            passed=judged.passed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=judged.description or "losses finite, falling, within the gate",
-            metadata={**meta, **judged.metadata},
-        )
 
     @artifact_asset(
         ins={"pretrain_checkpoint": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
@@ -219,5 +209,5 @@ def build_pretrain_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
         )
 
     if len(manifest.model_sizes) < 2:  # a power law needs a sweep: one size trains, nothing is fitted
-        return [pretrain_checkpoint], [training_sane]
-    return [pretrain_checkpoint, scaling_law], [training_sane, fit_quality]
+        return dg.Definitions(assets=[pretrain_checkpoint], asset_checks=[training_sane])
+    return dg.Definitions(assets=[pretrain_checkpoint, scaling_law], asset_checks=[training_sane, fit_quality])

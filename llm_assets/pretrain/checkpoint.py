@@ -16,7 +16,6 @@ file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from llm_assets.store import fsync_path, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,13 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         files = {}
         for name in FILES:
-            _fsync(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            fsync_path(tmp / name)
+            digest, size = hash_file(tmp / name)
+            files[name] = {"bytes": size, "sha256": digest}
         manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
         if final.exists():
             # Only when a resumed run passes a step an earlier run had already saved: the old
             # directory is moved aside first because rename cannot replace a non-empty one.
@@ -98,7 +100,7 @@ def save_checkpoint(
             shutil.rmtree(stale)
         else:
             os.rename(tmp, final)
-        _fsync(checkpoint_dir)
+        fsync_path(checkpoint_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,7 +137,7 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> dict[str, Any]:
             raise CheckpointError(
                 f"{file}: truncated or overwritten: {size} bytes, the manifest says {listed[name]['bytes']}"
             )
-        if hashes and _sha256(file) != listed[name]["sha256"]:
+        if hashes and hash_file(file)[0] != listed[name]["sha256"]:
             raise CheckpointError(f"{file}: corrupted: its sha256 differs from the one in {manifest_file}")
     return manifest
 
@@ -225,20 +227,3 @@ def _naming(file: Path) -> Iterator[None]:
         raise
     except Exception as exc:
         raise CheckpointError(f"{file}: cannot load: {type(exc).__name__}: {exc}") from exc
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a directory (a directory's entries are durable only once it is fsynced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

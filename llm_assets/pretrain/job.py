@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import torch
 
+from llm_assets.hf_models import save_hf
 from llm_assets.manifest import ModelSize
 from llm_assets.pretrain.checkpoint import latest_checkpoint
 from llm_assets.pretrain.data import TokenData
 from llm_assets.pretrain.distributed import DistInfo, broadcast_object, maybe_init_distributed
-from llm_assets.pretrain.export import save_hf
 from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
 from llm_assets.pretrain.model import build_model, flops_per_token
 from llm_assets.progress import StepProgress
@@ -56,7 +56,7 @@ class RunSpec(WorkerSpec):
     error_file: str | None = None  # rank 0 writes the failure here, for the launcher's message
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.train)
+        return TrainConfig.model_validate(self.train)
 
 
 def measured_peak_flops(precision: str, device: torch.device) -> float:

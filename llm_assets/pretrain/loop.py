@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from pydantic import Field
 from transformers import PreTrainedModel
 
-from llm_assets.manifest import PretrainRecipe
+from llm_assets.manifest import Precision, PretrainRecipe
 from llm_assets.pretrain.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -32,53 +33,23 @@ from llm_assets.pretrain.checkpoint import (
 from llm_assets.pretrain.data import TokenBatches, TokenData
 from llm_assets.pretrain.distributed import DistInfo, barrier, dist_info, gather_objects, mean_across_ranks
 
-Precision = Literal["auto", "fp32", "bf16"]
 
+class TrainConfig(PretrainRecipe):
+    """The pretraining recipe (the manifest's `stages.pretrain`, which declares and validates its
+    fields) plus what a run adds to it."""
 
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int  # optimizer steps
-    batch_size: int  # sequences per micro-batch, per rank
-    seq_len: int
-    learning_rate: float  # peak LR, reached at the end of warmup
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # the cosine ends at learning_rate × min_lr_ratio
-    weight_decay: float = 0.1  # on ≥2-D parameters only
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_every: int = 100  # steps between val evaluations; 0: at the end only
-    eval_batches: int = 10  # global batches of val windows per evaluation (the same ones each time)
-    checkpoint_every: int = 1000  # 0: at the end only
     seed: int = 0  # data order (and, by convention, the model init)
-    precision: Precision = "auto"
-    loss_window: int = 10  # final_train_loss is the mean of this many last steps
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "loss_window")
-        problems = [f"{name} must be > 0" for name in positive if getattr(self, name) <= 0]
-        if self.learning_rate <= 0:
-            problems.append("learning_rate must be > 0")
-        if not 0 <= self.warmup_steps <= self.steps:
-            problems.append("warmup_steps must be in [0, steps]")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append("min_lr_ratio must be in [0, 1]")
-        non_negative = ("weight_decay", "grad_clip", "eval_every", "checkpoint_every")
-        problems += [f"{name} must be >= 0" for name in non_negative if getattr(self, name) < 0]
-        if self.precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
-        if problems:
-            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+    betas: tuple[float, float] = (0.9, 0.95)
+    loss_window: int = Field(10, gt=0)  # final_train_loss is the mean of this many last steps
 
     @classmethod
     def from_recipe(cls, recipe: PretrainRecipe, **overrides: Any) -> TrainConfig:
         """The manifest's pretrain recipe, plus the fields it does not carry (as keyword arguments)."""
-        return cls(**{**recipe.model_dump(), **overrides})
+        return cls.model_validate(recipe.model_dump() | overrides)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of `dataclasses.asdict` through JSON (which turns `betas` into a list)."""
-        return cls(**{**data, "betas": tuple(data["betas"])})
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes`, validated like the original."""
+        return type(self).model_validate(self.model_dump() | changes)
 
 
 # What a resumed run must share with the run that wrote the checkpoint for its steps to be the
@@ -306,13 +277,13 @@ def _resume_state(cfg: TrainConfig, step: int, global_batch: int, precision: str
         "data": {"position": step, "seed": cfg.seed, "global_batch": global_batch, "seq_len": cfg.seq_len},
         "precision": precision,
         "world_size": dist.world_size,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.model_dump(mode="json"),
         "history": [dataclasses.asdict(r) for r in history],
     }
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig, global_batch: int, precision: str, path: Path) -> None:
-    saved = TrainConfig.from_dict(state["config"])
+    saved = TrainConfig.model_validate(state["config"])
     differences = [f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(cfg, name)!r}"
                    for name in _TRAJECTORY_FIELDS if getattr(saved, name) != getattr(cfg, name)]
     if state["data"]["global_batch"] != global_batch:

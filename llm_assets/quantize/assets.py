@@ -19,16 +19,16 @@ import torch
 from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
-from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
-from llm_assets.checks.scope import nothing_to_check, partition_under_check
+from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import billed_usd
 from llm_assets.evaluation.assets import evaluated_stage
 from llm_assets.launch import run_worker
-from llm_assets.manifest import QUANTIZE_GATES, PipelineManifest, PipelineResource
+from llm_assets.manifest import QUANTIZE_GATES, PipelineManifest
 from llm_assets.quantize.worker import QuantizeSpec
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 from resources.quantize_environment import QuantizeEnvironmentResource
 
 SIZE, SCHEME = "model_size", "scheme"  # the partition dimensions
@@ -52,26 +52,42 @@ def write_texts(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def comparison_markdown(figures: dict, scheme: str) -> str:
-    """Full precision and quantized side by side, for the asset's page in the UI."""
+def comparison_table(figures: dict, scheme: str) -> dg.TableMetadataValue:
+    """Full precision and quantized side by side, for the asset's page in the UI: a row per figure,
+    its value in each model and the change (relative for perplexity, absolute for accuracy, a
+    ratio for the weights)."""
     rows = [
-        ("perplexity", f"{figures['full_precision_perplexity']:.4f}", f"{figures['quantized_perplexity']:.4f}",
+        ("perplexity", figures["full_precision_perplexity"], figures["quantized_perplexity"],
          f"{figures['perplexity_increase']:+.3%}"),
-        ("top-1 accuracy", f"{figures['full_precision_token_accuracy']:.4f}", f"{figures['quantized_token_accuracy']:.4f}",
+        ("top-1 accuracy", figures["full_precision_token_accuracy"], figures["quantized_token_accuracy"],
          f"{-figures['accuracy_drop'] + 0.0:+.4f}"),
-        ("top-1 agreement with full precision", "1", f"{figures['top1_agreement']:.4f}", ""),
-        ("weights (MB)", f"{figures['full_precision_weight_bytes'] / 1e6:.2f}",
-         f"{figures['quantized_weight_bytes'] / 1e6:.2f}", f"× {figures['size_ratio']}"),
+        ("top-1 agreement with full precision", 1.0, figures["top1_agreement"], ""),
+        ("weights (MB)", figures["full_precision_weight_bytes"] / 1e6, figures["quantized_weight_bytes"] / 1e6,
+         f"× {figures['size_ratio']}"),
     ]
-    lines = [f"| on {figures['heldout_tokens']} held-out tokens | full precision | {scheme} | change |",
-             "|---|---|---|---|", *(f"| {' | '.join(row)} |" for row in rows)]
-    return "\n".join(lines)
+
+    def number(value: float) -> float | str:
+        """Rounded as the UI shows it; a non-finite figure (a diverged model's perplexity) as text,
+        since the UI reads records as JSON."""
+        return round(float(value), 4) if abs(float(value)) < float("inf") else str(float(value))
+
+    columns = [
+        dg.TableColumn("figure", "string", description=f"on {figures['heldout_tokens']} held-out tokens"),
+        dg.TableColumn("full_precision", "float"),
+        dg.TableColumn("quantized", "float", description=scheme),
+        dg.TableColumn("change", "string", description="quantized against full precision"),
+    ]
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({"figure": name, "full_precision": number(full), "quantized": number(quantized),
+                                 "change": change}) for name, full, quantized, change in rows],
+        schema=dg.TableSchema(columns=columns),
+    )
 
 
-def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     recipe = manifest.stages.quantize
     if recipe is None or not manifest.model_sizes:
-        return [], []
+        return dg.Definitions()
     partitions = dg.MultiPartitionsDefinition({
         SIZE: dg.StaticPartitionsDefinition(sorted(manifest.model_sizes)),
         SCHEME: dg.StaticPartitionsDefinition(list(recipe.schemes)),
@@ -137,43 +153,35 @@ def build_quantize_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDef
                                       error_file=work / "error.txt", what=f"quantizing {model_asset}[{size}] ({scheme})")
                 wall = time.perf_counter() - started
             return {**reported, "model_sha256": model.sha256,
-                    "comparison": dg.MetadataValue.md(comparison_markdown(reported, scheme)),
+                    "comparison": comparison_table(reported, scheme),
                     "libraries": dg.MetadataValue.json(reported["libraries"]),
                     "cost_usd": billed_usd(wall, 1 if torch.cuda.is_available() else 0, current.budget)}
 
         return materialize_artifact(context, store, kind="hf_model", build=build, config=config,
                                     inputs={"model": model, "dataset_splits": dataset_splits})
 
-    @dg.asset_check(
-        asset=quantized_model, blocking=True, partitions_def=partitions,
-        metadata={GATE_METADATA_KEY: ",".join(gate_names)},
+    def quality_figures(mat: dg.AssetMaterialization) -> Figures:
+        figure = {k: float(mat.metadata[k].value)
+                  for k in ("perplexity_increase", "accuracy_drop", "top1_agreement", "size_ratio", "quantized_layers")}
+        # Not quantized, or not smaller, is a broken artifact: no reviewer's override covers that.
+        broken = []
+        if figure["quantized_layers"] < 1:
+            broken.append(f"{mat.partition}: no layer is stored quantized")
+        if figure["size_ratio"] >= 1:
+            broken.append(f"{mat.partition}: the quantized weights are not smaller (size ratio {figure['size_ratio']})")
+        return Figures(
+            values={name: figure["perplexity_increase" if name == "quantized_perplexity_increase" else "accuracy_drop"]
+                    for name in gate_names},
+            broken=broken, metadata={"size_ratio": figure["size_ratio"]},
+            summary=f"perplexity {figure['perplexity_increase']:+.4%}, token accuracy "
+                    f"{-figure['accuracy_drop'] + 0.0:+.4f}, top-1 agreement with full precision "
+                    f"{figure['top1_agreement']:.4f}, size ratio {figure['size_ratio']}",
+        )
+
+    quantization_quality = gate_check(
+        quantized_model, name="quantization_quality", gates=gate_names, read=quality_figures,
         description="The quantized model loads, is quantized and smaller, and its held-out quality is within "
                     f"the gates {', '.join(gate_names)} of the full-precision model's.",
     )
-    def quantization_quality(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
-                             artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
-        gates, store = pipeline.load().gates, artifact_store.get_store()
-        mat = partition_under_check(context, quantized_model.key)
-        if mat is None:
-            return nothing_to_check(quantized_model.key)
-        figure = {k: float(mat.metadata[k].value)
-                  for k in ("perplexity_increase", "accuracy_drop", "top1_agreement", "size_ratio", "quantized_layers")}
-        structural = []
-        if figure["quantized_layers"] < 1:
-            structural.append(f"{mat.partition}: no layer is stored quantized")
-        if figure["size_ratio"] >= 1:
-            structural.append(f"{mat.partition}: the quantized weights are not smaller (size ratio {figure['size_ratio']})")
-        figures = {name: figure["perplexity_increase" if name == "quantized_perplexity_increase" else "accuracy_drop"]
-                   for name in gate_names}
-        judged = judge_gates(store, gates, figures, mat.partition, mat.metadata["sha256"].value)
-        # Not quantized, or not smaller, is a broken artifact: no reviewer's override covers that.
-        problems = structural + ([judged.description] if not judged.passed else [])
-        return dg.AssetCheckResult(
-            passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"size_ratio": figure["size_ratio"], **judged.metadata},
-            description="; ".join(problems) or (
-                f"perplexity {figure['perplexity_increase']:+.4%}, token accuracy {-figure['accuracy_drop'] + 0.0:+.4f}, "
-                f"top-1 agreement with full precision {figure['top1_agreement']:.4f}, size ratio {figure['size_ratio']}"),
-        )
 
-    return [quantized_model], [quantization_quality]
+    return dg.Definitions(assets=[quantized_model], asset_checks=[quantization_quality])

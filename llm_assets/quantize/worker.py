@@ -22,12 +22,11 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from llm_assets.manifest import QuantScheme
 from llm_assets.worker import Reporter, WorkerSpec, write_failure
 
-Scheme = Literal["gptq-4bit", "int8"]
-SCHEMES: tuple[Scheme, ...] = ("gptq-4bit", "int8")
 SUMMARY_FILE = "quantization.json"
 CALIBRATION_FILE = "calibration.jsonl"  # the calibration texts, kept in the artifact they shaped
 GPTQ_LOG = "quant_log.csv"  # gptqmodel's per-module log; its losses move into SUMMARY_FILE
@@ -36,7 +35,7 @@ LIBRARIES = ("torch", "transformers", "gptqmodel", "optimum", "torchao")
 
 
 class QuantizeSpec(WorkerSpec):
-    scheme: Scheme
+    scheme: QuantScheme
     model_dir: str  # the full-precision HF model directory (with its tokenizer)
     out_dir: str  # written by the worker: the quantized HF directory
     calibration: str | None = None  # JSONL of {"text": ...}: the calibration set (GPTQ only)
@@ -105,19 +104,6 @@ def heldout_quality(model: Any, sequences: list[list[int]], reference: list[Any]
     quality = Quality(nll=mean, perplexity=math.exp(mean), token_accuracy=correct / tokens, tokens=tokens,
                       agreement=agreed / tokens if reference is not None else None)
     return quality, predictions
-
-
-def load_model(model_dir: Path, what: str) -> Any:
-    """A causal LM directory as transformers loads it (fp32, CPU), or an error naming the directory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu")
-    except Exception as exc:
-        raise RuntimeError(f"{model_dir}: transformers cannot load the {what} ({type(exc).__name__}: {exc}); "
-                           "if it is an artifact, `llm-assets verify` checks its files, and rematerializing "
-                           "its asset rebuilds it") from exc
 
 
 def weight_bytes(model_dir: Path) -> int:
@@ -254,6 +240,8 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
+    from llm_assets.hf_models import load_causal_lm
+
     torch.manual_seed(spec.seed)
     model_dir, out_dir = Path(spec.model_dir), Path(spec.out_dir)
     if not (model_dir / "config.json").is_file():
@@ -269,7 +257,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
         if not calibration:
             raise ValueError(f"{spec.calibration}: every calibration text is shorter than 2 tokens")
 
-    full = load_model(model_dir, "full-precision model")
+    full = load_causal_lm(model_dir, "full-precision model")
     before, reference = heldout_quality(full, heldout)
     del full
     reporter.event("measured", f"full precision: perplexity {before.perplexity:.4f} on {before.tokens} held-out "
@@ -287,7 +275,7 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
     if spec.calibration is not None and calibration:
         shutil.copy2(spec.calibration, out_dir / CALIBRATION_FILE)
 
-    reloaded = load_model(out_dir, f"{spec.scheme} result")
+    reloaded = load_causal_lm(out_dir, f"{spec.scheme} result")
     after, _ = heldout_quality(reloaded, heldout, reference)
     quantized = quantized_layers(reloaded)
     if not quantized:

@@ -5,16 +5,16 @@ Blocking checks hold the downstream steps of their own run only; a later run tha
 of every blocking check of every asset partition it descends from, and refuses unless each one
 passed on the artifact that is current now. It then stores `release.json` (model, eval report,
 lineage, gate figures, the overrides it relies on) as an artifact and moves the size's "current release" pointer
-to it (`release.pointer`); the previous release stays in the store and in the history.
+to it (`llm_assets.release_pointer`); the previous release stays in the store and in the history.
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 from llm_assets.artifacts import artifact_asset, canonical_json, materialize_artifact
 from llm_assets.checks.gates import list_overrides
@@ -22,16 +22,16 @@ from llm_assets.checks.results import FAILED, CheckVerdict, check_verdicts
 from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
 from llm_assets.evaluation.report import EvalReport, change_markdown
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release.pointer import RELEASE_JSON, current_release, move_release, read_release, release_history
+from llm_assets.release_pointer import RELEASE_JSON, current_release, move_release, read_release, release_history
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 
 
-def lineage(instance: dg.DagsterInstance, asset_graph, asset_key: dg.AssetKey,
+def lineage(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph, parents: Sequence[dg.AssetKey],
             partition: str) -> Iterator[tuple[dg.AssetKey, str | None, dg.AssetMaterialization]]:
-    """Every current materialization `asset_key[partition]` descends from, upstream first: the
-    same model size of size-partitioned ancestors, every current partition of the others."""
-    ancestors = asset_graph.get_ancestor_asset_keys(asset_key)
+    """Every current materialization an asset with `parents` descends from in `partition`, upstream
+    first: the same model size of size-partitioned ancestors, every current partition of the others."""
+    ancestors = set().union(*(asset_graph.get_ancestor_asset_keys(key, include_self=True) for key in parents))
     for key in (k for k in asset_graph.toposorted_asset_keys if k in ancestors):
         partitions_def = asset_graph.get(key).partitions_def
         same_size = isinstance(partitions_def, dg.StaticPartitionsDefinition) and \
@@ -66,17 +66,18 @@ def _gate_table(verdicts: list[CheckVerdict]) -> str:
             + f"\n\n{hashes} other blocking check(s) passed (hash gates and data checks).")
 
 
-def build_release_assets(manifest: PipelineManifest, whole_graph: Callable[[], Any],
-                         ) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.Definitions:
     """The release of each model size (needs the evaluation stage: its report is what is promoted).
 
-    `whole_graph` returns the asset graph of the Definitions the release belongs to: a run's own
-    graph holds only what it executes, and the release must see every check of its lineage.
+    `lineage_graph` is the asset graph of everything the release descends from, with every check
+    (hash gates included): a run's own graph holds only what it executes, and the release must see
+    every check of its lineage.
     """
     if manifest.stages.evaluation is None or not manifest.model_sizes:
-        return [], []
+        return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     model_asset = evaluated_stage(manifest)
+    parents = [dg.AssetKey(model_asset), dg.AssetKey("eval_report")]
 
     @artifact_asset(
         partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release",
@@ -87,12 +88,11 @@ def build_release_assets(manifest: PipelineManifest, whole_graph: Callable[[], A
     def release(context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource,
                 model: ArtifactHandle, eval_report: ArtifactHandle) -> dg.Output[ArtifactHandle]:
         store, partition = artifact_store.get_store(), context.partition_key
-        graph = whole_graph()
         records, verdicts = [], []
-        for key, part, mat in lineage(context.instance, graph, context.asset_key, partition):
+        for key, part, mat in lineage(context.instance, lineage_graph, parents, partition):
             records.append({"asset": key.to_user_string(), "partition": part,
                             "sha256": str(mat.metadata["sha256"].value) if "sha256" in mat.metadata else None})
-            verdicts.extend(check_verdicts(context.instance, graph, key, part))
+            verdicts.extend(check_verdicts(context.instance, lineage_graph, key, part))
         held = [v for v in verdicts if v.holds_release]
         if held:
             raise dg.Failure(_refusal(held, partition), metadata={"held_by": [v.label for v in held]})
@@ -130,8 +130,7 @@ def build_release_assets(manifest: PipelineManifest, whole_graph: Callable[[], A
             **({"change": dg.MetadataValue.md(compared)} if compared else {}),
         })
 
-    return [release], []
-
+    return dg.Definitions(assets=[release])
 
 def _change_against(store, previous_release: str, eval_report: ArtifactHandle) -> str:
     """The new report's change against the report of the release it replaces."""

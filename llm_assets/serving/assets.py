@@ -13,21 +13,22 @@ import yaml
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.scope import artifacts_under_check
-from llm_assets.manifest import PipelineManifest, PipelineResource
-from llm_assets.release.pointer import current_release, read_release
+from llm_assets.manifest import PipelineManifest
+from llm_assets.release_pointer import current_release, read_release
 from llm_assets.serving.smoke import smoke_test
 from llm_assets.serving.spec import render_manifests, spec_document
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 SPEC_FILE = "server_spec.yaml"
 K8S_VERSION = "1.31"
 FETCH_IMAGE = "llm-assets:latest"  # the project's image (Dockerfile): its fetch module verifies the model
 
 
-def build_serving_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     if manifest.stages.serving is None or manifest.stages.evaluation is None or not manifest.model_sizes:
-        return [], []
+        return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
 
     @artifact_asset(
@@ -96,4 +97,4 @@ def build_serving_assets(manifest: PipelineManifest) -> tuple[list[dg.AssetsDefi
                                    description="; ".join(problems) or "the server answers from the released model",
                                    metadata=metadata)
 
-    return [server_spec], [manifests_validate, server_smoke]
+    return dg.Definitions(assets=[server_spec], asset_checks=[manifests_validate, server_smoke])

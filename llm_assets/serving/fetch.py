@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from llm_assets.settings import Settings, artifact_store_resource
-from resources.artifact_store import ArtifactStoreError
+from llm_assets.store import ArtifactStoreError
 
 
 def fetch(sha256: str, target: Path) -> Path:

@@ -41,8 +41,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoModelForCausalLM
 
-from llm_assets.posttrain.common import load_model, load_tokenizer
-from llm_assets.posttrain.datasets import render_prompt
+from llm_assets.hf_models import load_model, load_tokenizer
+from llm_assets.prompts import render_prompt
 from llm_assets.serving.engine import (
     BatchStats,
     Engine,
@@ -51,7 +51,7 @@ from llm_assets.serving.engine import (
     Generation,
     GenerationRequest,
 )
-from resources.artifact_store import validate_hash
+from llm_assets.store import validate_hash
 
 log = logging.getLogger(__name__)
 

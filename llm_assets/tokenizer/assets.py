@@ -12,12 +12,13 @@ from llm_assets.artifacts import artifact_asset, materialize_artifact, part_dige
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.dataset_splits import HELD_OUT, train_path
 from llm_assets.data.partitions import corpus_shards
-from llm_assets.manifest import PipelineResource, TokenizerRecipe
-from llm_assets.tokenizer.bpe import round_trip_failures, save_hf, train_bpe
+from llm_assets.manifest import PipelineManifest, TokenizerRecipe
+from llm_assets.store import ArtifactStore
+from llm_assets.tokenizer.bpe import round_trip_failures, save_hf_tokenizer, train_bpe
 from llm_assets.tokenizer.packing import META_FILE, pack_documents, packing_problems
-from resources.artifact_store import ArtifactStore
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, consumed_hash
+from resources.pipeline import PipelineResource
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -42,7 +43,8 @@ def sample_training_text(splits_root: Path, sample_mb: float) -> list[str]:
     return texts
 
 
-def load_tokenizer(store: ArtifactStore, handle: ArtifactHandle) -> Tokenizer:
+def stored_tokenizer(store: ArtifactStore, handle: ArtifactHandle) -> Tokenizer:
+    """The tokenizer artifact as a `tokenizers.Tokenizer` (the fast path for encoding shards)."""
     return Tokenizer.from_file(str(store.local_dir(handle.sha256) / TOKENIZER_FILE))
 
 
@@ -67,7 +69,7 @@ def tokenizer(
             raise dg.Failure("the training split is empty: there is nothing to train a tokenizer on")
         context.log.info(f"training BPE ({recipe.vocab_size} tokens) on {len(texts)} documents")
         trained = train_bpe(texts, recipe, length=len(texts))
-        save_hf(trained, recipe, out)
+        save_hf_tokenizer(trained, recipe, out)
         return {
             "vocab_size": trained.get_vocab_size(),
             "sample_documents": len(texts),
@@ -105,7 +107,7 @@ def tokenizer_round_trip(
         checked = sample.height
         problems.extend(
             f"{doc_id}: decode(encode(text)) differs from character {at}"
-            for doc_id, at in round_trip_failures(load_tokenizer(store, handle), sample["id"].to_list(), sample["text"].to_list())
+            for doc_id, at in round_trip_failures(stored_tokenizer(store, handle), sample["id"].to_list(), sample["text"].to_list())
         )
     return dg.AssetCheckResult(
         passed=not problems,
@@ -116,7 +118,7 @@ def tokenizer_round_trip(
 
 
 def _pack_frame(store: ArtifactStore, tokenizer_handle: ArtifactHandle, recipe: TokenizerRecipe, path: Path, out: Path) -> dict:
-    tok = load_tokenizer(store, tokenizer_handle)
+    tok = stored_tokenizer(store, tokenizer_handle)
     texts = pl.read_parquet(path, columns=["text"])["text"].to_list()
     out.mkdir(parents=True, exist_ok=True)
     packed = pack_documents(tok, texts, out, eos_id=tok.token_to_id(recipe.eos_token), batch_size=recipe.encode_batch)
@@ -206,3 +208,9 @@ def _token_check(asset: dg.AssetsDefinition, partitioned: bool, subdirs: tuple[s
 
 token_shards_valid = _token_check(token_shards, True, ("",))
 heldout_tokens_valid = _token_check(heldout_tokens, False, HELD_OUT)
+
+
+def build_defs(manifest: PipelineManifest) -> dg.Definitions:
+    """The same assets for every manifest: the tokenizer's recipe is read at run time."""
+    return dg.Definitions(assets=[tokenizer, token_shards, heldout_tokens],
+                          asset_checks=[tokenizer_round_trip, token_shards_valid, heldout_tokens_valid])

@@ -30,7 +30,7 @@ def train_bpe(texts: Iterable[str], recipe: TokenizerRecipe, *, length: int | No
     return tokenizer
 
 
-def save_hf(tokenizer: Tokenizer, recipe: TokenizerRecipe, out_dir: Path) -> PreTrainedTokenizerFast:
+def save_hf_tokenizer(tokenizer: Tokenizer, recipe: TokenizerRecipe, out_dir: Path) -> PreTrainedTokenizerFast:
     """Save in the Hugging Face layout, so AutoTokenizer.from_pretrained(out_dir) loads it."""
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

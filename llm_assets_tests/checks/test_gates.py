@@ -8,8 +8,8 @@ import pytest
 
 from llm_assets.checks.gates import GateOverride, judge_gate, list_overrides, record_override, store_override
 from llm_assets.manifest import GateSpec
-from llm_assets.release.pointer import RELEASE_JSON, move_release
-from resources.artifact_store import ArtifactStore, open_store
+from llm_assets.release_pointer import RELEASE_JSON, move_release
+from llm_assets.store import ArtifactStore, open_store
 
 
 @pytest.fixture

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dagster as dg
 import yaml
 
+from llm_assets.definitions import build_definitions
 from llm_assets.checks import INPUT_CHAIN, INTEGRITY
 from llm_assets.runner import materialize_graph, run_checks, verify_graph
-from llm_assets_tests.resources.test_artifact_store import flip_byte
-from resources.artifact_store import open_store
+from llm_assets.store import open_store
+from llm_assets_tests.store.test_store import flip_byte
 
 RAW = dg.AssetKey("raw_corpus")
 INVENTORY = dg.AssetKey("corpus_inventory")
@@ -118,11 +119,12 @@ def test_corrupt_cached_artifact_is_rebuilt_not_reused(defs, instance, settings)
     assert evaluations(result)[("raw_corpus", INTEGRITY)].passed
 
 
-def test_stale_input_fails_the_input_chain_and_names_the_parent(defs, instance, manifest_path):
+def test_stale_input_fails_the_input_chain_and_names_the_parent(defs, instance, manifest_path, settings):
     assert materialize_graph(defs, instance, selection=CHAIN, log=quiet).success
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["sources"][0]["min_docstring_chars"] = 40
     manifest_path.write_text(yaml.safe_dump(manifest))
+    defs = build_definitions(settings)  # the Definitions follow the manifest they were built from
     assert materialize_graph(defs, instance, selection="key:raw_corpus", log=quiet).success
 
     stale = run_checks(defs, instance, [INVENTORY])

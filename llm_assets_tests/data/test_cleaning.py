@@ -10,18 +10,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_assets.data.cleaning import (
-    PLACEHOLDERS,
-    QUALITY_RULES,
-    clean_frame,
-    find_pii,
-    html_to_text,
-    normalize_text,
-    quality_failures,
-    quality_signals,
-    redact_pii,
-    scan_pii_frame,
-)
+from llm_assets.data.cleaning import clean_frame
+from llm_assets.data.html_text import html_to_text
+from llm_assets.data.normalize import normalize_text
+from llm_assets.data.pii import PLACEHOLDERS, find_pii, redact_pii, scan_pii_frame
+from llm_assets.data.quality import QUALITY_RULES, quality_failures, quality_signals
 from llm_assets.manifest import PII_KINDS, CleanRecipe
 
 RAW_COLUMNS = ["id", "text", "source", "uri", "kind", "sha256"]

@@ -12,7 +12,7 @@ import yaml
 
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
-from resources.artifact_store import open_store
+from llm_assets.store import open_store
 
 SPLITS = dg.AssetKey("dataset_splits")
 
@@ -84,6 +84,9 @@ def test_the_data_half_on_the_stdlib_passes_every_gate(defs, instance):
     )
     assert splits["train_documents"].value + splits["val_documents"].value + splits["test_documents"].value == dedup_total
     assert splits["val_documents"].value > 0
+    assert {r.data["eval_set"] for r in splits["contamination"].value.records} >= {"val", "test"}
+    inventory = latest(instance, "corpus_inventory").metadata["by_shard"].value
+    assert sorted(r.data["shard"] for r in inventory.records) == sorted(instance.get_dynamic_partitions("corpus_shards"))
 
 
 def test_near_and_exact_duplicates_across_files_are_removed(local_defs, instance):
@@ -92,6 +95,10 @@ def test_near_and_exact_duplicates_across_files_are_removed(local_defs, instance
     assert clusters["near_duplicates_removed"].value == 10
     assert clusters["exact_duplicates_removed"].value == 1
     assert latest(instance, "dedup_corpus", "web-c.jsonl").metadata["removed"].value == 11
+    # The same figures per shard, as table metadata.
+    by_shard = {r.data["shard"]: r.data for r in clusters["by_shard"].value.records}
+    assert sum(r["near_duplicates_removed"] for r in by_shard.values()) == 10
+    assert by_shard["web-c.jsonl"]["documents"] - by_shard["web-c.jsonl"]["kept"] == 11
     assert latest(instance, "dedup_corpus", "web-a.jsonl").metadata["removed"].value == 0
 
 
@@ -123,6 +130,7 @@ def test_planted_contamination_fails_the_gate_and_holds_downstream(local_defs, i
         "eval_sets": [{"name": "quiz", "path": str(eval_file), "text_field": "question"}],
     }
     manifest_path.write_text(yaml.safe_dump(manifest))
+    local_defs = build_definitions(settings)  # the Definitions follow the manifest they were built from
 
     @dg.asset(deps=[SPLITS])
     def trains_on_splits() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dagster as dg
 import yaml
 
-from llm_assets.data import corpus_landing_sensor
+from llm_assets.definitions import build_definitions
+from llm_assets.data.sensors import corpus_landing_sensor
 from llm_assets.data.sources import discover
 from llm_assets.manifest import load_manifest
 
@@ -28,13 +29,14 @@ def test_new_shards_become_partitions_with_a_run_each(defs, instance, manifest_p
     assert again.run_requests == [] and again.dynamic_partitions_requests == []
 
 
-def test_a_changed_source_requests_its_shards_again(defs, instance, manifest_path):
+def test_a_changed_source_requests_its_shards_again(defs, instance, manifest_path, settings):
     first = tick(defs, instance, None)
     instance.add_dynamic_partitions("corpus_shards", [r.partition_key for r in first.run_requests])
     # Same shard keys, different files behind them: a changed signature.
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["sources"][0]["include"] = ["email/*"]
     manifest_path.write_text(yaml.safe_dump(manifest))
+    defs = build_definitions(settings)  # the Definitions follow the manifest they were built from
     second = tick(defs, instance, first.cursor)
     changed = {r.partition_key for r in second.run_requests}
     assert changed, "re-cut shards are requested again"

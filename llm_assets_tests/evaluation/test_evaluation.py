@@ -169,6 +169,22 @@ def test_regression_knows_which_way_is_better() -> None:
             if r.metric in ("acc", "word_perplexity")] == ["worse", "worse"]
 
 
+def test_the_figures_are_table_metadata() -> None:
+    import dagster as dg
+
+    table = _report(ppl=math.inf, acc=0.5).figures_table()
+    assert [c.name for c in table.schema.columns] == ["task", "metric", "value", "stderr", "higher_is_better",
+                                                      "documents"]
+    rows = {(r.data["task"], r.data["metric"]): r.data for r in table.records}
+    assert set(rows) == {(PERPLEXITY, "word_perplexity"), (PERPLEXITY, "bits_per_byte"), (MC, "acc"),
+                         ("safety", "refusal_rate"), ("extra", "kl_to_sft")}
+    # JSON has no infinity: a non-finite figure is the text report.json uses.
+    assert rows[(PERPLEXITY, "word_perplexity")]["value"] == "inf"
+    assert rows[(MC, "acc")]["value"] == 0.5 and rows[(MC, "acc")]["higher_is_better"] is True
+    assert rows[("safety", "refusal_rate")]["documents"] == 4
+    assert dg.deserialize_value(dg.serialize_value(table)) == table
+
+
 def test_report_json_and_markdown(trained_eval: HarnessResult) -> None:
     safety = SafetyResult(rate=0.5, refusals=1, prompts=2, examples=[])
     report = EvalReport.from_harness(trained_eval, safety=safety, extra={"kl_to_sft": math.inf})

@@ -18,11 +18,11 @@ from llm_assets.cli import main
 from llm_assets.definitions import build_definitions
 from llm_assets.lock import build_lock
 from llm_assets.manifest import load_manifest
-from llm_assets.release.pointer import current_release, read_release
+from llm_assets.release_pointer import current_release, read_release
 from llm_assets.runner import materialize_graph
+from llm_assets.store import open_store
 from llm_assets_tests.pretrain.test_assets import with_training
 from llm_assets_tests.test_alerts import read_jsonl, tick
-from resources.artifact_store import open_store
 
 TRAINER = {"batch_size": 4, "max_length": 96, "warmup_ratio": 0.1}
 POSTTRAIN = {

@@ -12,21 +12,13 @@ import pytest
 from llm_assets.data.documents import ReadStats
 from llm_assets.data.stdlib_source import discover, read
 from llm_assets.manifest import PosttrainDataRecipe, PythonStdlibSource
-from llm_assets.posttrain.datasets import (
-    ASSISTANT_HEADER,
-    DataSetError,
-    answer_from_docstring,
-    build_preference_dataset,
-    build_sft_dataset,
-    derive_preference_pairs,
-    derive_sft_examples,
-    drop_eval_overlap,
-    read_dataset,
-    read_preference_jsonl,
-    read_sft_jsonl,
-    render_prompt,
-    write_dataset,
-)
+from llm_assets.posttrain.dataset_files import read_dataset, write_dataset
+from llm_assets.posttrain.dataset_schema import DataSetError
+from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
+from llm_assets.posttrain.decontaminate import drop_eval_overlap
+from llm_assets.posttrain.derived import answer_from_docstring, derive_preference_pairs, derive_sft_examples
+from llm_assets.posttrain.user_files import read_preference_jsonl, read_sft_jsonl
+from llm_assets.prompts import ASSISTANT_HEADER, PromptError, render_prompt
 
 LONG = (
     "Decode a JSON document into Python objects. It accepts str only. "
@@ -72,7 +64,7 @@ def test_prompt_format_is_plain_text_ending_with_the_assistant_header():
     assert prompt == (
         "### System:\nBe terse.\n\n### User:\nHi?\n\n### Assistant:\nHello.\n\n### User:\nBye?\n\n### Assistant:\n"
     )
-    with pytest.raises(DataSetError, match="messages\\[0\\].role: unknown role 'human'"):
+    with pytest.raises(PromptError, match="messages\\[0\\].role: unknown role 'human'"):
         render_prompt([{"role": "human", "content": "x"}])
 
 

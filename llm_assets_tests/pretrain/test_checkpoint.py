@@ -97,14 +97,14 @@ def test_a_failed_write_leaves_nothing_behind(corpus, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        train(build_model(TINY, seed=0), corpus.train, None, dataclasses.replace(BASE, steps=2, warmup_steps=1),
+        train(build_model(TINY, seed=0), corpus.train, None, BASE.replace(steps=2, warmup_steps=1),
               checkpoint_dir=tmp_path / "run")
     assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_a_tied_model_round_trips(corpus, tmp_path: Path) -> None:
     tied = TINY.model_copy(update={"tie_embeddings": True})
-    cfg = dataclasses.replace(BASE, steps=3, warmup_steps=1)
+    cfg = BASE.replace(steps=3, warmup_steps=1)
     model = build_model(tied, seed=0)
     result = train(model, corpus.train, None, cfg, checkpoint_dir=tmp_path / "run")
     restored = build_model(tied, seed=1)

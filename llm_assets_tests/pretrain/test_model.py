@@ -10,7 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from llm_assets.pretrain import build_model, count_parameters, flops_per_token, save_hf
+from llm_assets.hf_models import save_hf
+from llm_assets.pretrain import build_model, count_parameters, flops_per_token
 from llm_assets_tests.pretrain.tiny import TINY, VOCAB
 
 

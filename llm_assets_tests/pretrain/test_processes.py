@@ -29,7 +29,7 @@ def _spec(tmp_path: Path, corpus: Corpus, cfg: TrainConfig) -> Path:
     corpus.val_array.tofile(tmp_path / "val.bin")
     spec = {
         "model": TINY.model_dump(),
-        "train": dataclasses.asdict(cfg),
+        "train": cfg.model_dump(mode="json"),
         "train_bins": [str(tmp_path / f"train-{i}.bin") for i in range(len(corpus.train_arrays))],
         "val_bins": [str(tmp_path / "val.bin")],
         "token_dtype": "uint16",
@@ -52,7 +52,7 @@ def _step(checkpoint: Path) -> int:
 
 
 def test_sigkill_mid_run_then_resume_from_the_latest_checkpoint(corpus, reference, tmp_path: Path) -> None:
-    cfg = dataclasses.replace(BASE, checkpoint_every=5)
+    cfg = BASE.replace(checkpoint_every=5)
     spec = _spec(tmp_path, corpus, cfg)
     checkpoint_dir = tmp_path / "checkpoints"
     with open(tmp_path / "stderr.log", "w") as stderr:
@@ -92,7 +92,7 @@ def test_sigkill_mid_run_then_resume_from_the_latest_checkpoint(corpus, referenc
 
 
 def test_ddp_two_ranks_train_what_one_process_trains(corpus, reference, tmp_path: Path) -> None:
-    cfg = dataclasses.replace(BASE, batch_size=4)  # 2 ranks × 4: the reference's global batch of 8
+    cfg = BASE.replace(batch_size=4)  # 2 ranks × 4: the reference's global batch of 8
     spec = _spec(tmp_path, corpus, cfg)
     checkpoint_dir = tmp_path / "checkpoints"
     env = _env() | {"OMP_NUM_THREADS": "1"}  # two ranks on two cores

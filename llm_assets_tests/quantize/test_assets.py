@@ -16,9 +16,9 @@ import yaml
 
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
+from llm_assets.store import open_store
 from llm_assets_tests.evaluation.conftest import TINY, _chats
 from llm_assets_tests.posttrain.test_assets import step_failure
-from resources.artifact_store import open_store
 from resources.handles import ArtifactHandle, handle_metadata
 
 QUANTIZE = {"schemes": ["gptq-4bit", "int8"], "group_size": 32, "calibration_texts": 12, "heldout_texts": 16,
@@ -94,7 +94,9 @@ def test_both_schemes_of_a_size_materialize_and_pass_the_gate(settings, manifest
         partition = f"xs|{scheme}"
         meta = {k: v.value for k, v in current(instance, partition).metadata.items()}
         assert meta["bits"] == bits and meta["model_sha256"] == upstream["model"]
-        assert f"| full precision | {scheme} | change |" in meta["comparison"]
+        comparison = meta["comparison"]  # table metadata: full precision | the scheme | change
+        assert [(c.name, c.description) for c in comparison.schema.columns][1:] == [
+            ("full_precision", None), ("quantized", scheme), ("change", "quantized against full precision")]
         assert 0 < meta["size_ratio"] < 0.7 and meta["quantized_layers"] == 14
         assert {r["asset"]: r["sha256"] for r in meta["input_hashes"]} == {
             "pretrain_checkpoint": upstream["model"], "dataset_splits": upstream["splits"]}

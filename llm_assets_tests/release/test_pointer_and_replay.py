@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llm_assets.lock import LockError, read_lock
-from llm_assets.release.pointer import (
+from llm_assets.release_pointer import (
     RELEASE_JSON,
     ReleaseError,
     current_release,
@@ -14,7 +14,7 @@ from llm_assets.release.pointer import (
     release_history,
 )
 from llm_assets.replay import DIFFERENT, EQUIVALENT, IDENTICAL, MISSING, compare_locks
-from resources.artifact_store import open_store
+from llm_assets.store import open_store
 
 
 def test_promotions_move_the_pointer_and_every_release_stays_addressable(tmp_path):

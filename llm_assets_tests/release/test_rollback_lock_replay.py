@@ -11,10 +11,10 @@ import dagster as dg
 import yaml
 
 from llm_assets.cli import main
-from llm_assets.release.pointer import current_release
+from llm_assets.release_pointer import current_release
+from llm_assets.store import open_store
 from llm_assets_tests.posttrain.test_assets import EVALUATION, POSTTRAIN
 from llm_assets_tests.pretrain.test_assets import with_training
-from resources.artifact_store import open_store
 from resources.handles import latest_materializations
 
 

@@ -15,11 +15,11 @@ import pytest
 from starlette.applications import Starlette
 
 from llm_assets.serving import ServeConfig, create_app, running
+from llm_assets.store import open_store
 
 # The same tiny model the evaluation tests build (trained on docstrings and their chats in about a
 # second): imported fixtures, not copies of them.
 from llm_assets_tests.evaluation.conftest import heldout, tokenizer_dir, trained_dir  # noqa: F401
-from resources.artifact_store import open_store
 
 API_KEY = "test-key"
 CONFIG = dict(api_key=API_KEY, max_request_bytes=4096, max_prompt_tokens=96, max_tokens=48, max_batch_size=8,

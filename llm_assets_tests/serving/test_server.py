@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_assets.posttrain.datasets import render_prompt
+from llm_assets.prompts import render_prompt
 from llm_assets.serving import ServeConfig
 from llm_assets.serving.engine import Engine, EngineBusyError, EngineClosedError, GenerationRequest
 from llm_assets_tests.serving.conftest import CONFIG, RunningServer

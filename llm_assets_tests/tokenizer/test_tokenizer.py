@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from llm_assets.manifest import TokenizerRecipe
 from llm_assets.runner import materialize_graph
-from llm_assets.tokenizer.bpe import round_trip_failures, save_hf, train_bpe
+from llm_assets.store import open_store
+from llm_assets.tokenizer.bpe import round_trip_failures, save_hf_tokenizer, train_bpe
 from llm_assets.tokenizer.packing import (
     INDEX_FILE,
     META_FILE,
@@ -24,7 +25,6 @@ from llm_assets.tokenizer.packing import (
     packing_problems,
     read_packed,
 )
-from resources.artifact_store import open_store
 
 RECIPE = TokenizerRecipe(vocab_size=400, min_frequency=2)
 
@@ -39,7 +39,7 @@ def texts() -> list[str]:
 def test_training_is_deterministic_and_saves_the_hf_layout(texts, tmp_path):
     first, second = train_bpe(texts, RECIPE), train_bpe(texts, RECIPE)
     assert hashlib.sha256(first.to_str().encode()).digest() == hashlib.sha256(second.to_str().encode()).digest()
-    save_hf(first, RECIPE, tmp_path)
+    save_hf_tokenizer(first, RECIPE, tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
     assert hf.convert_tokens_to_ids("<|endoftext|>") == first.token_to_id("<|endoftext|>")

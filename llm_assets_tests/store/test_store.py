@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from resources.artifact_store import (
+from llm_assets.store import (
     ArtifactCorruptError,
     ArtifactManifest,
     ArtifactNotFoundError,
@@ -159,7 +159,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from resources.artifact_store import ArtifactManifest, open_store
+    from llm_assets.store import ArtifactManifest, open_store
     import boto3
 
     uri, src = sys.argv[1], Path(sys.argv[2])

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
-from resources.artifact_store import ArtifactStore
+from llm_assets.store import ArtifactStore
 
 RELEASES = "releases"
 RELEASE_JSON = "release.json"

@@ -1,0 +1,64 @@
+"""The gate check, written once: a blocking check of one model-stage asset, per partition, that
+reads figures off the materialization under check and judges them against the manifest's gates.
+
+Each stage states only what is its own (which gates, how to read its figures, what else makes
+the artifact unusable); the rest — the partition under check, the thresholds, relative gates
+against the current release, a reviewer's override, the metadata the release and the run lock
+read back — is here.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from llm_assets.checks.gates import GATE_METADATA_KEY, judge_gates
+from llm_assets.checks.scope import nothing_to_check, partition_under_check
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.pipeline import PipelineResource
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a gate check read off one materialization."""
+
+    values: dict[str, float]  # gate name -> the figure it judges (NaN when there is none)
+    # Further problems of a gate, judged (and overridable) with it.
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    # Problems that make the artifact unusable whatever a reviewer says: no override covers them.
+    broken: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)  # shown with the verdict, besides the gates'
+    summary: str = ""  # the description when everything holds
+
+
+def gate_check(
+    asset: dg.AssetsDefinition,
+    *,
+    name: str,
+    gates: Sequence[str],
+    read: Callable[[dg.AssetMaterialization], Figures],
+    description: str,
+) -> dg.AssetChecksDefinition:
+    """A blocking, partitioned check named `name` on `asset` judging the manifest's `gates` with
+    the figures `read` takes from the materialization under check."""
+
+    @dg.asset_check(asset=asset, name=name, blocking=True, partitions_def=asset.partitions_def,
+                    description=description, metadata={GATE_METADATA_KEY: ",".join(gates)})
+    def check(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
+              artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        mat = partition_under_check(context, asset.key)
+        if mat is None:
+            return nothing_to_check(asset.key)
+        figures = read(mat)
+        judged = judge_gates(artifact_store.get_store(), pipeline.load().gates, figures.values, mat.partition,
+                             mat.metadata["sha256"].value, figures.problems)
+        problems = figures.broken + ([judged.description] if judged.description and not judged.passed else [])
+        return dg.AssetCheckResult(
+            passed=not problems,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(problems) or judged.description or figures.summary,
+            metadata={**figures.metadata, **judged.metadata},
+        )
+
+    return check

@@ -1,0 +1,228 @@
+"""Where objects' bytes live: a local directory or an S3 prefix.
+
+A backend is raw object storage under one root and knows nothing about hashing; each commits a
+write by making the manifest visible last, so a reader that finds a manifest finds every file it
+names:
+
+- local directory: files go to a private staging directory, are fsynced, then the whole directory
+  is renamed into ``objects/`` in one atomic step;
+- S3: files are uploaded under the object's prefix, then the manifest.
+
+A writer killed halfway leaves only staging debris (``tmp/`` locally, manifest-less files on S3)
+that no reader ever treats as an object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from llm_assets.store.fileio import CHUNK, fsync_path, write_atomic
+from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_hash, validate_relpath
+
+ProgressCallback = Callable[[str, int, int], None]
+"""Called as ``progress(relpath, bytes_done, bytes_total)`` after each file is written."""
+
+
+class StoreBackend(Protocol):
+    """Raw object storage under one root; knows nothing about hashing."""
+
+    def object_uri(self, artifact_hash: str) -> str: ...
+    def read_manifest_bytes(self, artifact_hash: str) -> bytes | None: ...
+    def list_object_files(self, artifact_hash: str) -> list[str]: ...
+    def iter_file(self, artifact_hash: str, relpath: str) -> Iterator[bytes]: ...
+    def commit(
+        self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,
+        progress: ProgressCallback | None,
+    ) -> None: ...
+    def local_files_dir(self, artifact_hash: str) -> Path | None: ...
+    def read_key(self, key: str) -> bytes | None: ...
+    def write_key(self, key: str, data: bytes) -> None: ...
+    def list_keys(self, prefix: str) -> list[str]: ...
+    @contextlib.contextmanager
+    def staging_dir(self) -> Iterator[Path]: ...
+
+
+class LocalBackend:
+    """Objects in a local directory; commits by atomic rename of a fully written directory."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        for sub in ("objects", "index", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def object_uri(self, artifact_hash: str) -> str:
+        return (self.root / "objects" / artifact_hash).as_uri()
+
+    def _object_dir(self, artifact_hash: str) -> Path:
+        return self.root / "objects" / validate_hash(artifact_hash)
+
+    def read_manifest_bytes(self, artifact_hash: str) -> bytes | None:
+        try:
+            return (self._object_dir(artifact_hash) / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_object_files(self, artifact_hash: str) -> list[str]:
+        files_dir = self._object_dir(artifact_hash) / "files"
+        if not files_dir.is_dir():
+            return []
+        return sorted(p.relative_to(files_dir).as_posix() for p in files_dir.rglob("*") if p.is_file())
+
+    def iter_file(self, artifact_hash: str, relpath: str) -> Iterator[bytes]:
+        path = self._object_dir(artifact_hash) / "files" / validate_relpath(relpath)
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    def local_files_dir(self, artifact_hash: str) -> Path | None:
+        return self._object_dir(artifact_hash) / "files"
+
+    @contextlib.contextmanager
+    def staging_dir(self) -> Iterator[Path]:
+        path = self.root / "tmp" / f"build-{uuid.uuid4().hex}"
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def commit(
+        self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        artifact_hash = manifest.sha256
+        staging = self.root / "tmp" / f"{artifact_hash}.{uuid.uuid4().hex}"
+        files_dir = staging / "files"
+        files_dir.mkdir(parents=True)
+        done, total = 0, manifest.total_bytes
+        try:
+            for entry in manifest.files:
+                source = src / entry.path
+                target = files_dir / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if move:
+                    os.replace(source, target)
+                else:
+                    shutil.copyfile(source, target)
+                fsync_path(target)
+                done += entry.bytes
+                if progress:
+                    progress(entry.path, done, total)
+            manifest_path = staging / MANIFEST_NAME
+            with open(manifest_path, "wb") as handle:
+                handle.write(manifest.canonical_bytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            fsync_path(staging)
+            final = self._object_dir(artifact_hash)
+            if replace and final.exists():
+                quarantine = self.root / "quarantine"
+                quarantine.mkdir(exist_ok=True)
+                os.rename(final, quarantine / f"{artifact_hash}.{int(time.time())}")
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not (final / MANIFEST_NAME).exists():
+                    raise
+                # Another writer committed the same content first: identical bytes, keep theirs.
+            fsync_path(final.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def read_key(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_key(self, key: str, data: bytes) -> None:
+        write_atomic(self.root / key, data)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+
+class S3Backend:
+    """Objects under an S3 prefix; commits by uploading every file, then the manifest."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.cache_dir = Path(cache_dir)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def object_uri(self, artifact_hash: str) -> str:
+        return f"s3://{self.bucket}/{self._key('objects/' + artifact_hash)}"
+
+    def read_key(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def write_key(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full = self._key(prefix).rstrip("/") + "/"
+        strip = len(self._key(""))
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(item["Key"][strip:].lstrip("/") for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def read_manifest_bytes(self, artifact_hash: str) -> bytes | None:
+        return self.read_key(f"objects/{validate_hash(artifact_hash)}/{MANIFEST_NAME}")
+
+    def list_object_files(self, artifact_hash: str) -> list[str]:
+        prefix = f"objects/{validate_hash(artifact_hash)}/files/"
+        return [key[len(prefix):] for key in self.list_keys(prefix)]
+
+    def iter_file(self, artifact_hash: str, relpath: str) -> Iterator[bytes]:
+        key = self._key(f"objects/{validate_hash(artifact_hash)}/files/{validate_relpath(relpath)}")
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"s3://{self.bucket}/{key}") from None
+        yield from body.iter_chunks(CHUNK)
+
+    def local_files_dir(self, artifact_hash: str) -> Path | None:
+        return None
+
+    @contextlib.contextmanager
+    def staging_dir(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="llm-assets-build-") as tmp:
+            yield Path(tmp)
+
+    def commit(
+        self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        artifact_hash = manifest.sha256
+        done, total = 0, manifest.total_bytes
+        for entry in manifest.files:
+            key = self._key(f"objects/{artifact_hash}/files/{entry.path}")
+            self.client.upload_file(str(src / entry.path), self.bucket, key)
+            done += entry.bytes
+            if progress:
+                progress(entry.path, done, total)
+        # The manifest goes last: until it exists, readers do not see the object at all.
+        self.write_key(f"objects/{artifact_hash}/{MANIFEST_NAME}", manifest.canonical_bytes())

@@ -1,0 +1,241 @@
+"""The content-addressed artifact store: hashing, verification and the fingerprint index.
+
+Objects are immutable and live at ``objects/<hash>/files/...`` beside
+``objects/<hash>/MANIFEST.json`` (see :mod:`llm_assets.store.objects`) on a backend (see
+:mod:`llm_assets.store.backends`).
+
+The store also keeps an index, ``index/<asset>/<partition>/<fingerprint>.json``, mapping a
+materialization's fingerprint to the artifact it produced: the basis of early cutoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from llm_assets.store.backends import LocalBackend, ProgressCallback, S3Backend, StoreBackend
+from llm_assets.store.errors import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    ArtifactStoreError,
+    InvalidKeyError,
+)
+from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_hash, validate_relpath
+
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9._=+@%-]+$")
+
+
+def index_key(asset: str, partition: str | None, fingerprint: str, namespace: str = "index") -> str:
+    """The store-relative key of an index entry; asset is a '/'-joined asset key path."""
+    parts = asset.split("/")
+    for part in parts:
+        if not part or part in (".", "..") or not _KEY_PART_RE.match(part):
+            raise InvalidKeyError(f"asset key {asset!r} has an unsafe component {part!r}")
+    partition_part = "_unpartitioned" if partition is None else "p=" + quote(partition, safe="")
+    return "/".join([namespace, *parts, partition_part, validate_hash(fingerprint) + ".json"])
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A small typed handle to a stored object: what flows between steps instead of the data."""
+
+    sha256: str
+    uri: str
+    bytes: int
+    files: int
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    artifact_hash: str
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class ArtifactStore:
+    """Hashing, verification and the fingerprint index on top of a backend."""
+
+    def __init__(self, backend: StoreBackend, cache_dir: Path | None = None):
+        self.backend = backend
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-assets-cache"
+
+    # -- writing ---------------------------------------------------------------------------
+    def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
+        """A scratch directory to build an artifact in; ``put_dir(..., move=True)`` is then free."""
+        return self.backend.staging_dir()
+
+    def put_dir(self, src: Path, *, move: bool = False, progress: ProgressCallback | None = None) -> ArtifactRef:
+        """Store every file under ``src`` as one immutable object and return its handle."""
+        src = Path(src)
+        if not src.is_dir():
+            raise ArtifactNotFoundError(f"cannot store {src}: not a directory")
+        manifest = ArtifactManifest.of_directory(src)
+        artifact_hash = manifest.sha256
+        existing = self.backend.read_manifest_bytes(artifact_hash)
+        replace = False
+        if existing is not None:
+            if self.verify(artifact_hash).ok:
+                return self._ref(artifact_hash, manifest)
+            replace = True  # a corrupted copy of the same content: write a fresh one over it
+        self.backend.commit(manifest, src, move=move, replace=replace, progress=progress)
+        return self._ref(artifact_hash, manifest)
+
+    def _ref(self, artifact_hash: str, manifest: ArtifactManifest) -> ArtifactRef:
+        return ArtifactRef(
+            sha256=artifact_hash,
+            uri=self.backend.object_uri(artifact_hash),
+            bytes=manifest.total_bytes,
+            files=len(manifest.files),
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+    def exists(self, artifact_hash: str) -> bool:
+        return self.backend.read_manifest_bytes(validate_hash(artifact_hash)) is not None
+
+    def manifest(self, artifact_hash: str) -> ArtifactManifest:
+        data = self.backend.read_manifest_bytes(validate_hash(artifact_hash))
+        if data is None:
+            raise ArtifactNotFoundError(
+                f"no artifact {artifact_hash} in {self.backend.object_uri(artifact_hash)}; "
+                "rematerialize the asset that produces it"
+            )
+        manifest = ArtifactManifest.from_bytes(data, origin=f"manifest of {artifact_hash[:12]}")
+        if manifest.sha256 != artifact_hash:
+            raise ArtifactCorruptError(artifact_hash, [f"{MANIFEST_NAME}: content does not hash to the object name"])
+        return manifest
+
+    def ref(self, artifact_hash: str) -> ArtifactRef:
+        return self._ref(artifact_hash, self.manifest(artifact_hash))
+
+    def verify(self, artifact_hash: str) -> VerifyReport:
+        """Re-hash every file of a stored object; each problem names the file."""
+        try:
+            manifest = self.manifest(artifact_hash)
+        except ArtifactCorruptError as exc:
+            return VerifyReport(artifact_hash, tuple(exc.problems))
+        except ArtifactStoreError as exc:
+            return VerifyReport(artifact_hash, (str(exc),))
+        problems = []
+        for entry in manifest.files:
+            digest, size = hashlib.sha256(), 0
+            try:
+                for chunk in self.backend.iter_file(artifact_hash, entry.path):
+                    digest.update(chunk)
+                    size += len(chunk)
+            except FileNotFoundError:
+                problems.append(f"{entry.path}: missing")
+                continue
+            if size != entry.bytes or digest.hexdigest() != entry.sha256:
+                problems.append(
+                    f"{entry.path}: sha256 {digest.hexdigest()[:12]} ({size} bytes) does not match "
+                    f"the manifest's {entry.sha256[:12]} ({entry.bytes} bytes)"
+                )
+        expected = {entry.path for entry in manifest.files}
+        problems.extend(
+            f"{path}: not in the manifest" for path in self.backend.list_object_files(artifact_hash)
+            if path not in expected
+        )
+        return VerifyReport(artifact_hash, tuple(problems))
+
+    def local_dir(self, artifact_hash: str, *, verify: bool = False) -> Path:
+        """A local directory holding the object's files (in place locally, a cache for S3)."""
+        if verify:
+            report = self.verify(artifact_hash)
+            if not report.ok:
+                raise ArtifactCorruptError(artifact_hash, list(report.problems))
+        manifest = self.manifest(artifact_hash)
+        in_place = self.backend.local_files_dir(artifact_hash)
+        if in_place is not None:
+            return in_place
+        cached = self.cache_dir / artifact_hash
+        if cached.is_dir():
+            return cached
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{artifact_hash[:12]}.", dir=self.cache_dir))
+        try:
+            for entry in manifest.files:
+                target = staging / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                with open(target, "wb") as handle:
+                    for chunk in self.backend.iter_file(artifact_hash, entry.path):
+                        digest.update(chunk)
+                        handle.write(chunk)
+                if digest.hexdigest() != entry.sha256:
+                    raise ArtifactCorruptError(artifact_hash, [f"{entry.path}: downloaded bytes do not match the manifest"])
+            try:
+                os.rename(staging, cached)
+            except OSError:
+                if not cached.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return cached
+
+    def read_bytes(self, artifact_hash: str, relpath: str) -> bytes:
+        return b"".join(self.backend.iter_file(validate_hash(artifact_hash), validate_relpath(relpath)))
+
+    # -- the fingerprint index ---------------------------------------------------------------
+    def index_lookup(self, asset: str, partition: str | None, fingerprint: str) -> dict[str, Any] | None:
+        data = self.backend.read_key(index_key(asset, partition, fingerprint))
+        if data is None:
+            return None
+        try:
+            entry = json.loads(data)
+            validate_hash(entry["artifact"])
+        except (ValueError, KeyError, TypeError):
+            return None  # an unreadable entry is a cache miss, never a wrong hit
+        return entry
+
+    def index_record(
+        self, asset: str, partition: str | None, fingerprint: str, artifact_hash: str,
+        metadata: dict[str, Any],
+    ) -> None:
+        entry = {"artifact": validate_hash(artifact_hash), "metadata": metadata}
+        self.backend.write_key(index_key(asset, partition, fingerprint), json.dumps(entry, sort_keys=True).encode())
+
+    # -- progress of unfinished work (resumable training) --------------------------------------
+    def progress_lookup(self, asset: str, partition: str | None, fingerprint: str) -> dict[str, Any] | None:
+        """The last intermediate artifact (e.g. a checkpoint) of an unfinished materialization."""
+        data = self.backend.read_key(index_key(asset, partition, fingerprint, namespace="progress"))
+        try:
+            entry = json.loads(data) if data is not None else None
+            return entry if entry is not None and self.exists(entry["artifact"]) else None
+        except (ValueError, KeyError, TypeError, InvalidKeyError):
+            return None
+
+    def progress_record(
+        self, asset: str, partition: str | None, fingerprint: str, artifact_hash: str, step: int
+    ) -> None:
+        entry = {"artifact": validate_hash(artifact_hash), "step": step}
+        self.backend.write_key(
+            index_key(asset, partition, fingerprint, namespace="progress"), json.dumps(entry, sort_keys=True).encode()
+        )
+
+
+def open_store(uri: str, *, s3_client: Any = None, cache_dir: str | Path | None = None) -> ArtifactStore:
+    """Open a store from a URI: a local path, ``file:///path`` or ``s3://bucket/prefix``."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if s3_client is None:
+            raise ArtifactStoreError(f"store {uri} is on S3 but no S3 client was configured")
+        if not parsed.netloc:
+            raise ArtifactStoreError(f"store URI {uri!r} names no bucket; use s3://bucket/prefix")
+        cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-assets-cache"
+        return ArtifactStore(S3Backend(s3_client, parsed.netloc, parsed.path, cache), cache)
+    if parsed.scheme in ("file", ""):
+        path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+        return ArtifactStore(LocalBackend(path), Path(cache_dir) if cache_dir else None)
+    raise ArtifactStoreError(f"store URI {uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
