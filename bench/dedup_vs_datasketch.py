@@ -29,8 +29,8 @@ from datasketch import MinHash, MinHashLSH
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import report, timed  # noqa: E402
 from llm_assets.data.dedup import cluster_near_duplicates, minhash_signatures, tokens  # noqa: E402
+from llm_assets.data.dedup_quality import Quality, evaluate, planted_corpus  # noqa: E402
 from llm_assets.manifest import DedupRecipe  # noqa: E402
-from llm_assets_tests.data.test_dedup import Quality, evaluate, planted_corpus  # noqa: E402
 
 RECIPE = DedupRecipe()
 

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import report, timed  # noqa: E402
 from llm_assets.data.stdlib_source import stdlib_root  # noqa: E402
-from llm_assets.manifest import ModelSize, TokenizerRecipe  # noqa: E402
 from llm_assets.hf_models import save_hf  # noqa: E402
+from llm_assets.manifest import ModelSize, TokenizerRecipe  # noqa: E402
 from llm_assets.pretrain import TokenData, TrainConfig, build_model, train  # noqa: E402
 from llm_assets.quantize.assets import write_texts  # noqa: E402
 from llm_assets.quantize.worker import QuantizeSpec, heldout_quality, token_sequences  # noqa: E402

@@ -37,8 +37,8 @@ import uvicorn  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from bench._util import report, timed  # noqa: E402
-from llm_assets.manifest import TokenizerRecipe, load_manifest  # noqa: E402
 from llm_assets.hf_models import save_hf  # noqa: E402
+from llm_assets.manifest import TokenizerRecipe, load_manifest  # noqa: E402
 from llm_assets.pretrain import build_model  # noqa: E402
 from llm_assets.serving import ServeConfig, create_app  # noqa: E402
 from llm_assets.settings import PROJECT_ROOT  # noqa: E402

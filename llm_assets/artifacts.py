@@ -67,7 +67,7 @@ def fingerprint(
 
 # The lifecycle's parts: an asset's group_name, and its `stage` tag.
 STAGES = ("data", "tokenizer", "pretrain", "posttrain", "evaluation", "release", "quantize", "serving")
-# Who answers for each part's assets (shown in the UI, selectable as `owner:team:ml-platform`).
+# Who answers for each part's assets (shown in the UI, selectable as `owner:"team:ml-platform"`).
 # One team owns the whole lifecycle today; give a part its own team here.
 STAGE_OWNERS = {stage: "team:ml-platform" for stage in STAGES}
 

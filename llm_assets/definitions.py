@@ -29,12 +29,15 @@ from resources.handles import ArtifactHandleIOManager
 from resources.pipeline import PipelineResource
 from resources.quantize_environment import QuantizeEnvironmentResource
 
-def build_resources(settings: Settings, manifest: PipelineManifest) -> dict[str, object]:
+
+def build_resources(settings: Settings, manifest: PipelineManifest | None = None) -> dict[str, object]:
+    """The resources every asset may ask for; the pipeline resource is pinned to `manifest` (the
+    one the graph was built from: a run refuses a manifest that changed since) when given."""
     return {
         "artifact_store": artifact_store_resource(settings),
         "artifact_io": ArtifactHandleIOManager(),
-        # Pinned to the manifest the graph was built from: a run refuses one that changed since.
-        "pipeline": PipelineResource.for_manifest(settings.manifest, manifest),
+        "pipeline": PipelineResource.for_manifest(settings.manifest, manifest) if manifest is not None
+        else PipelineResource(manifest_path=settings.manifest),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "quantize_environment": QuantizeEnvironmentResource(python=settings.quantize_python),
         "alert_sinks": AlertSinksResource(

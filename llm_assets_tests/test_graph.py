@@ -6,9 +6,11 @@ import re
 import shutil
 
 import dagster as dg
+import pytest
 import yaml
 
 from llm_assets.definitions import build_definitions
+from llm_assets.manifest import ManifestError
 from llm_assets.runner import materialize_graph
 from llm_assets.store import open_store
 

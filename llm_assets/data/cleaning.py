@@ -33,6 +33,7 @@ from llm_assets.data.pii import checked_pii_kinds, redact_pii
 from llm_assets.data.quality import QUALITY_RULES, quality_failures, quality_signals
 from llm_assets.manifest import CleanRecipe
 
+
 @dataclass
 class CleanStats:
     """What cleaning did to one shard. Each dropped document is counted once, under the first rule

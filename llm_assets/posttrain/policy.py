@@ -20,8 +20,8 @@ from transformers import (
 )
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
-from llm_assets.manifest import PolicyRecipe
 from llm_assets.hf_models import export_model, load_model, load_tokenizer
+from llm_assets.manifest import PolicyRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import PAIR_KEYS, Rows, records
 from llm_assets.posttrain.scoring import Pairwise, implicit_reward_pairwise, policy_kl, reward_scores

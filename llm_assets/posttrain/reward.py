@@ -10,8 +10,8 @@ from pathlib import Path
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from llm_assets.manifest import RewardRecipe
 from llm_assets.hf_models import export_model, load_tokenizer
+from llm_assets.manifest import RewardRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import PAIR_KEYS, Rows, records
 from llm_assets.posttrain.scoring import Pairwise, reward_pairwise

@@ -11,8 +11,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from llm_assets.manifest import LoraSpec, SftRecipe
 from llm_assets.hf_models import export_model, load_model, load_tokenizer
+from llm_assets.manifest import LoraSpec, SftRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import SFT_KEYS, Rows, records
 from llm_assets.posttrain.scoring import completion_loss

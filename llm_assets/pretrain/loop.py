@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from pydantic import Field
+from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from llm_assets.manifest import Precision, PretrainRecipe

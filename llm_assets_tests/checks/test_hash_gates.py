@@ -5,8 +5,8 @@ from __future__ import annotations
 import dagster as dg
 import yaml
 
-from llm_assets.definitions import build_definitions
 from llm_assets.checks import INPUT_CHAIN, INTEGRITY
+from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph, run_checks, verify_graph
 from llm_assets.store import open_store
 from llm_assets_tests.store.test_store import flip_byte

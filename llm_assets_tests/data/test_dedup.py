@@ -1,13 +1,12 @@
 """Near-duplicate detection: tokenising, MinHash, LSH and clustering against exact Jaccard.
 
-`planted_corpus` and `evaluate` are shared with bench/dedup_vs_datasketch.py.
+The planted corpus and the quality measure live in llm_assets/data/dedup_quality.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,10 +22,10 @@ from llm_assets.data.dedup import (
     shingle_hashes,
     tokens,
 )
+from llm_assets.data.dedup_quality import Corpus, Writer, evaluate, planted_corpus
 from llm_assets.manifest import DedupRecipe
 
 RECIPE = DedupRecipe()
-ALPHABET = list("abcdefghijklmnopqrstuvwxyzéüß")
 
 
 def signatures(texts: list[str], seed: int = 7) -> np.ndarray:
@@ -35,136 +34,6 @@ def signatures(texts: list[str], seed: int = 7) -> np.ndarray:
 
 def clusters(texts: list[str]) -> np.ndarray:
     return cluster_near_duplicates(signatures(texts), bands=RECIPE.bands, rows=RECIPE.rows, threshold=RECIPE.threshold)
-
-
-# --- A synthetic corpus with planted near-duplicates ------------------------------------------
-
-
-@dataclass
-class Corpus:
-    texts: list[str]
-    groups: list[list[int]]  # an original and its planted variants, as indices into texts
-
-
-class _Writer:
-    """Random documents of pseudo-words, kept as sentences of word ids so they can be edited."""
-
-    def __init__(self, rng: np.random.Generator, vocabulary_size: int = 4000) -> None:
-        self.rng = rng
-        words: set[str] = set()
-        while len(words) < vocabulary_size:
-            words.add("".join(rng.choice(ALPHABET, int(rng.integers(2, 11)))))
-        self.words = sorted(words)  # sorted: set order changes with PYTHONHASHSEED
-
-    def document(self, n_words: int) -> list[list[int]]:
-        ids = self.rng.integers(0, len(self.words), n_words).tolist()
-        cuts = np.cumsum(self.rng.integers(6, 19, n_words // 6 + 1))
-        return [ids[lo:hi] for lo, hi in itertools.pairwise([0, *cuts[cuts < n_words].tolist(), n_words])]
-
-    def render(self, sentences: list[list[int]]) -> str:
-        return " ".join(
-            " ".join([self.words[s[0]].capitalize(), *(self.words[w] for w in s[1:])]) + "." for s in sentences if s
-        )
-
-    def variant(self, doc: list[list[int]]) -> list[list[int]]:
-        """A near-duplicate whose shingle Jaccard with ``doc`` is about 0.85–1 (for 5-shingles)."""
-        doc = [list(s) for s in doc]
-        n = sum(map(len, doc))
-        kind = self.rng.choice(["copy", "edit", "swap", "truncate"], p=[0.1, 0.5, 0.2, 0.2])
-        if kind == "swap" and n >= 160:
-            # Two adjacent sentences change places: at most 3 × 4 shingles cross the new seams.
-            i = int(self.rng.integers(len(doc) - 1))
-            doc[i], doc[i + 1] = doc[i + 1], doc[i]
-        elif kind == "truncate":
-            for _ in range(int(self.rng.integers(3, max(4, n // 12)))):
-                doc[-1].pop()
-                if not doc[-1]:
-                    doc.pop()
-        elif kind in ("edit", "swap"):
-            # Each replaced, deleted or inserted word touches at most 5 shingles: J ≥ (n−5e)/(n+5e).
-            for _ in range(int(self.rng.integers(1, max(1, n // 70) + 1))):
-                sentence = doc[int(self.rng.integers(len(doc)))]
-                i, op = int(self.rng.integers(len(sentence))), self.rng.integers(3)
-                if op == 0:
-                    sentence[i] = int(self.rng.integers(len(self.words)))
-                elif op == 1 and len(sentence) > 1:
-                    del sentence[i]
-                else:
-                    sentence.insert(i, int(self.rng.integers(len(self.words))))
-        return doc
-
-    def related(self, doc: list[list[int]], kept: float) -> list[list[int]]:
-        """Shares its first ``kept`` of ``doc``'s words, then goes on differently: a Jaccard of about
-        kept / (2 − kept), well below the threshold (a template, a shared preamble)."""
-        n = sum(map(len, doc))
-        head = list(itertools.chain.from_iterable(doc))[: int(n * kept)]
-        return [head, *self.document(n - len(head))]
-
-
-def planted_corpus(n_docs: int, seed: int, variant_share: float = 0.2) -> Corpus:
-    """``n_docs`` documents of 80–300 words, shuffled: distinct random ones (pairwise Jaccard about
-    0) and ``variant_share`` of variants of them. Four in five variants are near-duplicates (small
-    edits, two sentences swapped, a few words cut off the end, or exact copies), the others only
-    share a head of 50–80 % of the words (Jaccard 0.33–0.67): LSH proposes many of those, and
-    merging them is a mistake."""
-    rng = np.random.default_rng(seed)
-    writer = _Writer(rng)
-    n_variants = round(n_docs * variant_share)
-    originals = [writer.document(int(rng.integers(80, 301))) for _ in range(n_docs - n_variants)]
-    parents = rng.integers(0, len(originals), n_variants)
-    docs = originals + [
-        writer.variant(originals[p]) if rng.random() < 0.8 else writer.related(originals[p], rng.uniform(0.5, 0.8))
-        for p in parents
-    ]
-    order = rng.permutation(n_docs)
-    position = np.argsort(order)
-    family: dict[int, list[int]] = {}
-    for variant, parent in enumerate(parents.tolist(), start=len(originals)):
-        family.setdefault(parent, [int(position[parent])]).append(int(position[variant]))
-    return Corpus([writer.render(docs[i]) for i in order], [sorted(g) for g in family.values()])
-
-
-@dataclass
-class Quality:
-    """``recall``: of the evaluated pairs with exact Jaccard ≥ threshold, the share put in one
-    cluster. ``precision``: of the documents merged into another's cluster, the share whose exact
-    Jaccard with the cluster's representative (its smallest member) is ≥ threshold − tolerance."""
-
-    recall: float
-    precision: float
-    true_pairs: int
-    merged: int
-
-
-def evaluate(
-    labels: np.ndarray, corpus: Corpus, *, threshold: float, shingle_size: int, random_pairs: int, seed: int,
-    tolerance: float = 0.1,
-) -> Quality:
-    """Recall and precision of a clustering against exact Jaccard on every pair within a planted
-    group plus ``random_pairs`` random pairs."""
-    rng = np.random.default_rng(seed)
-    n = len(corpus.texts)
-    pairs = {pair for group in corpus.groups for pair in itertools.combinations(group, 2)}
-    pairs |= {tuple(sorted(p)) for p in rng.integers(0, n, (random_pairs, 2)).tolist() if p[0] != p[1]}
-    sets: dict[int, np.ndarray] = {}
-
-    def exact(i: int, j: int) -> float:
-        for d in (i, j):
-            if d not in sets:
-                sets[d] = shingle_hashes(corpus.texts[d], shingle_size)
-        union = len(np.union1d(sets[i], sets[j]))
-        return len(np.intersect1d(sets[i], sets[j], assume_unique=True)) / union if union else 0.0
-
-    true = [(i, j) for i, j in sorted(pairs) if exact(i, j) >= threshold]
-    found = sum(labels[i] == labels[j] for i, j in true)
-    merged = np.flatnonzero(labels != np.arange(n))
-    right = sum(exact(int(labels[d]), int(d)) >= threshold - tolerance for d in merged)
-    return Quality(
-        recall=float(found / len(true)) if true else 1.0,
-        precision=float(right / len(merged)) if len(merged) else 1.0,
-        true_pairs=len(true),
-        merged=len(merged),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +207,7 @@ def test_large_bucket_is_linked_as_a_star():
 
 
 def test_cluster_id_is_the_smallest_member():
-    writer = _Writer(np.random.default_rng(3))
+    writer = Writer(np.random.default_rng(3))
     a, b, c = (writer.document(150) for _ in range(3))
     texts = [writer.render(d) for d in (a, b, writer.variant(a), c, writer.variant(b), writer.variant(a))]
     assert clusters(texts).tolist() == [0, 1, 0, 3, 1, 0]
@@ -359,7 +228,7 @@ def test_planted_near_duplicates_are_found(corpus):
 
 @pytest.mark.parametrize("kept", [0.45, 0.75])
 def test_documents_well_below_threshold_are_not_merged(kept):
-    writer = _Writer(np.random.default_rng(int(kept * 100)))
+    writer = Writer(np.random.default_rng(int(kept * 100)))
     texts = []
     for _ in range(60):
         doc = writer.document(int(writer.rng.integers(150, 301)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dagster as dg
 import yaml
 
-from llm_assets.definitions import build_definitions
 from llm_assets.data.sensors import corpus_landing_sensor
 from llm_assets.data.sources import discover
+from llm_assets.definitions import build_definitions
 from llm_assets.manifest import load_manifest
 
 

@@ -13,11 +13,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from llm_assets.evaluation.safety import load_red_team_prompts
+from llm_assets.hf_models import save_hf
 from llm_assets.manifest import ModelSize, TokenizerRecipe
 from llm_assets.posttrain.derived import derive_sft_examples
-from llm_assets.prompts import render_prompt
-from llm_assets.hf_models import save_hf
 from llm_assets.pretrain import TokenData, TrainConfig, build_model, train
+from llm_assets.prompts import render_prompt
 from llm_assets.tokenizer.bpe import save_hf_tokenizer as save_tokenizer
 from llm_assets.tokenizer.bpe import train_bpe
 

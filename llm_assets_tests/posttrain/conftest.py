@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llm_assets.hf_models import save_hf
 from llm_assets.manifest import ModelSize, RewardRecipe, SftRecipe, TokenizerRecipe
 from llm_assets.posttrain.reward import RewardResult, run_reward
 from llm_assets.posttrain.sft import SftResult, run_sft
-from llm_assets.hf_models import save_hf
 from llm_assets.pretrain import TokenData, TrainConfig, build_model, train
 from llm_assets.tokenizer.bpe import save_hf_tokenizer as save_tokenizer
 from llm_assets.tokenizer.bpe import train_bpe

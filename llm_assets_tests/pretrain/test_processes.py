@@ -6,7 +6,6 @@ Both start `python -m llm_assets.pretrain` (the command-line entry point) with a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
