@@ -46,9 +46,10 @@ quickstart: install $(DAGSTER_HOME)/dagster.yaml
 
 # Two workers: most of a test's time is single-threaded (Dagster runs, data stages); the slow
 # end-to-end tests are scheduled first (llm_assets_tests/conftest.py).
-# `dg check defs` first: the code location (llm_assets.definitions, [tool.dg] in pyproject.toml)
+# Lint (ruff, configured in pyproject.toml), then `dg check defs`: the code location (llm_assets.definitions, [tool.dg] in pyproject.toml)
 # loads as Dagster would load it, on the embedded default instance.
 test: install system-packages $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/ruff check .
 	$(BIN)/dg check defs
 	$(BIN)/python -m pytest -q -ra -n 2
 

@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=128, help="GPTQ and RTN: columns per scale (GPTQ's usual 128)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="GPTQ and RTN: columns per scale (GPTQ's usual 128)")
     args = parser.parse_args()
     python = Settings.from_env().quantize_python
     if not Path(python).is_file():
@@ -97,7 +98,8 @@ def main() -> None:
             spec = QuantizeSpec(
                 scheme=scheme, model_dir=str(model_dir), out_dir=str(root / scheme), max_tokens=MAX_TOKENS,
                 heldout=str(write_texts(root / "heldout.jsonl", heldout)),
-                calibration=str(write_texts(root / "calibration.jsonl", calibration)) if scheme == "gptq-4bit" else None,
+                calibration=(str(write_texts(root / "calibration.jsonl", calibration))
+                             if scheme == "gptq-4bit" else None),
                 group_size=args.group_size, error_file=str(root / "error.txt"),
             )
             (root / "spec.json").write_text(spec.model_dump_json())
@@ -127,7 +129,8 @@ def main() -> None:
             (f"{scheme} size ratio", f"{f['size_ratio']:.3f} ({f['quantized_weight_bytes'] / 1e6:.2f} MB / "
                                      f"{f['full_precision_weight_bytes'] / 1e6:.2f} MB fp32)"),
             (f"{scheme} perplexity", f"{f['quantized_perplexity']:.3f} ({f['perplexity_increase']:+.3%}); "
-                                     f"token accuracy {-f['accuracy_drop']:+.4f}; quantized in {f['quantize_seconds']}s"),
+                                     f"token accuracy {-f['accuracy_drop']:+.4f}; "
+                                     f"quantized in {f['quantize_seconds']}s"),
             (f"{scheme} top-1 agreement", f"{f['top1_agreement']:.4f}"),
         ]
     rows += [

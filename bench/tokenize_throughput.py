@@ -44,7 +44,9 @@ def main() -> None:
     eos = tokenizer.token_to_id(recipe.eos_token)
     raw_s, encodings = timed(lambda: tokenizer.encode_batch(texts, add_special_tokens=False))
     with tempfile.TemporaryDirectory() as tmp:
-        pack_s, packed = timed(lambda: pack_documents(tokenizer, texts, Path(tmp), eos_id=eos, batch_size=recipe.encode_batch))
+        pack_s, packed = timed(
+            lambda: pack_documents(tokenizer, texts, Path(tmp), eos_id=eos, batch_size=recipe.encode_batch)
+        )
     assert packed.tokens == sum(len(e.ids) for e in encodings) + len(texts)
     report(f"tokenization of {len(texts)} stdlib modules ({megabytes:.1f} MB, vocab {args.vocab})", [
         ("raw encode_batch", f"{megabytes / raw_s:6.2f} MB/s  {packed.tokens / raw_s:10.0f} tokens/s"),

@@ -66,7 +66,7 @@ def fingerprint(
 
 
 # The lifecycle's parts: an asset's group_name, and its `stage` tag.
-STAGES = ("data", "tokenizer", "pretrain", "posttrain", "evaluation", "release", "quantize", "serving")
+STAGES = ("data", "tokenizer", "pretrain", "posttrain", "evaluation", "quantize", "release", "serving")
 # Who answers for each part's assets (shown in the UI, selectable as `owner:"team:ml-platform"`).
 # One team owns the whole lifecycle today; give a part its own team here.
 STAGE_OWNERS = {stage: "team:ml-platform" for stage in STAGES}
@@ -143,7 +143,8 @@ def materialize_artifact(
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     fp = fingerprint_of(context, config, inputs)
     handles = sorted(
-        [*flatten_inputs(inputs or {}), *flatten_inputs(narrowed_inputs or {})], key=lambda h: (h.asset, h.partition or "")
+        [*flatten_inputs(inputs or {}), *flatten_inputs(narrowed_inputs or {})],
+        key=lambda h: (h.asset, h.partition or ""),
     )
 
     cached = store.index_lookup(asset, partition, fp)

@@ -74,7 +74,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("\nestimated compute (FLOPs = 6·N·D; GPU-hours at "
           f"{budget.assumed_mfu:.0%} MFU of {_human(budget.peak_flops_per_gpu)}FLOP/s; "
           f"${budget.usd_per_gpu_hour}/GPU-hour):")
-    print(f"  {'stage':<10} {'partition':<12} {'N params':>10} {'D tokens':>10} {'FLOPs':>10} {'GPU-h':>10} {'USD':>10}")
+    print(f"  {'stage':<10} {'partition':<12} {'N params':>10} {'D tokens':>10} "
+          f"{'FLOPs':>10} {'GPU-h':>10} {'USD':>10}")
     for r in rows:
         print(f"  {r['stage']:<10} {r['partition']:<12} {_human(r['params']):>10} {_human(r['tokens']):>10} "
               f"{_human(r['flops']):>10} {r['gpu_hours']:>10.4f} {r['usd']:>10.4f}")
@@ -148,7 +149,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
               f"(assets: {', '.join(names)})", file=sys.stderr)
         return EXIT_FAILED
     if args.partition and args.partition not in manifest.model_sizes:
-        print(f"no model size {args.partition!r}; the manifest's model_sizes: {', '.join(sorted(manifest.model_sizes))}",
+        print(f"no model size {args.partition!r}; "
+              f"the manifest's model_sizes: {', '.join(sorted(manifest.model_sizes))}",
               file=sys.stderr)
         return EXIT_FAILED
     selection = f'key:"{args.stage}"+'
@@ -362,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     mat = sub.add_parser("materialize", help="materialize the asset graph on the local instance")
     mat.add_argument("--select", help="Dagster asset selection, e.g. 'key:raw_corpus+' (default: all)")
     sub.add_parser("verify", help="re-run every check (hash gates included) on the current artifact of every partition")
-    override = sub.add_parser("override", help="let a failed gate pass for the current artifact, on a reviewer's record")
+    override = sub.add_parser("override",
+                              help="let a failed gate pass for the current artifact, on a reviewer's record")
     override.add_argument("--gate", required=True, help="the gate's name in the manifest's gates, e.g. policy_kl")
     override.add_argument("--reviewer", required=True, help="who takes responsibility")
     override.add_argument("--reason", required=True, help="why the artifact may pass anyway")
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     lock.add_argument("--output", default="run.lock.json", help="where to write it (default: run.lock.json)")
     replay = sub.add_parser("replay", help="rebuild a run lock in a fresh store and compare, asset by asset")
     replay.add_argument("lock", help="a file written by `llm-assets lock`")
-    replay.add_argument("--workdir", help="an empty directory for the fresh store and instance (default: a new temp dir)")
+    replay.add_argument("--workdir",
+                        help="an empty directory for the fresh store and instance (default: a new temp dir)")
     replay.add_argument("--select", help="replay only these assets (a selection closed under its upstream)")
     replay.add_argument("--rtol", type=float, default=0.05,
                         help="relative tolerance on gate figures of training stages (default 0.05)")

@@ -339,7 +339,9 @@ class PolicyRecipe(TrainerRecipe):
     with the reward model as the reward."""
 
     algorithm: Literal["dpo", "grpo"] = "dpo"
-    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference (DPO beta / GRPO KL coefficient)")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull toward the reference (DPO beta / GRPO KL coefficient)"
+    )
     grpo: GrpoSpec = GrpoSpec()
     kl_prompts: int = Field(64, gt=0, description="Held-out prompts on which KL(policy‖reference) is measured")
 

@@ -53,7 +53,8 @@ class Receiver:
         self.server.server_close()
 
 
-@dg.asset_check(asset=RAW, name="too_few_documents", description="A non-blocking WARN check that always has an opinion.")
+@dg.asset_check(asset=RAW, name="too_few_documents",
+                description="A non-blocking WARN check that always has an opinion.")
 def too_few_documents() -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=False, severity=dg.AssetCheckSeverity.WARN,

@@ -32,7 +32,9 @@ def test_first_drive_materializes_everything_with_full_metadata(defs, instance, 
     shards = instance.get_dynamic_partitions("corpus_shards")
     assert len(shards) >= 3
     assert not any(o.cache_hit for o in result.outcomes)
-    assert {o.asset for o in result.outcomes} == {k.to_user_string() for k in defs.resolve_asset_graph().materializable_asset_keys}
+    assert {o.asset for o in result.outcomes} == {
+        k.to_user_string() for k in defs.resolve_asset_graph().materializable_asset_keys
+    }
 
     event = instance.get_latest_materialization_event(INVENTORY)
     mat = event.asset_materialization

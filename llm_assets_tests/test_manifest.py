@@ -176,7 +176,9 @@ def test_quantization_settings_that_cannot_work_are_refused(tmp_path):
         changed("    group_size: 32 ", "    group_size: 48 ")
     assert changed("    group_size: 32 ", "    group_size: 64 ").stages.quantize.group_size == 64
     # int8 has no groups: without GPTQ, any group size is fine.
-    int8_only = shipped.replace("schemes: [gptq-4bit, int8]", "schemes: [int8]").replace("group_size: 32 ", "group_size: 48 ")
+    int8_only = shipped.replace("schemes: [gptq-4bit, int8]", "schemes: [int8]").replace(
+        "group_size: 32 ", "group_size: 48 "
+    )
     assert load_manifest(write(tmp_path, int8_only)).stages.quantize.group_size == 48
     with pytest.raises(ManifestError, match=r"schemes.*Input should be 'gptq-4bit' or 'int8'"):
         changed("schemes: [gptq-4bit, int8]", "schemes: [gptq-3bit]")

@@ -95,7 +95,8 @@ def judge_gate(store: ArtifactStore, gates: dict[str, GateSpec], name: str, valu
 
 
 def judge_gates(store: ArtifactStore, gates: dict[str, GateSpec], figures: dict[str, float],
-                partition: str | None, sha256: str, problems_by_gate: dict[str, list[str]] | None = None) -> GateJudgement:
+                partition: str | None, sha256: str,
+                problems_by_gate: dict[str, list[str]] | None = None) -> GateJudgement:
     """Several gates of one check on one artifact, each judged (and overridable) on its own; the
     metadata keys of each gate's thresholds and override are prefixed with its name (a single
     gate's are as `judge_gate` gives them)."""

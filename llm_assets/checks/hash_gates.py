@@ -49,7 +49,9 @@ def _result(checked: list[dg.AssetMaterialization], problems: list[str], what: s
     )
 
 
-def _integrity_check(asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None) -> dg.AssetChecksDefinition:
+def _integrity_check(
+    asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=asset_key,
         name=INTEGRITY,

@@ -48,7 +48,9 @@ def read_eval_set(spec: EvalSetSpec) -> tuple[list[str], list[str]]:
     try:
         lines = Path(spec.path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise SourceError(f"eval set {spec.name!r}: {spec.path} does not exist; fix stages.contamination.eval_sets") from None
+        raise SourceError(
+            f"eval set {spec.name!r}: {spec.path} does not exist; fix stages.contamination.eval_sets"
+        ) from None
     except UnicodeDecodeError as exc:
         raise SourceError(f"eval set {spec.name!r}: {spec.path} is not UTF-8 (byte {exc.start})") from None
     for number, line in enumerate(lines, 1):
@@ -190,7 +192,10 @@ def no_duplicates_across_splits(
     frames = []
     for handle, _ in artifacts_under_check(context, dataset_splits.key, False, store):
         root = store.local_dir(handle.sha256)
-        frames = [pl.read_parquet(p, columns=["id", "sha256"]).with_columns(pl.lit(p.stem).alias("file")) for p in _split_files(root)]
+        frames = [
+            pl.read_parquet(p, columns=["id", "sha256"]).with_columns(pl.lit(p.stem).alias("file"))
+            for p in _split_files(root)
+        ]
     every = pl.concat(frames) if frames else pl.DataFrame()
     dup_ids = every.filter(pl.col("id").is_duplicated()) if frames else every
     dup_texts = every.filter(pl.col("sha256").is_duplicated()) if frames else every

@@ -67,7 +67,10 @@ def minhash_signatures(
     code_version="1",
     kinds={"numpy", "polars"},
     group_name="data",
-    description="Near-duplicate clusters over all shards (LSH banding + union-find) and exact-hash duplicates: a keep-list per shard.",
+    description=(
+        "Near-duplicate clusters over all shards (LSH banding + union-find) and exact-hash duplicates: "
+        "a keep-list per shard."
+    ),
 )
 def dedup_clusters(
     context: dg.AssetExecutionContext,

@@ -125,7 +125,8 @@ def discover(source: FileSource, recipe: IngestRecipe, client: Any = None) -> li
     for item in items:
         if file_format(source, item.relpath) in _CHUNKABLE and item.size > chunk:
             for n, start in enumerate(range(0, item.size, chunk)):
-                piece = ShardItem(item.relpath, item.location, item.size, item.version, start, min(start + chunk, item.size))
+                piece = ShardItem(item.relpath, item.location, item.size, item.version,
+                                  start, min(start + chunk, item.size))
                 shards.append(ShardSpec(_shard_key(source.name, item.relpath, n), source.name, (piece,)))
         else:
             shards.append(ShardSpec(_shard_key(source.name, item.relpath, None), source.name, (item,)))
@@ -283,7 +284,8 @@ def _read_parquet(source, item, recipe, stats, client, uri) -> Iterator[Document
                 if not isinstance(text, str):
                     _malformed(source, item, f"row {row}", f"{source.text_field!r} is null", "", recipe, stats)
                 else:
-                    base_id = f"{source.name}:{doc_id}" if doc_id is not None else f"{source.name}:{item.relpath}#row{row}"
+                    base_id = (f"{source.name}:{doc_id}" if doc_id is not None
+                               else f"{source.name}:{item.relpath}#row{row}")
                     yield from _documents(source, item, base_id, text, "text", recipe, stats, f"{uri}#row{row}")
                 row += 1
 
@@ -294,10 +296,13 @@ def _read_whole(source, item, recipe, stats, client, uri, kind: str) -> Iterator
     if text is None:
         return
     suffix = f"@{item.start}" if item.start or item.end not in (None, item.size) else ""
-    yield from _documents(source, item, f"{source.name}:{item.relpath}{suffix}", text, kind, recipe, stats, uri + suffix)
+    yield from _documents(source, item, f"{source.name}:{item.relpath}{suffix}", text, kind, recipe, stats,
+                          uri + suffix)
 
 
-def read(shard: ShardSpec, source: FileSource, recipe: IngestRecipe, stats: ReadStats, client: Any = None) -> Iterator[Document]:
+def read(
+    shard: ShardSpec, source: FileSource, recipe: IngestRecipe, stats: ReadStats, client: Any = None
+) -> Iterator[Document]:
     client = client or (s3_client(source) if source.kind == "s3" else None)
     for item in shard.items:
         stats.files += 1

@@ -117,4 +117,5 @@ def read(shard: ShardSpec, source: PythonStdlibSource, max_doc_bytes: int, stats
         for qualname, doc in _docstrings(tree):
             if len(doc) >= source.min_docstring_chars:
                 anchor = qualname or "<module>"
-                yield Document(f"{source.name}:{item.relpath}::{anchor}", doc, source.name, f"{uri}#{anchor}", "docstring")
+                yield Document(f"{source.name}:{item.relpath}::{anchor}", doc, source.name, f"{uri}#{anchor}",
+                               "docstring")

@@ -46,7 +46,9 @@ POLICY_KL_GATE, _ = STAGE_GATES["policy"]
 _SPLIT_COLUMNS = ["id", "text", "source", "kind"]
 
 
-def _split_frames(store: ArtifactStore, splits: ArtifactHandle) -> tuple[list[pl.DataFrame], pl.DataFrame, pl.DataFrame]:
+def _split_frames(
+    store: ArtifactStore, splits: ArtifactHandle
+) -> tuple[list[pl.DataFrame], pl.DataFrame, pl.DataFrame]:
     root = store.local_dir(splits.sha256)
     train = [pl.read_parquet(p, columns=_SPLIT_COLUMNS) for p in sorted((root / "train").glob("*.parquet"))]
     return train, pl.read_parquet(root / "val.parquet", columns=_SPLIT_COLUMNS), pl.read_parquet(
@@ -205,7 +207,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
 
     @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"trl", "huggingface"},
                     group_name="posttrain", op_tags=op_tags,
-                    description="The pretrained model fine-tuned on sft_dataset by trl's SFTTrainer (full or LoRA, merged).")
+                    description="The pretrained model fine-tuned on sft_dataset by trl's SFTTrainer "
+                                "(full or LoRA, merged).")
     def sft_model(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
                   pretrain_checkpoint: ArtifactHandle, sft_dataset: ArtifactHandle) -> dg.Output[ArtifactHandle]:
         store, current = artifact_store.get_store(), pipeline.load()

@@ -161,8 +161,9 @@ def build_sft_dataset(
     eval_texts: Mapping[str, Sequence[str]],
 ) -> SplitDataSet:
     """The SFT data set: derived examples (train from the train split's docstrings, val from the val
-    split's and a held-out fraction of the train split's) and user files (split by a salted hash of the prompt), deduplicated by prompt,
-    decontaminated, capped. Raises DataSetError, saying why, when train or val would be empty."""
+    split's and a held-out fraction of the train split's) and user files (split by a salted hash of the prompt),
+    deduplicated by prompt, decontaminated, capped. Raises DataSetError, saying why, when train or val would be
+    empty."""
     files = [(Path(p), read_sft_jsonl(p)) for p in user_files]
     derived, stats = _derive_splits(
         train_frames, val_frame, recipe, lambda docs: derive_sft_examples(docs, recipe.max_answer_chars)

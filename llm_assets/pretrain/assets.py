@@ -142,7 +142,9 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 "estimated_cost_usd": round(estimate.usd, 6),
                 "cost_usd": billed_usd(wall, processes if torch.cuda.is_available() else 0, budget),
                 "loss_curve": dg.MetadataValue.md(
-                    loss_curve_markdown(reported["loss_history"], [[v[0], v[2]] for v in reported["val_history"]], size_name)
+                    loss_curve_markdown(
+                        reported["loss_history"], [[v[0], v[2]] for v in reported["val_history"]], size_name
+                    )
                 ),
                 "loss_history": dg.MetadataValue.json(reported["loss_history"]),
                 "val_history": dg.MetadataValue.json(reported["val_history"]),
@@ -169,7 +171,9 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         artifact_store: ArtifactStoreResource,
         pretrain_checkpoint: dict[str, ArtifactHandle],
     ) -> dg.Output[ArtifactHandle]:
-        mats = latest_materializations(context.instance, dg.AssetKey("pretrain_checkpoint"), sorted(pretrain_checkpoint))
+        mats = latest_materializations(
+            context.instance, dg.AssetKey("pretrain_checkpoint"), sorted(pretrain_checkpoint)
+        )
         points = sorted(
             (float(m.metadata["parameters"].value), float(tokens), float(loss))
             for m in mats.values() for _, tokens, loss in m.metadata["val_history"].value
@@ -178,11 +182,14 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
 
         def build(out: Path) -> dict:
             fit = fit_scaling_law(points)
-            (out / "scaling_law.json").write_text(json.dumps({**fit.as_dict(), "points": points}, indent=1, sort_keys=True))
+            (out / "scaling_law.json").write_text(
+                json.dumps({**fit.as_dict(), "points": points}, indent=1, sort_keys=True)
+            )
             return {**fit.as_dict(), "plot": dg.MetadataValue.md(fit.plot_markdown(labels))}
 
         return materialize_artifact(
-            context, artifact_store.get_store(), kind="scaling_law", inputs={"pretrain_checkpoint": pretrain_checkpoint},
+            context, artifact_store.get_store(), kind="scaling_law",
+            inputs={"pretrain_checkpoint": pretrain_checkpoint},
             config={"points": points}, build=build,
         )
 

@@ -119,7 +119,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         size, scheme = keys[SIZE], keys[SCHEME]
         gptq = scheme == "gptq-4bit"
         config = {
-            "scheme": scheme, "seed": current.seed, "heldout_texts": recipe.heldout_texts, "max_tokens": recipe.max_tokens,
+            "scheme": scheme, "seed": current.seed, "heldout_texts": recipe.heldout_texts,
+            "max_tokens": recipe.max_tokens,
             **({"group_size": recipe.group_size, "calibration_texts": recipe.calibration_texts} if gptq else {}),
             # Another library version, or the GPU instead of the CPU, may write other bytes.
             "libraries": quantize_environment.libraries(),
@@ -150,7 +151,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                                  f"{quantize_environment.python}")
                 started = time.perf_counter()
                 reported = run_worker(context, pipes_subprocess_client, quantize_environment.command(spec_path),
-                                      error_file=work / "error.txt", what=f"quantizing {model_asset}[{size}] ({scheme})")
+                                      error_file=work / "error.txt",
+                                      what=f"quantizing {model_asset}[{size}] ({scheme})")
                 wall = time.perf_counter() - started
             return {**reported, "model_sha256": model.sha256,
                     "comparison": comparison_table(reported, scheme),

@@ -78,7 +78,9 @@ def token_sequences(tokenizer: Any, texts: list[str], max_tokens: int, min_token
     return [seq for seq in ids if len(seq) >= min_tokens]
 
 
-def heldout_quality(model: Any, sequences: list[list[int]], reference: list[Any] | None = None) -> tuple[Quality, list[Any]]:
+def heldout_quality(
+    model: Any, sequences: list[list[int]], reference: list[Any] | None = None
+) -> tuple[Quality, list[Any]]:
     """Mean next-token NLL, perplexity and top-1 accuracy of `model` over the sequences, and its
     top-1 predictions (one tensor per sequence); with `reference` predictions, the agreement."""
     import torch
@@ -279,7 +281,9 @@ def _run(spec: QuantizeSpec, reporter: Reporter) -> dict[str, Any]:
     after, _ = heldout_quality(reloaded, heldout, reference)
     quantized = quantized_layers(reloaded)
     if not quantized:
-        raise RuntimeError(f"{out_dir}: transformers loaded no quantized layer: the {spec.scheme} result is not quantized")
+        raise RuntimeError(
+            f"{out_dir}: transformers loaded no quantized layer: the {spec.scheme} result is not quantized"
+        )
     reporter.event("measured", f"{spec.scheme}: perplexity {after.perplexity:.4f}, top-1 agreement with full "
                                f"precision {after.agreement:.4f}, {quantized} quantized layers")
 

@@ -62,7 +62,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                                     inputs={"release": release})
 
     @dg.asset_check(asset=server_spec, blocking=True, partitions_def=model_sizes,
-                    description=f"Every rendered manifest validates against the Kubernetes {K8S_VERSION} schemas (strict).")
+                    description=f"Every rendered manifest validates against the Kubernetes {K8S_VERSION} "
+                                "schemas (strict).")
     def manifests_validate(context: dg.AssetCheckExecutionContext,
                            artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         store, problems, checked = artifact_store.get_store(), [], 0

@@ -174,7 +174,9 @@ class ArtifactStore:
                         digest.update(chunk)
                         handle.write(chunk)
                 if digest.hexdigest() != entry.sha256:
-                    raise ArtifactCorruptError(artifact_hash, [f"{entry.path}: downloaded bytes do not match the manifest"])
+                    raise ArtifactCorruptError(
+                        artifact_hash, [f"{entry.path}: downloaded bytes do not match the manifest"]
+                    )
             try:
                 os.rename(staging, cached)
             except OSError:

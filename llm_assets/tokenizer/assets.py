@@ -107,7 +107,9 @@ def tokenizer_round_trip(
         checked = sample.height
         problems.extend(
             f"{doc_id}: decode(encode(text)) differs from character {at}"
-            for doc_id, at in round_trip_failures(stored_tokenizer(store, handle), sample["id"].to_list(), sample["text"].to_list())
+            for doc_id, at in round_trip_failures(
+                stored_tokenizer(store, handle), sample["id"].to_list(), sample["text"].to_list()
+            )
         )
     return dg.AssetCheckResult(
         passed=not problems,
@@ -117,7 +119,9 @@ def tokenizer_round_trip(
     )
 
 
-def _pack_frame(store: ArtifactStore, tokenizer_handle: ArtifactHandle, recipe: TokenizerRecipe, path: Path, out: Path) -> dict:
+def _pack_frame(
+    store: ArtifactStore, tokenizer_handle: ArtifactHandle, recipe: TokenizerRecipe, path: Path, out: Path
+) -> dict:
     tok = stored_tokenizer(store, tokenizer_handle)
     texts = pl.read_parquet(path, columns=["text"])["text"].to_list()
     out.mkdir(parents=True, exist_ok=True)
@@ -186,15 +190,23 @@ def _token_check(asset: dg.AssetsDefinition, partitioned: bool, subdirs: tuple[s
         name="token_ids_valid",
         blocking=True,
         partitions_def=asset.partitions_def,
-        description="Token and document counts agree, every id is below the vocabulary size, every document ends with EOS.",
+        description=(
+            "Token and document counts agree, every id is below the vocabulary size, "
+            "every document ends with EOS."
+        ),
     )
-    def token_ids_valid(context: dg.AssetCheckExecutionContext, artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+    def token_ids_valid(
+        context: dg.AssetCheckExecutionContext, artifact_store: ArtifactStoreResource
+    ) -> dg.AssetCheckResult:
         store = artifact_store.get_store()
         problems, tokens = [], 0
         for handle, _ in artifacts_under_check(context, asset.key, partitioned, store):
             root = store.local_dir(handle.sha256)
             for sub in subdirs:
-                problems.extend(f"{handle.label}/{sub}: {p}" if sub else f"{handle.label}: {p}" for p in packing_problems(root / sub))
+                problems.extend(
+                    f"{handle.label}/{sub}: {p}" if sub else f"{handle.label}: {p}"
+                    for p in packing_problems(root / sub)
+                )
                 tokens += int(json.loads((root / sub / META_FILE).read_text())["tokens"])
         return dg.AssetCheckResult(
             passed=not problems,

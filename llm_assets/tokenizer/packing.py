@@ -63,7 +63,9 @@ def read_packed(root: Path) -> tuple[np.ndarray, np.ndarray, PackedShard]:
     """(tokens memmap, document offsets, meta) of a packed shard."""
     meta = PackedShard(**json.loads((root / META_FILE).read_text()))
     size = (root / TOKENS_FILE).stat().st_size // np.dtype(meta.dtype).itemsize
-    tokens = np.memmap(root / TOKENS_FILE, dtype=meta.dtype, mode="r", shape=(size,)) if size else np.empty(0, meta.dtype)
+    tokens = (
+        np.memmap(root / TOKENS_FILE, dtype=meta.dtype, mode="r", shape=(size,)) if size else np.empty(0, meta.dtype)
+    )
     return tokens, np.load(root / INDEX_FILE), meta
 
 

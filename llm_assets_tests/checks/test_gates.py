@@ -29,7 +29,9 @@ def test_a_relative_gate_is_measured_from_the_current_release(local_store, tmp_p
     gates = {"heldout_mc.acc": GateSpec(min=0.1, baseline="release", min_delta=-0.02)}
     # Before any release only the absolute bound applies; the baseline shows as NaN.
     first = judge_gate(local_store, gates, "heldout_mc.acc", 0.2, "xs", "a" * 64)
-    assert first.passed and first.metadata["gate_heldout_mc.acc_baseline"] != first.metadata["gate_heldout_mc.acc_baseline"]
+    assert first.passed and (
+        first.metadata["gate_heldout_mc.acc_baseline"] != first.metadata["gate_heldout_mc.acc_baseline"]
+    )
 
     move_release(local_store, "xs", _release(local_store, tmp_path, "xs", {"heldout_mc.acc": 0.5}), "promote", "test")
     worse = judge_gate(local_store, gates, "heldout_mc.acc", 0.45, "xs", "a" * 64)

@@ -82,11 +82,16 @@ def test_the_data_half_on_the_stdlib_passes_every_gate(defs, instance):
         latest(instance, "dedup_corpus", p).metadata["documents"].value
         for p in instance.get_dynamic_partitions("corpus_shards")
     )
-    assert splits["train_documents"].value + splits["val_documents"].value + splits["test_documents"].value == dedup_total
+    assert (
+        splits["train_documents"].value + splits["val_documents"].value + splits["test_documents"].value
+        == dedup_total
+    )
     assert splits["val_documents"].value > 0
     assert {r.data["eval_set"] for r in splits["contamination"].value.records} >= {"val", "test"}
     inventory = latest(instance, "corpus_inventory").metadata["by_shard"].value
-    assert sorted(r.data["shard"] for r in inventory.records) == sorted(instance.get_dynamic_partitions("corpus_shards"))
+    assert sorted(r.data["shard"] for r in inventory.records) == sorted(
+        instance.get_dynamic_partitions("corpus_shards")
+    )
 
 
 def test_near_and_exact_duplicates_across_files_are_removed(local_defs, instance):
@@ -115,7 +120,9 @@ def test_changing_one_file_recomputes_only_what_depends_on_it(local_defs, instan
     assert hits[("dedup_clusters", None)] is False and hits[("dataset_splits", None)] is False
 
 
-def test_planted_contamination_fails_the_gate_and_holds_downstream(local_defs, instance, manifest_path, settings, tmp_path):
+def test_planted_contamination_fails_the_gate_and_holds_downstream(
+    local_defs, instance, manifest_path, settings, tmp_path
+):
     assert materialize_graph(local_defs, instance, log=quiet).success
     handle_sha = latest(instance, "dataset_splits").metadata["sha256"].value
     root = open_store(settings.store_uri).local_dir(handle_sha)

@@ -16,7 +16,8 @@ from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
 
 PRETRAIN = dg.AssetKey("pretrain_checkpoint")
-TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "vocab_size": 320, "max_seq_len": 64}
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "vocab_size": 320,
+        "max_seq_len": 64}
 SMALL = {**TINY, "hidden_size": 64, "intermediate_size": 128}
 
 
@@ -77,7 +78,9 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manife
     home.mkdir()
     defs = build_definitions(settings)
     with dg.DagsterInstance.local_temp(str(home)) as instance:
-        assert materialize_graph(defs, instance, selection="+key:token_shards or +key:heldout_tokens", log=lambda _: None).success
+        assert materialize_graph(
+            defs, instance, selection="+key:token_shards or +key:heldout_tokens", log=lambda _: None
+        ).success
 
     env = {**os.environ, "DAGSTER_HOME": str(home), "LLM_ASSETS_MANIFEST": settings.manifest,
            "LLM_ASSETS_STORE": settings.store_uri, "LLM_ASSETS_ALERTS_JSONL": settings.alerts_jsonl}

@@ -53,7 +53,8 @@ def with_quantization(manifest_path: Path, sizes: tuple[str, ...] = ("xs",)) -> 
 def record(instance: dg.DagsterInstance, store, asset: str, partition: str | None, source: Path, kind: str) -> str:
     """Store a directory as the current materialization of an asset partition."""
     ref = store.put_dir(source)
-    handle = ArtifactHandle(asset=asset, partition=partition, kind=kind, sha256=ref.sha256, uri=ref.uri, bytes=ref.bytes)
+    handle = ArtifactHandle(asset=asset, partition=partition, kind=kind, sha256=ref.sha256, uri=ref.uri,
+                            bytes=ref.bytes)
     instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition,
                                                                 metadata=handle_metadata(handle)))
     return ref.sha256

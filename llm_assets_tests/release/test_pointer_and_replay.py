@@ -83,7 +83,9 @@ def test_a_malformed_lock_is_refused_naming_what_is_wrong(tmp_path):
         read_lock(path)
     entry = {"asset": "policy", "partition": "xs", "group": "posttrain", "sha256": "a" * 64, "inputs": [],
              "checks": [], "overrides": [{"gate": "policy_kl"}]}
-    path.write_text(json.dumps({"format": 1, "manifest": {}, "assets": [{k: v for k, v in entry.items() if k != "checks"}]}))
+    path.write_text(json.dumps(
+        {"format": 1, "manifest": {}, "assets": [{k: v for k, v in entry.items() if k != "checks"}]}
+    ))
     with pytest.raises(LockError, match=r"assets\[0\] lacks checks"):
         read_lock(path)
     path.write_text(json.dumps({"format": 1, "manifest": {}, "assets": [entry]}))

@@ -58,7 +58,8 @@ def test_rollback_from_sft_restores_the_earlier_release_and_a_lock_replays(setti
     assert served_release() == first
 
     # A new SFT recipe: the SFT model and what follows it are rebuilt; the new release replaces the first.
-    changed = {**manifest, "stages": {**manifest["stages"], "sft": {**manifest["stages"]["sft"], "learning_rate": 1e-3}}}
+    changed = {**manifest,
+               "stages": {**manifest["stages"], "sft": {**manifest["stages"]["sft"], "learning_rate": 1e-3}}}
     manifest_path.write_text(yaml.safe_dump(changed))
     assert main([*cli, "materialize", "--select", "key:sft_model+"]) == 0
     assert set(outcomes(capsys.readouterr().out).items()) == {("sft_model", "miss"), ("eval_report", "miss"),

@@ -14,7 +14,9 @@ def test_the_rendered_deployment_serves_the_verified_model_on_gpus_and_validates
     deployment, service, autoscaler = render_manifests(recipe, "tiny-0.4m", SHA, "llm-assets:1", "s3://b/p")
     for resource in (deployment, service, autoscaler):
         kubernetes_validate.validate(resource, "1.31", strict=True)
-    assert deployment["metadata"]["name"] == service["metadata"]["name"] == resource_name("tiny-0.4m") == "llm-tiny-0-4m"
+    assert (
+        deployment["metadata"]["name"] == service["metadata"]["name"] == resource_name("tiny-0.4m") == "llm-tiny-0-4m"
+    )
     pod = deployment["spec"]["template"]["spec"]
     fetch, server = pod["initContainers"][0], pod["containers"][0]
     assert fetch["command"][-2:] == [SHA, "/model"] and fetch["env"] == [{"name": "LLM_ASSETS_STORE", "value": "s3://b/p"}]
