@@ -70,6 +70,7 @@ bench: install
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/posttrain_overhead.py
 	$(BIN)/python bench/cache_rematerialize.py
+	$(BIN)/python bench/verify_inputs_overhead.py
 	$(BIN)/python bench/rollback_from_sft.py
 	$(BIN)/python bench/serve_throughput.py --threads 1
 	$(BIN)/python bench/quantize_vs_full_precision.py

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,21 @@ from pydantic import BaseModel
 
 from llm_assets.compute import requests_gpu
 from llm_assets.settings import code_revision
-from llm_assets.store import ArtifactStore
+from llm_assets.store import (
+    MANIFEST_NAME,
+    ArtifactCorruptError,
+    ArtifactManifest,
+    ArtifactNotFoundError,
+    ArtifactStore,
+    ArtifactStoreError,
+    hash_file,
+)
 from resources.handles import (
     META_BUILD_SECONDS,
     META_FINGERPRINT,
     META_GIT_COMMIT,
+    META_INPUT_BYTES_VERIFIED,
+    META_INPUT_VERIFY_SECONDS,
     META_INPUTS,
     ArtifactHandle,
     handle_metadata,
@@ -94,10 +105,173 @@ def artifact_asset(**kwargs: Any) -> Callable:
     return dg.asset(io_manager_key="artifact_io", **kwargs)
 
 
+# -- inputs are verified before they are used ----------------------------------------------------
+# The hash gates re-check what a step wrote; these check what a step reads. A step reads its
+# inputs from the store by the hash its parent's materialization recorded (the handle), so before
+# the build runs, every file it will read is re-hashed and compared with that object's manifest,
+# whose own hash must be the recorded one: a corrupt input fails the step before anything is built.
+
+
+@dataclass(frozen=True)
+class InputRead:
+    """An artifact a step reads: the asset (and partition) it is the artifact of, the hash that
+    was recorded for it (by the parent's materialization, or the release pointer), and the files
+    the step reads of it: ``None`` for every file, ``()`` for none (its manifest is still checked)."""
+
+    asset: str
+    partition: str | None
+    sha256: str
+    files: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, handle: ArtifactHandle, files: Sequence[str] | None = None) -> InputRead:
+        return cls(handle.asset, handle.partition, handle.sha256, None if files is None else tuple(files))
+
+    @property
+    def label(self) -> str:
+        return self.asset if self.partition is None else f"{self.asset}[{self.partition}]"
+
+
+def input_problems(store: ArtifactStore, read: InputRead) -> tuple[list[dict[str, str]], int]:
+    """Re-hash the files of ``read`` a step is about to read (where it reads them: in place for a
+    local store, the verified download cache for S3) against the object's manifest, itself checked
+    against the recorded hash. Returns one record per mismatch (input, file, expected and actual
+    sha256, what is wrong) and the number of bytes hashed."""
+
+    def problem(path: str, expected: str, actual: str, what: str) -> dict[str, str]:
+        return {"input": read.label, "artifact": read.sha256, "file": path,
+                "expected_sha256": expected, "actual_sha256": actual, "problem": what}
+
+    try:
+        manifest = store.manifest(read.sha256)
+    except ArtifactNotFoundError:
+        return [problem(MANIFEST_NAME, read.sha256, "missing", "the artifact is not in the store")], 0
+    except ArtifactStoreError:  # the manifest does not hash to the recorded hash, or does not parse
+        data = store.backend.read_manifest_bytes(read.sha256)
+        try:  # its hash as the store computes it (of its canonical form), else of its bytes
+            actual = ArtifactManifest.from_bytes(data).sha256 if data is not None else "missing"
+        except ArtifactStoreError:
+            actual = hashlib.sha256(data).hexdigest()
+        return [problem(MANIFEST_NAME, read.sha256, actual, "the manifest does not hash to the recorded hash")], 0
+    entries = {entry.path: entry for entry in manifest.files}
+    wanted = sorted(entries) if read.files is None else sorted(set(read.files))
+    try:
+        root = store.local_dir(read.sha256)
+    except ArtifactCorruptError as exc:  # S3: a downloaded file did not match the manifest
+        found = []
+        for text in exc.problems:
+            path = text.split(":", 1)[0]
+            expected, actual = (entries[path].sha256, _stored_digest(store, read.sha256, path)) if path in entries \
+                else ("", "")
+            found.append(problem(path, expected, actual, "the download was refused"))
+        return found, 0
+    except (ArtifactStoreError, FileNotFoundError) as exc:  # S3: a file of the object is gone
+        return [problem("", "", "", f"could not be fetched: {exc}")], 0
+    problems, hashed = [], 0
+    for path in wanted:
+        entry = entries.get(path)
+        if entry is None:
+            problems.append(problem(path, "", "", "the step reads a file the artifact does not have"))
+            continue
+        try:
+            actual, size = hash_file(root / path)
+        except FileNotFoundError:
+            problems.append(problem(path, entry.sha256, "missing", "the file is missing"))
+            continue
+        hashed += size
+        if actual != entry.sha256 or size != entry.bytes:
+            problems.append(problem(path, entry.sha256, actual,
+                                    f"{size} bytes, the manifest says {entry.bytes}" if size != entry.bytes
+                                    else "same size, other content"))
+    if read.files is None and root.is_dir():  # a step that reads a whole artifact may glob it
+        for extra in sorted(p for p in root.rglob("*") if p.is_file()):
+            path = extra.relative_to(root).as_posix()
+            if path not in entries:
+                problems.append(problem(path, "", hash_file(extra)[0], "a file the manifest does not list"))
+    return problems, hashed
+
+
+def _stored_digest(store: ArtifactStore, artifact_hash: str, path: str) -> str:
+    """The sha256 of a file as the backend holds it (for S3, what a refused download held)."""
+    digest = hashlib.sha256()
+    try:
+        for chunk in store.backend.iter_file(artifact_hash, path):
+            digest.update(chunk)
+    except FileNotFoundError:
+        return "missing"
+    return digest.hexdigest()
+
+
+def _merged(reads: Iterable[InputRead]) -> list[InputRead]:
+    """One read per artifact: a handle given twice (or partly, then whole) is hashed once."""
+    merged: dict[str, InputRead] = {}
+    for read in reads:
+        seen = merged.get(read.sha256)
+        if seen is not None and (seen.files is None or read.files is None):
+            read = InputRead(seen.asset, seen.partition, seen.sha256, None)
+        elif seen is not None:
+            read = InputRead(seen.asset, seen.partition, seen.sha256, tuple(sorted({*seen.files, *read.files})))
+        merged[read.sha256] = read
+    return sorted(merged.values(), key=lambda r: (r.asset, r.partition or ""))
+
+
+def describe_input_problem(p: Mapping[str, str]) -> str:
+    if p["file"] == MANIFEST_NAME:
+        return (f"{p['input']}: {MANIFEST_NAME}: expected sha256 {p['expected_sha256']} (recorded by its "
+                f"materialization), actual {p['actual_sha256']} ({p['problem']})")
+    if not p["file"]:
+        return f"{p['input']} {p['artifact'][:12]}: {p['problem']}"
+    if p["expected_sha256"] and p["actual_sha256"]:
+        return (f"{p['input']} {p['artifact'][:12]}: {p['file']}: expected sha256 {p['expected_sha256']} "
+                f"(its manifest), actual {p['actual_sha256']} ({p['problem']})")
+    return f"{p['input']} {p['artifact'][:12]}: {p['file']}: {p['problem']}"
+
+
+def verify_inputs(store: ArtifactStore, step: str, reads: Iterable[InputRead]) -> int:
+    """Raise ``dg.Failure`` unless every file ``step`` reads of ``reads`` matches the hash recorded
+    for it; returns the number of bytes hashed. Call it before the step reads anything."""
+    problems, hashed = [], 0
+    for read in _merged(reads):
+        found, count = input_problems(store, read)
+        problems.extend(found)
+        hashed += count
+    if not problems:
+        return hashed
+    parents = sorted({p["input"].split("[", 1)[0] for p in problems})
+    raise dg.Failure(
+        description=(
+            f"{step} did not run: {len(problems)} file(s) of its inputs do not match the hashes recorded for them:\n"
+            + "\n".join(f"  {describe_input_problem(p)}" for p in problems[:20])
+            + ("\n  …" if len(problems) > 20 else "")
+            + "\nNothing was built and nothing recorded. The stored input is corrupt: `llm-assets verify` lists "
+            "every corrupt artifact; rematerialize "
+            + " and ".join(parents)
+            + f" (`llm-assets materialize --select '{' or '.join(f'key:{a}' for a in parents)}'`: a copy that fails "
+            "verification is rebuilt and replaced), then this step."
+        ),
+        metadata={"corrupt_inputs": dg.MetadataValue.json(problems)},
+        allow_retries=False,
+    )
+
+
+def _input_reads(inputs: Inputs, files: Mapping[str, Sequence[str]]) -> list[InputRead]:
+    reads = []
+    for name, value in inputs.items():
+        for handle in value.values() if isinstance(value, Mapping) else [value]:
+            reads.append(InputRead.of(handle, files.get(name)))
+    return reads
+
+
 def part_digest(store: ArtifactStore, handle: ArtifactHandle, relpath: str, remedy: str) -> str:
     """The sha256 of one file of an artifact: what a step reading only that part fingerprints
-    (with the artifact itself passed as a narrowed input)."""
-    for entry in store.manifest(handle.sha256).files:
+    (with the artifact itself passed as a narrowed input). The manifest it comes from must hash to
+    the handle's recorded hash."""
+    try:
+        entries = store.manifest(handle.sha256).files
+    except ArtifactStoreError:
+        verify_inputs(store, f"reading {relpath} of {handle.label}", [InputRead.of(handle, ())])
+        raise
+    for entry in entries:
         if entry.path == relpath:
             return entry.sha256
     raise dg.Failure(f"{handle.label} {handle.sha256[:12]} has no {relpath}; {remedy}")
@@ -124,6 +298,7 @@ def materialize_artifact(
     config: Any = None,
     inputs: Inputs | None = None,
     narrowed_inputs: Inputs | None = None,
+    input_files: Mapping[str, Sequence[str]] | None = None,
 ) -> dg.Output[ArtifactHandle]:
     """Build (or reuse) this asset partition's artifact and describe it for the UI.
 
@@ -136,6 +311,13 @@ def materialize_artifact(
     not enter the fingerprint: for an asset that reads only its own part of a shared artifact,
     the caller puts the digest of that part into ``config`` instead, so a change elsewhere in the
     shared artifact leaves this partition a cache hit.
+
+    On a cache miss, every input (``inputs`` and ``narrowed_inputs``) is verified before ``build``
+    runs: the files the build will read are re-hashed against the manifest of the hash the
+    parent's materialization recorded, and a mismatch fails the step (:func:`verify_inputs`)
+    before anything is built or recorded. ``input_files`` names, per input, the files the build
+    reads when it reads only some (a narrowed input's part): only those are hashed; ``()`` for an
+    input the build does not read. A cache hit reads no input and verifies none.
     """
     started = time.perf_counter()
     asset = context.asset_key.to_user_string()
@@ -161,7 +343,13 @@ def materialize_artifact(
                 f"{asset}: cached artifact {cached['artifact'][:12]} failed verification "
                 f"({'; '.join(report.problems)}); rebuilding"
             )
+    verify_seconds, verified_bytes = 0.0, 0
     if not cache_hit:
+        verify_started = time.perf_counter()
+        verified_bytes = verify_inputs(store, asset if partition is None else f"{asset}[{partition}]", [
+            *_input_reads(inputs or {}, input_files or {}), *_input_reads(narrowed_inputs or {}, input_files or {}),
+        ])
+        verify_seconds = time.perf_counter() - verify_started
         with store.staging_dir() as workdir:
             extra = dict(build(workdir) or {})
             ref = store.put_dir(workdir, move=True, progress=_progress_logger(context, asset))
@@ -181,6 +369,9 @@ def materialize_artifact(
         "code_version": code_version or "",
         "cache_hit": cache_hit,
         "wall_seconds": round(time.perf_counter() - started, 3),
+        # What verifying the inputs took in this step, within wall_seconds (nothing on a cache hit).
+        META_INPUT_BYTES_VERIFIED: verified_bytes,
+        META_INPUT_VERIFY_SECONDS: round(verify_seconds, 4),
         **extra,
     }
     return dg.Output(handle, data_version=dg.DataVersion(ref.sha256), metadata=metadata)

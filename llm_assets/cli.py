@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from llm_assets.costs import training_estimate
+from llm_assets.data.documents import SourceError
 from llm_assets.manifest import ManifestError, PipelineManifest, load_manifest
 from llm_assets.settings import PROJECT_ROOT, prepare_dagster_home
 
@@ -106,18 +107,29 @@ def _materialize(selection: str | None, partitions: list[str] | None = None) -> 
     import dagster as dg
 
     from llm_assets.definitions import build_definitions
-    from llm_assets.runner import materialize_graph
+    from llm_assets.runner import check_summary, materialize_graph, recover_killed_drivers
 
+    defs = build_definitions()
+    alert_sinks = defs.resources["alert_sinks"]  # the driver alerts its own runs: no daemon needed
     with dg.DagsterInstance.get() as instance:
-        result = materialize_graph(build_definitions(), instance, selection=selection, partitions=partitions)
+        # Runs a killed `llm-assets` left in progress are marked failed; its staging debris goes.
+        recover_killed_drivers(defs, instance, alert_sinks=alert_sinks)
+        result = materialize_graph(defs, instance, selection=selection, partitions=partitions,
+                                   alert_sinks=alert_sinks)
     print(f"\n{'asset':<22} {'partition':<20} {'sha256':<14} {'cache':<6} {'seconds':>8}")
     for o in result.outcomes:
         print(f"{o.asset:<22} {o.partition or '-':<20} {o.sha256[:12]:<14} "
               f"{'hit' if o.cache_hit else 'miss':<6} {o.seconds:>8.2f}")
     print(f"\n{len(result.outcomes)} materialization(s), {result.cache_hits} cache hit(s), "
           f"{result.seconds:.1f}s; instance at {os.environ['DAGSTER_HOME']}")
+    if result.check_problems:
+        print("\n" + "\n".join(check_summary(result.check_problems)))
+        print(f"(alerts sent to {alert_sinks.jsonl_path}{' and the webhook' if alert_sinks.webhook_url else ''})")
     if not result.success:
-        print(f"FAILED runs: {', '.join(result.failed_runs)} (open the UI: make ui)", file=sys.stderr)
+        for line in result.source_problems:  # on_source_error: skip
+            print(f"source not ingested: {line}", file=sys.stderr)
+        if result.failed_runs:
+            print(f"FAILED runs: {', '.join(result.failed_runs)} (open the UI: make ui)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -255,12 +267,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from llm_assets.definitions import build_definitions
-    from llm_assets.runner import verify_graph
+    from llm_assets.runner import check_summary, verify_checks
 
+    defs = build_definitions()
     with dg.DagsterInstance.get() as instance:
-        failures = verify_graph(build_definitions(), instance)
-    if failures:
-        print(f"{len(failures)} check(s) failed; rematerialize the assets named above", file=sys.stderr)
+        problems = verify_checks(defs, instance, alert_sinks=defs.resources["alert_sinks"])
+    if problems:
+        print("\n".join(check_summary(problems, full=True)))  # every corrupt file, not only the first
+        print(f"{len(problems)} check(s) failed; rematerialize the assets named above", file=sys.stderr)
         return EXIT_FAILED
     print("every check passes on every current artifact")
     return EXIT_OK
@@ -353,6 +367,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_partitions(args: argparse.Namespace) -> int:
+    """`partitions prune`: list the corpus_shards partitions that no source of the manifest produces
+    and remove them from the instance (after a prompt, or with --yes). Partitions of a source that
+    cannot be listed right now are kept: nothing says they are gone."""
+    manifest = _open_project(args)
+    if manifest is None:
+        return EXIT_FAILED
+    import dagster as dg
+
+    from llm_assets.data.partitions import corpus_shards
+    from llm_assets.data.sources import classify_partitions, discover_sources
+
+    found = discover_sources(manifest)
+    for problem in found.problems:
+        print(f"warning: {problem.message}", file=sys.stderr)
+    with dg.DagsterInstance.get() as instance:
+        existing = instance.get_dynamic_partitions(corpus_shards.name)
+        stale, unlisted = classify_partitions(manifest, found, existing)
+        if unlisted:
+            print(f"kept {len(unlisted)} partition(s) of sources that cannot be listed now: {', '.join(unlisted)}")
+        if not stale:
+            print(f"nothing to prune: every one of the {len(existing)} {corpus_shards.name} partition(s) "
+                  "is produced by a source of the manifest" + (" or kept" if unlisted else ""))
+            return EXIT_OK
+        width = max(len(p.key) for p in stale)
+        print(f"{len(stale)} of {len(existing)} {corpus_shards.name} partition(s) no source produces:")
+        for p in stale:
+            print(f"  {p.key:<{width}}  {p.reason}")
+        if args.dry_run:
+            print("dry run: nothing removed (run again with --yes to remove them)")
+            return EXIT_OK
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("nothing removed: no terminal to confirm on; pass --yes to remove them "
+                      "(--dry-run only lists them)", file=sys.stderr)
+                return EXIT_FAILED
+            if input(f"remove these {len(stale)} partition(s) from the instance? [y/N] ").strip().lower() not in (
+                    "y", "yes"):
+                print("nothing removed")
+                return EXIT_OK
+        for p in stale:
+            instance.delete_dynamic_partition(corpus_shards.name, p.key)
+    print(f"removed {len(stale)} partition(s) from {corpus_shards.name}; the runs and artifacts that were built "
+          "for them stay in the instance's history and the store")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-assets", description=__doc__)
     parser.add_argument(
@@ -398,11 +459,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     serve.add_argument("--request-log", default=str(PROJECT_ROOT / ".serve" / "requests.jsonl"),
                        help="JSONL request log (default .serve/requests.jsonl)")
+    partitions = sub.add_parser("partitions", help="manage the corpus_shards partitions of the instance")
+    partitions_sub = partitions.add_subparsers(dest="partitions_command", required=True)
+    prune = partitions_sub.add_parser(
+        "prune", help="remove the corpus_shards partitions no source produces any more (a source removed or renamed)")
+    confirm = prune.add_mutually_exclusive_group()
+    confirm.add_argument("--yes", action="store_true", help="remove without asking (needed without a terminal)")
+    confirm.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
     handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify, "override": cmd_override,
                "rollback": cmd_rollback, "releases": cmd_releases, "lock": cmd_lock, "replay": cmd_replay,
-               "serve": cmd_serve}[args.command]
-    return handler(args)
+               "serve": cmd_serve, "partitions": cmd_partitions}[args.command]
+    try:
+        return handler(args)
+    except SourceError as exc:  # a source that cannot be listed (on_source_error: stop): one line each
+        print(f"source error, nothing was run:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MANIFEST_ENV = "LLM_ASSETS_MANIFEST"
 # The quantization schemes quantized_model knows (llm_assets/quantize/worker.py implements each).
@@ -549,6 +550,10 @@ class PipelineManifest(Strict):
     name: str
     seed: int = 0
     sources: list[Source] = Field(min_length=1)
+    on_source_error: Literal["stop", "skip"] = Field(
+        "stop", description="A source that cannot be listed (a glob or prefix that matches nothing, a missing path): "
+        "stop: nothing runs; skip: the other sources are ingested and the run still ends in failure, naming it",
+    )
     stages: Stages = Stages()
     model_sizes: dict[str, ModelSize] = Field(default_factory=dict)
     gates: dict[str, GateSpec] = Field(default_factory=dict)
@@ -557,10 +562,20 @@ class PipelineManifest(Strict):
     # The sha256 of the file this manifest was read from (load_manifest sets it): what a run
     # compares to know it executes the manifest its Definitions were built from.
     _source_sha256: str | None = PrivateAttr(default=None)
+    # The file and the line of each source's entry (load_manifest sets them), for error messages.
+    _path: str | None = PrivateAttr(default=None)
+    _source_lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @property
     def source_sha256(self) -> str | None:
         return self._source_sha256
+
+    def source_location(self, name: str) -> str:
+        """Where a source is written: `pipeline.yaml:12`, or `sources[1]` for a manifest not read from a file."""
+        if self._path is not None and name in self._source_lines:
+            return f"{self._path}:{self._source_lines[name]}"
+        index = next((i for i, s in enumerate(self.sources) if s.name == name), None)
+        return f"sources[{index}]" if index is not None else "the manifest"
 
     @model_validator(mode="after")
     def _models_hold_the_vocabulary(self) -> PipelineManifest:
@@ -587,12 +602,28 @@ class PipelineManifest(Strict):
 
     @model_validator(mode="after")
     def _every_stage_has_its_gate(self) -> PipelineManifest:
-        missing = [f"gates.{gate} (stages.{stage} is configured; e.g. {gate}: {{{bound}: ...}})"
-                   for stage, (gate, bound) in STAGE_GATES.items()
-                   if getattr(self.stages, stage) is not None
-                   and (gate not in self.gates or getattr(self.gates[gate], bound) is None)]
+        missing, misbound = [], []
+        for stage, (gate, bound) in STAGE_GATES.items():
+            if getattr(self.stages, stage) is None:
+                continue
+            if gate not in self.gates:
+                missing.append((stage, gate, bound))
+            elif getattr(self.gates[gate], bound) is None:
+                misbound.append((stage, gate, bound))
+        problems = [
+            f"gates.{gate}: expected {bound}, got {_flow(self.gates[gate].model_dump(exclude_unset=True))} "
+            f"(stages.{stage} is configured and needs {'an upper' if bound == 'max' else 'a lower'} bound on "
+            f"{gate}; write {gate}: {{{bound}: ...}})"
+            for stage, gate, bound in misbound
+        ]
         if missing:
-            raise ValueError("a threshold is missing for a required gate: " + "; ".join(missing))
+            problems.append("a threshold is missing for a required gate: " + "; ".join(
+                f"gates.{gate} (stages.{stage} is configured; e.g. {gate}: {{{bound}: ...}})"
+                for stage, gate, bound in missing))
+        if problems:
+            # The error points at the first misbound gate's line, else at the stage that needs a gate.
+            at = ("gates", misbound[0][1]) if misbound else ("stages", missing[0][0])
+            raise PydanticCustomError("gate_bound", "{message}", {"message": "; ".join(problems), "at": at})
         return self
 
     @model_validator(mode="after")
@@ -640,6 +671,12 @@ class PipelineManifest(Strict):
         if dupes:
             raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+
+def _flow(values: dict[str, Any]) -> str:
+    """A mapping as the manifest writes it: {min: 0.0, blocking: false}."""
+    return "{" + ", ".join(f"{k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                           for k, v in values.items()) + "}"
 
 
 class ManifestError(ValueError):
@@ -714,6 +751,9 @@ def _check_duplicate_keys(node: yaml.Node, path: Path) -> None:
 
 
 def _format_error(path: Path, root: yaml.Node, error: dict[str, Any]) -> str:
+    at = (error.get("ctx") or {}).get("at")
+    if at is not None:  # a check across fields that names the field to fix
+        return f"{path}:{_key_node(root, tuple(at)).start_mark.line + 1}: {error['msg']}"
     loc = tuple(p for p in error["loc"] if p not in _SOURCE_KINDS)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -727,6 +767,26 @@ def _format_error(path: Path, root: yaml.Node, error: dict[str, Any]) -> str:
         return f"{path}:{line}: {dotted}: {error['msg'].lower()} (required field; add it)"
     given = f" (got {error['input']!r})" if not isinstance(error.get("input"), (dict, list)) else ""
     return f"{path}:{line}: {dotted}: {error['msg']}{given}"
+
+
+# YAML errors the parser notices only where something else begins (often lines later): they are
+# reported at the line where the unclosed bracket or quote was opened (the error's context mark).
+_OPENED_CONTEXTS = ("while parsing a flow", "while scanning a quoted scalar")
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc)
+    problem_mark = getattr(exc, "problem_mark", None)
+    context = getattr(exc, "context", None) or ""
+    context_mark = getattr(exc, "context_mark", None)
+    if context_mark is not None and context.startswith(_OPENED_CONTEXTS):
+        what = context.removeprefix("while parsing ").removeprefix("while scanning ")
+        found = f" at line {problem_mark.line + 1}, column {problem_mark.column + 1}" if problem_mark else ""
+        return (f"{path}:{context_mark.line + 1}: not valid YAML: {what} opened here (column "
+                f"{context_mark.column + 1}) is not closed: {problem}{found}")
+    where = f":{problem_mark.line + 1}" if problem_mark is not None else ""
+    started = f" ({context} at line {context_mark.line + 1})" if context and context_mark is not None else ""
+    return f"{path}{where}: not valid YAML: {problem}{started}"
 
 
 def load_manifest(path: str | Path) -> PipelineManifest:
@@ -744,9 +804,7 @@ def load_manifest(path: str | Path) -> PipelineManifest:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ManifestError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ManifestError(_yaml_error(path, exc)) from None
     if root is None or not isinstance(data, dict):
         raise ManifestError(f"{path}: the manifest must be a YAML mapping with version, name, sources, budget")
     _check_duplicate_keys(root, path)
@@ -756,4 +814,9 @@ def load_manifest(path: str | Path) -> PipelineManifest:
         messages = [_format_error(path, root, err) for err in exc.errors()]
         raise ManifestError("\n".join(messages)) from None
     manifest._source_sha256 = hashlib.sha256(raw).hexdigest()
+    manifest._path = str(path)
+    sources_node, _ = _node_at(root, ("sources",))
+    if isinstance(sources_node, yaml.SequenceNode):
+        for source, node in zip(manifest.sources, sources_node.value):
+            manifest._source_lines[source.name] = node.start_mark.line + 1
     return manifest

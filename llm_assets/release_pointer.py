@@ -9,13 +9,14 @@ pointer lives in the store, next to the artifacts, so servers and every instance
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
-from llm_assets.store import ArtifactStore
+from llm_assets.store import ArtifactCorruptError, ArtifactStore
 
 RELEASES = "releases"
 RELEASE_JSON = "release.json"
@@ -83,7 +84,14 @@ def find_promoted(store: ArtifactStore, hash_prefix: str, partition: str | None 
 
 
 def read_release(store: ArtifactStore, sha256: str) -> dict[str, Any]:
-    return json.loads(store.read_bytes(sha256, RELEASE_JSON))
+    """A release's document, once its bytes match the release's manifest (which must hash to `sha256`)."""
+    expected = next((f.sha256 for f in store.manifest(sha256).files if f.path == RELEASE_JSON), None)
+    data = store.read_bytes(sha256, RELEASE_JSON)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ArtifactCorruptError(sha256, [f"{RELEASE_JSON}: sha256 {actual} does not match the manifest's "
+                                            f"{expected}"])
+    return json.loads(data)
 
 
 def current_release_document(store: ArtifactStore, partition: str) -> dict[str, Any] | None:

@@ -4,22 +4,47 @@ In production the daemon, sensors and backfills launch runs. On a laptop this dr
 same work in order: it registers the corpus shards the landing sensor would find, then runs
 waves of assets that share a partitioning, one run per partition, with every check attached.
 A wave that fails stops the drive: its downstream would be blocked anyway.
+
+Each run carries the driver's process (host, pid, start) in a tag, so that a later drive can tell
+a run whose driver was killed (`kill -9`) from one still going: `recover_killed_drivers` marks the
+former failed and clears the store's staging debris of killed writers. With `alert_sinks`, the
+driver sends the alerts of the runs it ran (failed checks, WARN included, and failed runs) itself,
+as the alert sensor formats them; the sensor skips those runs (`DRIVER_ALERTS_TAG`).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import dagster as dg
 
 from llm_assets.data.partitions import corpus_shards
-from llm_assets.data.sensors import landing_requests
+from llm_assets.data.sources import (
+    PRUNE_COMMAND,
+    SourceListingError,
+    SourceProblem,
+    classify_partitions,
+    discover_sources,
+)
+from llm_assets.sensors import DRIVER_ALERTS, DRIVER_ALERTS_TAG, run_alerts
+from llm_assets.store.fileio import STAGING_HEARTBEAT_SECONDS
+from resources.alert_sinks import AlertDeliveryError, AlertSinksResource
 from resources.handles import latest_materializations
 from resources.pipeline import PipelineResource
 
 RUN_TAG = "llm-assets/driver"
+# "host:pid:start" of the process that runs the run in-process (start: its start time in clock ticks
+# after boot, from /proc, to tell a reused pid apart; empty where there is no /proc).
+DRIVER_PROCESS_TAG = "llm-assets/driver-process"
+IN_PROGRESS = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+               dg.DagsterRunStatus.CANCELING)
+# A staging folder is debris when nothing touched it for this long — twice a live writer's heartbeat
+# (`kept_fresh`; a killed writer stops touching) — beyond the start of every run still in progress.
+STALE_STAGING_MARGIN_S = 2 * STAGING_HEARTBEAT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -31,26 +56,222 @@ class StepOutcome:
     seconds: float
 
 
+@dataclass(frozen=True)
+class CheckProblem:
+    """A check that did not pass: a failed evaluation (WARN or ERROR), or a check that raised."""
+
+    asset: str
+    partition: str | None
+    check: str
+    severity: str  # "WARN" | "ERROR"
+    description: str
+    run_id: str
+
+    @property
+    def label(self) -> str:
+        return self.asset + (f"[{self.partition}]" if self.partition else "")
+
+    def line(self) -> str:
+        return f"{self.label} {self.check}: {self.description}"
+
+
 @dataclass
 class DriveResult:
     success: bool
     outcomes: list[StepOutcome]
     failed_runs: list[str]
     seconds: float
+    check_problems: list[CheckProblem] = field(default_factory=list)
+    # Sources that could not be listed and were skipped (on_source_error: skip): one line each.
+    source_problems: list[str] = field(default_factory=list)
 
     @property
     def cache_hits(self) -> int:
         return sum(o.cache_hit for o in self.outcomes)
 
 
-def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
-    """Add a corpus_shards partition for every shard the sources offer; returns the new keys."""
+def check_summary(problems: Sequence[CheckProblem], full: bool = False) -> list[str]:
+    """One line per check that did not pass: severity, asset[partition], check, first line of its
+    description; `full` adds the description's further lines (e.g. every corrupt file), indented."""
+    if not problems:
+        return []
+    label = max(len(p.label) for p in problems)
+    check = max(len(p.check) for p in problems)
+    lines = [f"{len(problems)} check(s) did not pass:"]
+    for p in problems:
+        first, *rest = p.description.strip().splitlines() or [""]
+        lines.append(f"  {p.severity:<5}  {p.label:<{label}}  {p.check:<{check}}  {first}")
+        lines.extend(f"      {line}" for line in rest if full)
+    return lines
+
+
+def _check_steps(defs: dg.Definitions) -> dict[str, list[dg.AssetCheckKey]]:
+    """The checks each check step (op) evaluates."""
+    return {c.node_def.name: list(c.check_keys) for c in defs.asset_checks or []}
+
+
+def check_problems(
+    result: dg.ExecuteInProcessResult, check_steps: Mapping[str, list[dg.AssetCheckKey]], partition: str | None
+) -> list[CheckProblem]:
+    """The checks of a run that did not pass: failed evaluations, and check steps that raised."""
+    found = [
+        CheckProblem(e.asset_key.to_user_string(), e.partition or partition, e.check_name, e.severity.value,
+                     e.description or "", result.run_id)
+        for e in result.get_asset_check_evaluations() if not e.passed
+    ]
+    for event in result.all_events:  # a check that raised instead of reporting
+        error = event.event_specific_data.error if event.is_step_failure else None
+        if error is None or error.cls_name == "DagsterAssetCheckFailedError" or event.step_key not in check_steps:
+            continue
+        keys = check_steps[event.step_key]
+        found.append(CheckProblem(
+            keys[0].asset_key.to_user_string() if keys else event.step_key, partition,
+            ", ".join(k.name for k in keys) or event.step_key, "ERROR", f"raised: {error.message.strip()}",
+            result.run_id,
+        ))
+    return found
+
+
+def _read_proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks after boot) of a process, from /proc; None without one."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def driver_process() -> str:
+    """This process, as the driver tag names it."""
+    stat = _read_proc_stat(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}:{stat[1] if stat else ''}"
+
+
+def driver_is_gone(process: str) -> bool:
+    """Whether the driver a run's tag names is certainly gone: it ran on this host, and its pid is
+    free, a zombie or another process's now. A driver on another host is presumed alive."""
+    try:
+        host, pid, start = process.rsplit(":", 2)
+    except ValueError:
+        return False
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    stat = _read_proc_stat(int(pid))
+    return stat is not None and (stat[0] == "Z" or bool(start) and stat[1] != start)
+
+
+def _driver_tags(kind: str, alert_sinks: AlertSinksResource | None) -> dict[str, str]:
+    return {RUN_TAG: kind, DRIVER_PROCESS_TAG: driver_process(),
+            **({DRIVER_ALERTS_TAG: DRIVER_ALERTS} if alert_sinks is not None else {})}
+
+
+def send_run_alerts(
+    instance: dg.DagsterInstance, run_id: str, check_keys: Iterable[dg.AssetCheckKey],
+    alert_sinks: AlertSinksResource | None, log: Callable[[str], None] = print,
+) -> None:
+    """Send a finished run's alerts as the alert sensor would; a webhook that refuses them is reported,
+    not raised (the JSONL file, written first, has them)."""
+    if alert_sinks is None:
+        return
+    try:
+        alert_sinks.send(run_alerts(instance, run_id, check_keys))
+    except AlertDeliveryError as exc:
+        log(f"  alerts of run {run_id}: {exc}")
+
+
+def sweep_killed_runs(
+    instance: dg.DagsterInstance, check_keys: Iterable[dg.AssetCheckKey],
+    alert_sinks: AlertSinksResource | None = None, log: Callable[[str], None] = print,
+) -> list[dg.DagsterRun]:
+    """Mark failed every run still in progress whose in-process driver is gone (killed), and send
+    the alerts its driver could not (for the runs whose driver sends them)."""
+    check_keys = list(check_keys)
+    swept = []
+    for record in instance.get_run_records(dg.RunsFilter(statuses=list(IN_PROGRESS))):
+        run = record.dagster_run
+        process = run.tags.get(DRIVER_PROCESS_TAG)
+        if not process or not driver_is_gone(process):
+            continue
+        host, pid, _ = process.rsplit(":", 2)
+        instance.report_run_failed(run, (
+            f"the driver of this run (pid {pid} on {host}) was killed before the run finished; "
+            f"marked failed by the start-up sweep of llm-assets (pid {os.getpid()})"
+        ))
+        log(f"run {run.run_id} was left {run.status.value} by a killed driver (pid {pid}): marked failed")
+        swept.append(run)
+        if run.tags.get(DRIVER_ALERTS_TAG) == DRIVER_ALERTS:
+            send_run_alerts(instance, run.run_id, check_keys, alert_sinks, log)
+    return swept
+
+
+def stale_staging_age(instance: dg.DagsterInstance, since: float) -> float:
+    """The age past which a staging folder belongs to no live writer: untouched since before every run
+    still in progress in the instance started and before `since` (when the caller began looking), by
+    STALE_STAGING_MARGIN_S. A live writer touches its folder every STAGING_HEARTBEAT_SECONDS, and a
+    writer of a run cannot have touched it last before the run started, so it is never older."""
+    starts = [since, *(
+        r.start_time or r.create_timestamp.timestamp()
+        for r in instance.get_run_records(dg.RunsFilter(statuses=list(IN_PROGRESS)))
+    )]
+    return max(0.0, time.time() - min(starts)) + STALE_STAGING_MARGIN_S
+
+
+def recover_killed_drivers(
+    defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None] = print,
+    alert_sinks: AlertSinksResource | None = None,
+) -> tuple[list[dg.DagsterRun], list[str]]:
+    """The driver's start-up sweep: runs left in progress by a killed driver are marked failed, then
+    the store's staging folders older than every live run are removed. Returns both."""
+    since = time.time()
+    swept = sweep_killed_runs(instance, defs.resolve_asset_graph().asset_check_keys, alert_sinks, log)
+    store = defs.resources["artifact_store"].get_store()
+    removed = store.remove_stale_staging(stale_staging_age(instance, since))
+    if removed:
+        log(f"removed {len(removed)} staging folder(s) left by killed writers")
+    return swept, list(removed)
+
+
+@dataclass(frozen=True)
+class ShardRegistration:
+    new: list[str]  # partitions added
+    problems: list[SourceProblem]  # sources that could not be listed (skipped: on_source_error: skip)
+    skipped: set[str]  # existing partitions of those sources: they sit out this drive
+
+
+def register_shards(
+    defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None] = print
+) -> ShardRegistration:
+    """Add a corpus_shards partition for every shard the sources offer.
+
+    A source that cannot be listed (a glob that matches nothing, a missing path) raises
+    SourceListingError, one line per source, before anything is registered, under
+    ``on_source_error: stop``; under ``skip`` it is logged and its partitions sit out the drive.
+    Partitions that no source produces any more are named, with the command that removes them.
+    """
     pipeline: PipelineResource = defs.resources["pipeline"]
+    manifest = pipeline.load()
+    found = discover_sources(manifest)
+    if found.problems and manifest.on_source_error == "stop":
+        raise SourceListingError(found.problems)
     existing = set(instance.get_dynamic_partitions(corpus_shards.name))
-    new, _, _ = landing_requests(pipeline.load(), existing, None)
+    new = list(dict.fromkeys(s.key for s in found.shards if s.key not in existing))
     if new:
-        instance.add_dynamic_partitions(corpus_shards.name, [s.key for s in new])
-    return [s.key for s in new]
+        instance.add_dynamic_partitions(corpus_shards.name, new)
+    for problem in found.problems:
+        log(f"source skipped: {problem.message}")
+    stale, unlisted = classify_partitions(manifest, found, existing)
+    if stale:
+        named = ", ".join(p.key for p in stale[:5]) + (", ..." if len(stale) > 5 else "")
+        log(f"{len(stale)} corpus_shards partition(s) that no source produces any more ({named}): their runs "
+            f"will fail; remove them with `{PRUNE_COMMAND}`")
+    return ShardRegistration(new, found.problems, set(unlisted))
 
 
 def _family(node: dg.AssetsDefinition | object) -> str:
@@ -103,47 +324,51 @@ def run_checks(
     asset_keys: Sequence[dg.AssetKey],
     partition: str | None = None,
     console_log_level: str = "WARNING",
+    alert_sinks: AlertSinksResource | None = None,
 ) -> dg.ExecuteInProcessResult:
-    """Run the checks of some assets, without materializing them, for one partition (or none).
+    """Run the checks of some assets, without materializing them, for one partition (or none);
+    with `alert_sinks`, send the run's alerts.
 
     The partition goes in as the run's partition tag: Dagster's partition-key validation looks
     for a partitioned *asset* in the selection, and a check-only run has none.
     """
-    return dg.materialize(
+    result = dg.materialize(
         [*(defs.assets or []), *(defs.asset_checks or [])],
         selection=dg.AssetSelection.checks_for_assets(*asset_keys),
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,
-        tags={RUN_TAG: "verify", **({"dagster/partition": partition} if partition else {})},
+        tags={**_driver_tags("verify", alert_sinks), **({"dagster/partition": partition} if partition else {})},
         run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
     )
+    graph = defs.resolve_asset_graph()
+    send_run_alerts(instance, result.run_id, [c for k in asset_keys for c in graph.get(k).check_keys], alert_sinks)
+    return result
+
+
+def verify_checks(
+    defs: dg.Definitions, instance: dg.DagsterInstance, alert_sinks: AlertSinksResource | None = None
+) -> list[CheckProblem]:
+    """Run every asset's checks on every partition that has a materialization; returns what did not pass."""
+    asset_graph = defs.resolve_asset_graph()
+    check_steps = _check_steps(defs)
+    problems: list[CheckProblem] = []
+    for key in asset_graph.toposorted_asset_keys:
+        partitions = latest_materializations(instance, key).keys()
+        for partition in sorted(partitions, key=lambda p: p or ""):
+            result = run_checks(defs, instance, [key], partition, console_log_level="CRITICAL",
+                                alert_sinks=alert_sinks)
+            problems.extend(check_problems(result, check_steps, partition))
+    return problems
 
 
 def verify_graph(
     defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None] = print
 ) -> list[str]:
-    """Run every asset's checks on every partition that has a materialization; returns failures."""
-    asset_graph = defs.resolve_asset_graph()
-    failures: list[str] = []
-    for key in asset_graph.toposorted_asset_keys:
-        partitions = latest_materializations(instance, key).keys()
-        for partition in sorted(partitions, key=lambda p: p or ""):
-            label = key.to_user_string() + (f"[{partition}]" if partition else "")
-            result = run_checks(defs, instance, [key], partition, console_log_level="CRITICAL")
-            found = [
-                f"{label} {e.check_name}: {e.description}"
-                for e in result.get_asset_check_evaluations() if not e.passed
-            ]
-            found += [  # a check that raised instead of reporting
-                f"{label} {event.step_key}: {event.event_specific_data.error.message.strip()}"
-                for event in result.all_events
-                if event.is_step_failure and event.event_specific_data.error
-                and event.event_specific_data.error.cls_name != "DagsterAssetCheckFailedError"
-            ]
-            for line in found:
-                log(f"FAILED {line}")
-            failures.extend(found)
+    """`verify_checks`, each failure logged and returned as `asset[partition] check: description`."""
+    failures = [p.line() for p in verify_checks(defs, instance)]
+    for line in failures:
+        log(f"FAILED {line}")
     return failures
 
 
@@ -154,25 +379,30 @@ def materialize_graph(
     log: Callable[[str], None] = print,
     console_log_level: str = "WARNING",
     partitions: Sequence[str] | None = None,
+    alert_sinks: AlertSinksResource | None = None,
 ) -> DriveResult:
     """Materialize the selection (default: everything) wave by wave; `partitions` restricts the
-    waves partitioned by those keys (e.g. one model size) to them."""
+    waves partitioned by those keys (e.g. one model size) to them. With `alert_sinks`, each run's
+    alerts are sent as soon as it ends (and the alert sensor leaves that run alone)."""
     started = time.perf_counter()
     asset_graph = defs.resolve_asset_graph()
     selected = (
         dg.AssetSelection.from_string(selection).resolve(asset_graph)
         if selection else set(asset_graph.materializable_asset_keys)
     )
-    new_shards = register_shards(defs, instance)
+    shards = register_shards(defs, instance, log)
+    new_shards = shards.new
     if new_shards:
         log(f"registered {len(new_shards)} new corpus shard(s)")
     assets = list(defs.assets or [])
     checks = list(defs.asset_checks or [])
+    check_steps = _check_steps(defs)
     outcomes: list[StepOutcome] = []
     failed: list[str] = []
+    problems: list[CheckProblem] = []
     for wave in plan_waves(asset_graph, selected):
         names = ", ".join(k.to_user_string() for k in wave)
-        keys = _partition_keys(asset_graph, instance, wave, partitions)
+        keys = [k for k in _partition_keys(asset_graph, instance, wave, partitions) if k not in shards.skipped]
         log(f"wave [{names}]: {len(keys)} run(s)")
         for partition in keys:
             result = dg.materialize(
@@ -182,9 +412,12 @@ def materialize_graph(
                 resources=defs.resources,
                 partition_key=partition,
                 raise_on_error=False,
-                tags={RUN_TAG: "materialize"},
+                tags=_driver_tags("materialize", alert_sinks),
                 run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
             )
+            problems.extend(check_problems(result, check_steps, partition))
+            send_run_alerts(instance, result.run_id, [c for k in wave for c in asset_graph.get(k).check_keys],
+                            alert_sinks, log)
             for event in result.get_asset_materialization_events():
                 mat = event.step_materialization_data.materialization
                 # Artifact assets describe themselves; any other asset is recorded as built.
@@ -201,4 +434,6 @@ def materialize_graph(
                 log(f"  run {result.run_id} for {partition or 'all'} FAILED; see it in the UI")
         if failed:
             break
-    return DriveResult(not failed, outcomes, failed, time.perf_counter() - started)
+    # Skipped sources fail the drive too, once the healthy ones are done (the caller names them).
+    return DriveResult(not failed and not shards.problems, outcomes, failed, time.perf_counter() - started, problems,
+                       [p.message for p in shards.problems])

@@ -3,10 +3,16 @@
 Check executions are rows created when a check is *planned* and completed later, so their ids
 do not arrive in completion order. The cursor therefore keeps a watermark (every execution at or
 below it is settled) plus the ids above it that were already sent.
+
+A run tagged ``llm-assets/alerts: driver`` is alerted by the process that ran it in-process (the
+`llm-assets` CLI's embedded driver, ``llm_assets/runner.py``), which sends the same alerts
+(``run_alerts``) as soon as the run ends; the sensor skips that run's check failures and its
+failure, so with the daemon and the CLI both running nothing is sent twice.
 """
 
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -19,6 +25,9 @@ from resources.alert_sinks import Alert, AlertSinksResource
 
 _HISTORY_LIMIT = 200
 _RUN_BATCH = 200
+# The tag, and its value, of a run whose alerts its in-process driver sends (see the module's docstring).
+DRIVER_ALERTS_TAG = "llm-assets/alerts"
+DRIVER_ALERTS = "driver"
 
 
 @dataclass
@@ -84,6 +93,30 @@ def run_alert(record: dg.EventLogRecord) -> Alert:
     )
 
 
+def run_alerts(
+    instance: dg.DagsterInstance, run_id: str, check_keys: Iterable[dg.AssetCheckKey]
+) -> list[Alert]:
+    """What the sensor sends for one run, formatted as it does: every failed evaluation of
+    `check_keys` in the run, then the run's failure if it failed."""
+    records = [
+        r for key in check_keys
+        for r in instance.event_log_storage.get_asset_check_execution_history(key, limit=_HISTORY_LIMIT)
+        if r.run_id == run_id and r.status == AssetCheckExecutionRecordStatus.FAILED
+    ]
+    alerts = [check_alert(r) for r in sorted(records, key=lambda r: r.id)]
+    failures = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    alerts.extend(run_alert(r) for r in failures[-1:])
+    return alerts
+
+
+def _driver_alerted(instance: dg.DagsterInstance, run_ids: set[str]) -> set[str]:
+    """Those of the runs whose driver sends their alerts itself."""
+    if not run_ids:
+        return set()
+    records = instance.get_run_records(dg.RunsFilter(run_ids=sorted(run_ids), tags={DRIVER_ALERTS_TAG: DRIVER_ALERTS}))
+    return {r.dagster_run.run_id for r in records}
+
+
 @dg.sensor(
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -108,12 +141,15 @@ def alert_sensor(context: dg.SensorEvaluationContext, alert_sinks: AlertSinksRes
     to_send, next_cursor = settle_check_executions(
         [(r.id, r.run_id, r.status.value) for r in records], cursor, run_finished
     )
-    alerts = [check_alert(by_id[i]) for i in sorted(to_send)]
-
     failures = instance.fetch_run_status_changes(
         dg.DagsterEventType.RUN_FAILURE, limit=_RUN_BATCH, cursor=cursor.runs, ascending=True
     )
-    alerts.extend(run_alert(r) for r in failures.records)
+    # Runs whose in-process driver sends their alerts are settled here but not sent again.
+    theirs = _driver_alerted(
+        instance, {by_id[i].run_id for i in to_send} | {r.event_log_entry.run_id for r in failures.records}
+    )
+    alerts = [check_alert(by_id[i]) for i in sorted(to_send) if by_id[i].run_id not in theirs]
+    alerts.extend(run_alert(r) for r in failures.records if r.event_log_entry.run_id not in theirs)
     next_cursor.runs = failures.cursor if failures.records else cursor.runs
 
     alert_sinks.send(alerts)  # raises on delivery failure, so the cursor stays and it retries

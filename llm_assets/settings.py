@@ -21,6 +21,9 @@ class Settings:
     s3_endpoint_url: str | None
     executor: str = "in_process"  # or "k8s": each step in its own pod, with its op tags' resources
     quantize_python: str = str(PROJECT_ROOT / ".venv-quant" / "bin" / "python")  # see llm_assets/quantize
+    # Where an S3 store's objects are cached for local reading; None: a per-user folder
+    # ($XDG_CACHE_HOME or ~/.cache, then llm-assets/<bucket>/<prefix>; see llm_assets/store/cache.py).
+    cache_dir: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -33,6 +36,7 @@ class Settings:
             s3_endpoint_url=env("LLM_ASSETS_S3_ENDPOINT_URL") or None,
             executor=env("LLM_ASSETS_EXECUTOR") or "in_process",
             quantize_python=env("LLM_ASSETS_QUANTIZE_PYTHON") or cls.quantize_python,
+            cache_dir=env("LLM_ASSETS_CACHE_DIR") or None,
         )
 
 
@@ -69,4 +73,4 @@ def artifact_store_resource(settings: Settings):
     from resources.artifact_store_resource import ArtifactStoreResource
 
     s3 = S3Resource(endpoint_url=settings.s3_endpoint_url) if settings.store_uri.startswith("s3://") else None
-    return ArtifactStoreResource(uri=settings.store_uri, s3=s3)
+    return ArtifactStoreResource(uri=settings.store_uri, s3=s3, cache_dir=settings.cache_dir)

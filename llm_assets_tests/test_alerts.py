@@ -142,3 +142,30 @@ def test_a_down_webhook_keeps_the_cursor_and_the_file_has_no_duplicates(alert_de
     _, cursor = tick(alert_defs, instance, cursor)  # the same cursor: the failed tick did not advance it
     assert len(receiver.posts) == len(written)
     assert len(read_jsonl(settings.alerts_jsonl)) == len(written), "the file did not get duplicates"
+
+
+def test_the_driver_alerts_its_own_runs_and_the_sensor_does_not_send_them_again(
+    alert_defs, instance, settings, receiver
+):
+    _, cursor = tick(alert_defs, instance, None)
+    sinks = alert_defs.resources["alert_sinks"]
+    result = materialize_graph(alert_defs, instance, selection=CHAIN, log=lambda _: None, alert_sinks=sinks)
+    assert result.success
+    shards = instance.get_dynamic_partitions("corpus_shards")
+    # Sent as each run ended, formatted as the sensor formats them (ids included); no daemon ticked.
+    alerts = read_jsonl(settings.alerts_jsonl)
+    assert [(a["kind"], a["check"], a["severity"]) for a in alerts] == [
+        ("check_failed", "too_few_documents", "WARN")] * len(shards)
+    assert all(a["id"].startswith("check:") and a["metadata"] == {"documents": "3", "threshold": "10"} for a in alerts)
+    assert len(receiver.posts) == len(shards)
+    assert sorted((p.label, p.check, p.severity) for p in result.check_problems) == sorted(
+        (f"raw_corpus[{s}]", "too_few_documents", "WARN") for s in shards)
+
+    result, cursor = tick(alert_defs, instance, cursor)  # the daemon's sensor, ticking after the driver
+    assert result.skip_message == "no new failures"
+    assert len(read_jsonl(settings.alerts_jsonl)) == len(shards) and len(receiver.posts) == len(shards)
+
+    # A run the driver did not alert (here a check-only run without sinks) is still the sensor's.
+    run_checks(alert_defs, instance, [RAW], shards[0])
+    _, cursor = tick(alert_defs, instance, cursor)
+    assert len(read_jsonl(settings.alerts_jsonl)) == len(shards) + 1 and len(receiver.posts) == len(shards) + 1

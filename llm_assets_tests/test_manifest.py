@@ -124,14 +124,59 @@ def test_model_size_consistency(tmp_path):
 
 def test_a_configured_stage_without_its_gate_threshold_is_refused(tmp_path):
     shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
-    without_kl = shipped.replace("  policy_kl: {max: 20.0}", "  policy_kl: {min: 0.0}")
-    assert without_kl != shipped
+    without_kl = "\n".join(line for line in shipped.splitlines() if not line.startswith("  policy_kl:"))
     with pytest.raises(ManifestError, match=r"missing for a required gate: gates\.policy_kl \(stages\.policy is "
                                               r"configured; e\.g\. policy_kl: \{max: \.\.\.\}\)"):
         load_manifest(write(tmp_path, without_kl))
     no_gates = "\n".join(line for line in shipped.splitlines() if not line.startswith("  sft_val_loss:"))
     with pytest.raises(ManifestError, match=r"gates\.sft_val_loss \(stages\.sft is configured"):
         load_manifest(write(tmp_path, no_gates))
+
+
+def test_a_gate_with_the_wrong_bound_says_which_bound_is_expected(tmp_path):
+    """`{min: ...}` where the stage needs `{max: ...}`: not "missing", but the bound expected, the
+    bound given, and the gate's own line."""
+    shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
+    line = next(n for n, text in enumerate(shipped.splitlines(), 1) if text.startswith("  policy_kl: {max: 20.0}"))
+    path = write(tmp_path, shipped.replace("  policy_kl: {max: 20.0}", "  policy_kl: {min: 0.0, blocking: false}"))
+    message = str(pytest.raises(ManifestError, load_manifest, path).value)
+    assert message.startswith(f"{path}:{line}: gates.policy_kl: expected max, got {{min: 0.0, blocking: false}} "
+                              "(stages.policy is configured and needs an upper bound on policy_kl; "
+                              "write policy_kl: {max: ...})"), message
+    assert "missing" not in message
+    # A stage that needs a lower bound, given an upper one.
+    line = next(n for n, text in enumerate(shipped.splitlines(), 1) if text.startswith("  reward_accuracy:"))
+    original = shipped.splitlines()[line - 1].split("#")[0].strip()
+    path = write(tmp_path, shipped.replace(original, "reward_accuracy: {max: 0.9}"))
+    with pytest.raises(ManifestError, match=rf":{line}: gates\.reward_accuracy: expected min, got \{{max: 0\.9\}} "
+                                             r"\(stages\.reward is configured and needs a lower bound"):
+        load_manifest(path)
+
+
+def test_an_unclosed_flow_sequence_points_at_its_opening_bracket(tmp_path):
+    """PyYAML notices the missing `]` only where the next key starts; the message names the bracket's line."""
+    unclosed = "    include: [json/*, email/*\n\n    # the packages\n    shard_mb: 1.0\n"
+    text = GOOD.replace("    shard_mb: 1.0\n", unclosed)
+    path = write(tmp_path, text)
+    message = str(pytest.raises(ManifestError, load_manifest, path).value)
+    assert message.startswith(f"{path}:5: not valid YAML: a flow sequence opened here (column 14) is not closed: "
+                              "expected ',' or ']'"), message
+    assert message.endswith("at line 8, column 5"), message  # where the parser noticed it
+    # An unclosed quote, likewise; other errors keep the line where the parser stopped.
+    path = write(tmp_path, GOOD.replace("name: demo", 'name: "demo'))
+    assert f"{path}:2: not valid YAML: a quoted scalar opened here" in str(
+        pytest.raises(ManifestError, load_manifest, path).value)
+    path = write(tmp_path, GOOD.replace("  usd_cap: 10", "  usd_cap: 10\n - x"))
+    assert str(pytest.raises(ManifestError, load_manifest, path).value).startswith(f"{path}:11: not valid YAML")
+
+
+def test_on_source_error_and_source_lines(tmp_path):
+    manifest = load_manifest(write(tmp_path, GOOD))
+    assert manifest.on_source_error == "stop"
+    assert manifest.source_location("stdlib") == f"{tmp_path / 'pipeline.yaml'}:4"
+    assert load_manifest(write(tmp_path, GOOD + "on_source_error: skip\n")).on_source_error == "skip"
+    with pytest.raises(ManifestError, match=r":14: on_source_error: Input should be 'stop' or 'skip'"):
+        load_manifest(write(tmp_path, GOOD + "on_source_error: ignore\n"))
 
 
 def test_an_eval_gate_without_the_evaluation_stage_is_refused(tmp_path):

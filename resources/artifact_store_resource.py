@@ -30,7 +30,9 @@ class ArtifactStoreResource(dg.ConfigurableResource):
     uri: str = Field(description="Local directory, file:// URI or s3://bucket/prefix")
     s3: S3Resource | None = Field(default=None, description="S3 client settings for s3:// stores")
     cache_dir: str | None = Field(
-        default=None, description="Where objects from a remote store are cached for local reading"
+        default=None,
+        description="Where objects from a remote store are cached for local reading (each copy checked "
+        "before use); default: a per-user folder, $XDG_CACHE_HOME or ~/.cache, then llm-assets/<bucket>/<prefix>",
     )
 
     def get_store(self) -> ArtifactStore:

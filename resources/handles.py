@@ -24,6 +24,8 @@ META_INPUTS = "input_hashes"
 META_FINGERPRINT = "fingerprint"
 META_GIT_COMMIT = "git_commit"  # of the code that built the artifact
 META_BUILD_SECONDS = "build_seconds"  # what building it took (a cache hit keeps the original's)
+META_INPUT_BYTES_VERIFIED = "input_bytes_verified"  # input bytes re-hashed before the build (0 on a cache hit)
+META_INPUT_VERIFY_SECONDS = "input_verify_seconds"  # what that took, within wall_seconds
 
 
 @dataclass(frozen=True)

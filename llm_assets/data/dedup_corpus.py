@@ -159,5 +159,6 @@ def dedup_corpus(
 
     return materialize_artifact(
         context, store, kind="parquet_shard", config={"keep_list": keep_digest},
-        inputs={"clean_corpus": clean_corpus}, narrowed_inputs={"dedup_clusters": dedup_clusters}, build=build,
+        inputs={"clean_corpus": clean_corpus}, narrowed_inputs={"dedup_clusters": dedup_clusters},
+        input_files={"dedup_clusters": [keep_path]}, build=build,
     )

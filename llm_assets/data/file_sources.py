@@ -67,8 +67,10 @@ def _list_local(source: LocalSource) -> list[ShardItem]:
     for pattern in source.paths:
         matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
+            what = "matches no files" if glob.has_magic(pattern) else (
+                "is a folder, not a file (add a glob such as /*.jsonl)" if os.path.isdir(pattern) else "does not exist")
             raise SourceError(
-                f"source {source.name!r}: {pattern!r} matches no files; check sources[].paths in "
+                f"source {source.name!r}: {pattern!r} {what}; check sources[].paths in "
                 "the manifest (relative paths start at the manifest's folder)"
             )
         base = _glob_base(pattern)
@@ -95,6 +97,8 @@ def _bucket_prefix(source: S3Source) -> tuple[str, str]:
 
 
 def _list_s3(source: S3Source, client: Any) -> list[ShardItem]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, prefix = _bucket_prefix(source)
     items = []
     try:
@@ -105,6 +109,8 @@ def _list_s3(source: S3Source, client: Any) -> list[ShardItem]:
                     items.append(ShardItem(relpath, obj["Key"], obj["Size"], obj["ETag"].strip('"')))
     except client.exceptions.NoSuchBucket:
         raise SourceError(f"source {source.name!r}: bucket of {source.uri} does not exist") from None
+    except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, denied access, bad credentials
+        raise SourceError(f"source {source.name!r}: cannot list {source.uri}: {exc}") from None
     if not items:
         raise SourceError(
             f"source {source.name!r}: no object under {source.uri} matches {source.pattern!r}; "
@@ -207,7 +213,7 @@ def _documents(
     source: FileSource, item: ShardItem, base_id: str, text: str, kind: str, recipe: IngestRecipe, stats: ReadStats,
     uri: str,
 ) -> Iterator[Document]:
-    pieces = split_lines(text, recipe.max_doc_bytes)
+    pieces = split_lines(text, recipe.max_doc_bytes, stats)
     stats.split_documents += len(pieces) > 1
     for i, piece in enumerate(pieces):
         suffix = f"#part{i}" if len(pieces) > 1 else ""

@@ -79,6 +79,7 @@ def build_raw_shard(manifest: PipelineManifest, shard_key: str, out_dir: Path) -
         "binary_files_skipped": dg.MetadataValue.json(stats.binary_files),
         "quarantined_records": len(stats.quarantined),
         "split_documents": stats.split_documents,
+        "long_lines_split": stats.long_lines_split,
         "syntax_errors": stats.syntax_errors,
         "documents_by_kind": dg.MetadataValue.json(dict(sorted(counts.items()))),
     }

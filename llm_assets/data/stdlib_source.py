@@ -17,7 +17,7 @@ import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
-from llm_assets.data.documents import Document, ReadStats, ShardItem, ShardSpec, split_lines
+from llm_assets.data.documents import Document, ReadStats, ShardItem, ShardSpec, SourceError, split_lines
 from llm_assets.manifest import PythonStdlibSource
 
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -32,6 +32,7 @@ def _files(source: PythonStdlibSource) -> list[ShardItem]:
     root = stdlib_root()
     skipped = _SKIPPED_DIRS if source.include_tests else _SKIPPED_DIRS | _TEST_DIRS
     items = []
+    matched: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skipped)  # prune, never descend
         base = Path(dirpath)
@@ -40,10 +41,19 @@ def _files(source: PythonStdlibSource) -> list[ShardItem]:
                 continue
             path = base / name
             relpath = path.relative_to(root).as_posix()
-            if source.include is not None and not any(fnmatch.fnmatch(relpath, g) for g in source.include):
-                continue
+            if source.include is not None:
+                hits = {g for g in source.include if fnmatch.fnmatch(relpath, g)}
+                if not hits:
+                    continue
+                matched |= hits
             stat = path.stat()
             items.append(ShardItem(relpath, str(path), stat.st_size, str(stat.st_mtime_ns)))
+    unmatched = [g for g in source.include or () if g not in matched]
+    if unmatched:
+        raise SourceError(
+            f"source {source.name!r}: include {', '.join(map(repr, unmatched))} matches no file of the standard "
+            f"library at {root}; check sources[].include (globs relative to it, e.g. 'json/*')"
+        )
     return sorted(items, key=lambda i: i.relpath)
 
 
@@ -104,7 +114,7 @@ def read(shard: ShardSpec, source: PythonStdlibSource, max_doc_bytes: int, stats
         text, had_errors = _decode_python(Path(item.location).read_bytes())
         stats.decode_errors += had_errors
         uri = f"python-stdlib://{version}/{item.relpath}"
-        pieces = split_lines(text, max_doc_bytes)
+        pieces = split_lines(text, max_doc_bytes, stats)
         stats.split_documents += len(pieces) > 1
         for i, piece in enumerate(pieces):
             suffix = f"#part{i}" if len(pieces) > 1 else ""

@@ -12,7 +12,7 @@ import dagster as dg
 import polars as pl
 from transformers import AutoConfig
 
-from llm_assets.artifacts import artifact_asset, materialize_artifact
+from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.harness import run_lm_eval
@@ -20,7 +20,7 @@ from llm_assets.evaluation.report import EvalReport
 from llm_assets.evaluation.safety import load_red_team_prompts, refusal_rate
 from llm_assets.evaluation.tasks import TaskSetupError, write_builtin_tasks
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release_pointer import current_release_document
+from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 from resources.pipeline import PipelineResource
@@ -39,11 +39,16 @@ def eval_gate_names(manifest: PipelineManifest) -> list[str]:
 
 
 def promoted_report(store, partition: str) -> tuple[str, EvalReport] | None:
-    """The eval report of the release currently promoted for this model size, with its hash."""
-    release = current_release_document(store, partition)
-    if release is None:
+    """The eval report of the release currently promoted for this model size, with its hash; the
+    release document and the report are verified against their hashes before they are read."""
+    release_sha = current_release(store, partition)
+    if release_sha is None:
         return None
-    sha = release["eval_report"]["sha256"]
+    step = f"eval_report[{partition}]"
+    verify_inputs(store, step, [InputRead("release", partition, release_sha, (RELEASE_JSON,))])
+    record = read_release(store, release_sha)["eval_report"]
+    sha = record["sha256"]
+    verify_inputs(store, step, [InputRead(record["asset"], record["partition"], sha, (REPORT_JSON,))])
     return sha, EvalReport.from_json(store.read_bytes(sha, REPORT_JSON).decode())
 
 
@@ -95,14 +100,16 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             return {f"{task}.{metric}": value for task, values in report.figures().items()
                     for metric, value in values.items()}
 
+        # The change against the last promoted report is presentation, not part of the artifact
+        # (read, and verified, before anything is built).
+        promoted = promoted_report(store, context.partition_key)
         result = materialize_artifact(
             context, store, kind="eval_report", build=build,
             config={"recipe": recipe, "seed": current.seed},
             inputs={"model": model, "dataset_splits": dataset_splits},
+            input_files={"dataset_splits": ["test.parquet"]},  # the held-out tasks are built from it alone
         )
-        # The change against the last promoted report is presentation, not part of the artifact.
         report = EvalReport.from_json(store.read_bytes(result.value.sha256, REPORT_JSON).decode())
-        promoted = promoted_report(store, context.partition_key)
         against = f"the current release's report {promoted[0][:12]}" if promoted else ""
         return dg.Output(result.value, data_version=result.data_version, metadata={
             **result.metadata, "compared_with": against or "no release yet",

@@ -130,6 +130,7 @@ def _train_step(
     config: dict[str, Any],
     inputs: dict[str, ArtifactHandle],
     narrowed_inputs: dict[str, ArtifactHandle] | None = None,
+    input_files: dict[str, tuple[str, ...]] | None = None,
     budget: Budget,
     train: Callable[[Path, Path, Path | None, OnCheckpoint, OnLog], dict[str, Any]],
 ) -> dg.Output[ArtifactHandle]:
@@ -163,7 +164,7 @@ def _train_step(
         return {**metadata, "cost_usd": billed_usd(time.perf_counter() - started, gpus, budget)}
 
     return materialize_artifact(context, store, kind="hf_model", config=config, inputs=inputs,
-                                narrowed_inputs=narrowed_inputs, build=build)
+                                narrowed_inputs=narrowed_inputs, input_files=input_files, build=build)
 
 
 def _training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
@@ -297,7 +298,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             scored_by = {"reward_model": reward_model}
             return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
                                inputs={**inputs, **(scored_by if uses_reward else {})},
-                               narrowed_inputs=None if uses_reward else scored_by, train=train)
+                               narrowed_inputs=None if uses_reward else scored_by,
+                               input_files=None if uses_reward else {"reward_model": ()}, train=train)
 
         assets.append(policy)
         checks.append(_metric_gate(

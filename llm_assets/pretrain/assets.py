@@ -190,6 +190,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         return materialize_artifact(
             context, artifact_store.get_store(), kind="scaling_law",
             inputs={"pretrain_checkpoint": pretrain_checkpoint},
+            input_files={"pretrain_checkpoint": ()},  # the fit reads the checkpoints' metadata, not their files
             config={"points": points}, build=build,
         )
 

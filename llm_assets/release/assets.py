@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
-from llm_assets.artifacts import artifact_asset, canonical_json, materialize_artifact
+from llm_assets.artifacts import InputRead, artifact_asset, canonical_json, materialize_artifact, verify_inputs
 from llm_assets.checks.gates import list_overrides
 from llm_assets.checks.results import FAILED, CheckVerdict, check_verdicts
 from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
@@ -112,14 +112,18 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
             (out / RELEASE_JSON).write_text(canonical_json(document) + "\n")
             return {"lineage_assets": len(records), "checks_passed": sum(v.status == "passed" for v in verdicts)}
 
-        result = materialize_artifact(context, store, kind="release", build=build, config=document,
-                                      inputs={"model": model, "eval_report": eval_report})
-        sha = result.value.sha256
+        # Read besides the inputs, for the change shown: the report of the release this one may
+        # replace. Verified, with the new report, before anything is built.
         previous = current_release(store, partition)
+        before = _report_of(store, partition, previous, eval_report) if previous else None
+        result = materialize_artifact(context, store, kind="release", build=build, config=document,
+                                      inputs={"model": model, "eval_report": eval_report},
+                                      input_files={"model": ()})  # the release names the model, reads none of it
+        sha = result.value.sha256
         if previous != sha:
             move_release(store, partition, sha, "promote", by=f"run {context.run_id}")
             context.log.info(f"release[{partition}]: promoted {sha[:12]} (was {previous[:12] if previous else 'none'})")
-        compared = _change_against(store, previous, eval_report) if previous and previous != sha else ""
+        compared = _change_against(store, previous, before, eval_report) if before and previous != sha else ""
         return dg.Output(result.value, data_version=result.data_version, metadata={
             **result.metadata,
             "model_sha256": model.sha256,
@@ -132,9 +136,19 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
 
     return dg.Definitions(assets=[release])
 
-def _change_against(store, previous_release: str, eval_report: ArtifactHandle) -> str:
-    """The new report's change against the report of the release it replaces."""
-    before = read_release(store, previous_release)["eval_report"]["sha256"]
+def _report_of(store, partition: str, release_sha: str, eval_report: ArtifactHandle) -> str:
+    """The hash of the eval report of a release, once the files the change reads (that release's
+    document, its report and the new report) are verified against their recorded hashes."""
+    step = f"release[{partition}]"
+    verify_inputs(store, step, [InputRead("release", partition, release_sha, (RELEASE_JSON,))])
+    record = read_release(store, release_sha)["eval_report"]
+    verify_inputs(store, step, [InputRead(record["asset"], record["partition"], record["sha256"], (REPORT_JSON,)),
+                                InputRead.of(eval_report, (REPORT_JSON,))])
+    return record["sha256"]
+
+
+def _change_against(store, previous_release: str, before: str, eval_report: ArtifactHandle) -> str:
+    """The new report's change against the report `before` of the release it replaces."""
     report, previous = (EvalReport.from_json(store.read_bytes(sha, REPORT_JSON).decode())
                         for sha in (eval_report.sha256, before))
     return change_markdown(report, previous, f"the previous release {previous_release[:12]}")

@@ -11,10 +11,10 @@ import dagster as dg
 import kubernetes_validate
 import yaml
 
-from llm_assets.artifacts import artifact_asset, materialize_artifact
+from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release_pointer import current_release, read_release
+from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
 from llm_assets.serving.smoke import smoke_test
 from llm_assets.serving.spec import render_manifests, spec_document
 from resources.artifact_store_resource import ArtifactStoreResource
@@ -42,7 +42,13 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         # What is served is the size's current release: after `llm-assets rollback --release`, an
         # earlier one than the latest materialization of `release`.
         current = current_release(store, context.partition_key) or release.sha256
-        model_sha = read_release(store, current)["model"]["sha256"]
+        # Read on every run (they decide the fingerprint), so verified on every run: the release
+        # document, and the model's manifest (its URI; the server_smoke check verifies its files).
+        step = f"server_spec[{context.partition_key}]"
+        verify_inputs(store, step, [InputRead("release", context.partition_key, current, (RELEASE_JSON,))])
+        model = read_release(store, current)["model"]
+        model_sha = model["sha256"]
+        verify_inputs(store, step, [InputRead(model["asset"], model["partition"], model_sha, ())])
         model_uri = store.ref(model_sha).uri
         store_uri = artifact_store.uri
 
@@ -59,7 +65,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
 
         return materialize_artifact(context, store, kind="server_spec", build=build,
                                     config={"recipe": recipe, "store": store_uri, "release": current},
-                                    inputs={"release": release})
+                                    inputs={"release": release},
+                                    input_files={"release": ()})  # read above, the current release's
 
     @dg.asset_check(asset=server_spec, blocking=True, partitions_def=model_sizes,
                     description=f"Every rendered manifest validates against the Kubernetes {K8S_VERSION} "

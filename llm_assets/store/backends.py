@@ -9,23 +9,30 @@ names:
 - S3: files are uploaded under the object's prefix, then the manifest.
 
 A writer killed halfway leaves only staging debris (``tmp/`` locally, manifest-less files on S3)
-that no reader ever treats as an object.
+that no reader ever treats as an object. Staging folders live under ``staging_root()`` (the
+store's ``tmp/`` locally, the local cache's ``tmp/`` for S3); a live writer touches its folder
+(:func:`~llm_assets.store.fileio.kept_fresh`), so a sweep by age removes only a dead writer's.
+
+The raw key functions (``read_key``, ``write_key``, ``list_keys``) take store-relative keys and
+refuse any that could leave the store's root (:func:`~llm_assets.store.objects.validate_key`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from llm_assets.store.fileio import CHUNK, fsync_path, write_atomic
-from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_hash, validate_relpath
+from llm_assets.store.cache import LocalCache
+from llm_assets.store.errors import InvalidKeyError
+from llm_assets.store.fileio import CHUNK, fsync_path, kept_fresh, write_atomic
+from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_hash, validate_key, validate_relpath
 
 ProgressCallback = Callable[[str, int, int], None]
 """Called as ``progress(relpath, bytes_done, bytes_total)`` after each file is written."""
@@ -48,6 +55,13 @@ class StoreBackend(Protocol):
     def list_keys(self, prefix: str) -> list[str]: ...
     @contextlib.contextmanager
     def staging_dir(self) -> Iterator[Path]: ...
+    def staging_root(self) -> Path | None: ...
+
+
+def _validate_prefix(prefix: str) -> str:
+    """A listing prefix: a store key, optionally ending with one '/'."""
+    validate_key(prefix[:-1] if prefix.endswith("/") else prefix, "store key prefix")
+    return prefix
 
 
 class LocalBackend:
@@ -85,12 +99,16 @@ class LocalBackend:
     def local_files_dir(self, artifact_hash: str) -> Path | None:
         return self._object_dir(artifact_hash) / "files"
 
+    def staging_root(self) -> Path | None:
+        return self.root / "tmp"
+
     @contextlib.contextmanager
     def staging_dir(self) -> Iterator[Path]:
         path = self.root / "tmp" / f"build-{uuid.uuid4().hex}"
         path.mkdir()
         try:
-            yield path
+            with kept_fresh(path):
+                yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -102,26 +120,9 @@ class LocalBackend:
         staging = self.root / "tmp" / f"{artifact_hash}.{uuid.uuid4().hex}"
         files_dir = staging / "files"
         files_dir.mkdir(parents=True)
-        done, total = 0, manifest.total_bytes
         try:
-            for entry in manifest.files:
-                source = src / entry.path
-                target = files_dir / entry.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if move:
-                    os.replace(source, target)
-                else:
-                    shutil.copyfile(source, target)
-                fsync_path(target)
-                done += entry.bytes
-                if progress:
-                    progress(entry.path, done, total)
-            manifest_path = staging / MANIFEST_NAME
-            with open(manifest_path, "wb") as handle:
-                handle.write(manifest.canonical_bytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            fsync_path(staging)
+            with kept_fresh(staging):
+                self._fill_staging(manifest, src, staging, move=move, progress=progress)
             final = self._object_dir(artifact_hash)
             if replace and final.exists():
                 quarantine = self.root / "quarantine"
@@ -137,17 +138,41 @@ class LocalBackend:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    @staticmethod
+    def _fill_staging(
+        manifest: ArtifactManifest, src: Path, staging: Path, *, move: bool, progress: ProgressCallback | None
+    ) -> None:
+        """Every file durable in ``staging/files``, then the manifest, then the folder itself."""
+        done, total = 0, manifest.total_bytes
+        for entry in manifest.files:
+            source = src / entry.path
+            target = staging / "files" / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if move:
+                os.replace(source, target)
+            else:
+                shutil.copyfile(source, target)
+            fsync_path(target)
+            done += entry.bytes
+            if progress:
+                progress(entry.path, done, total)
+        with open(staging / MANIFEST_NAME, "wb") as handle:
+            handle.write(manifest.canonical_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_path(staging)
+
     def read_key(self, key: str) -> bytes | None:
         try:
-            return (self.root / key).read_bytes()
+            return (self.root / validate_key(key)).read_bytes()
         except FileNotFoundError:
             return None
 
     def write_key(self, key: str, data: bytes) -> None:
-        write_atomic(self.root / key, data)
+        write_atomic(self.root / validate_key(key), data)
 
     def list_keys(self, prefix: str) -> list[str]:
-        base = self.root / prefix
+        base = self.root / _validate_prefix(prefix)
         if not base.is_dir():
             return []
         return sorted(
@@ -157,14 +182,31 @@ class LocalBackend:
         )
 
 
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def _is_valid_key(key: str) -> bool:
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
 class S3Backend:
     """Objects under an S3 prefix; commits by uploading every file, then the manifest."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path):
+    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: str | Path | None = None):
         self.client = client
+        if not _BUCKET_RE.match(bucket or ""):
+            raise InvalidKeyError(f"S3 bucket name {bucket!r} is not valid")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.cache_dir = Path(cache_dir)
+        if self.prefix:
+            validate_key(self.prefix, "S3 store prefix")
+        # Local copies of objects for reading, and this backend's staging folders (cache/tmp/).
+        self.cache = LocalCache.for_s3(bucket, self.prefix, cache_dir)
+        self.cache_dir = self.cache.root
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -174,27 +216,33 @@ class S3Backend:
 
     def read_key(self, key: str) -> bytes | None:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(validate_key(key)))["Body"].read()
         except self.client.exceptions.NoSuchKey:
             return None
 
     def write_key(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(validate_key(key)), Body=data)
 
-    def list_keys(self, prefix: str) -> list[str]:
-        full = self._key(prefix).rstrip("/") + "/"
+    def _list(self, prefix: str) -> list[str]:
+        full = self._key(_validate_prefix(prefix)).rstrip("/") + "/"
         strip = len(self._key(""))
         keys = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             keys.extend(item["Key"][strip:].lstrip("/") for item in page.get("Contents", []))
         return sorted(keys)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        # A key the bucket holds but read_key would refuse (written behind the store's back, e.g.
+        # 'index/../x') is not listed: listing only names keys this API can address.
+        return [key for key in self._list(prefix) if _is_valid_key(key)]
+
     def read_manifest_bytes(self, artifact_hash: str) -> bytes | None:
         return self.read_key(f"objects/{validate_hash(artifact_hash)}/{MANIFEST_NAME}")
 
     def list_object_files(self, artifact_hash: str) -> list[str]:
         prefix = f"objects/{validate_hash(artifact_hash)}/files/"
-        return [key[len(prefix):] for key in self.list_keys(prefix)]
+        # Unfiltered: verify() reports every stray file, however it is named; none is ever opened.
+        return [key[len(prefix):] for key in self._list(prefix)]
 
     def iter_file(self, artifact_hash: str, relpath: str) -> Iterator[bytes]:
         key = self._key(f"objects/{validate_hash(artifact_hash)}/files/{validate_relpath(relpath)}")
@@ -207,10 +255,19 @@ class S3Backend:
     def local_files_dir(self, artifact_hash: str) -> Path | None:
         return None
 
+    def staging_root(self) -> Path | None:
+        return self.cache.staging_root
+
     @contextlib.contextmanager
     def staging_dir(self) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="llm-assets-build-") as tmp:
-            yield Path(tmp)
+        self.cache.ensure()
+        path = self.cache.staging_root / f"build-{uuid.uuid4().hex}"
+        path.mkdir()
+        try:
+            with kept_fresh(path):
+                yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def commit(
         self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,

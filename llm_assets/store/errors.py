@@ -16,12 +16,18 @@ class ArtifactNotFoundError(ArtifactStoreError, FileNotFoundError):
 
 
 class ArtifactCorruptError(ArtifactStoreError):
-    """A stored object no longer matches its manifest."""
+    """A stored object (or a local copy of it) no longer matches its manifest.
 
-    def __init__(self, artifact_hash: str, problems: list[str]):
+    ``problems`` are one line per file, each starting with the file's path and a colon.
+    """
+
+    def __init__(
+        self, artifact_hash: str, problems: list[str], *, where: str | None = None, advice: str | None = None
+    ):
         self.artifact_hash = artifact_hash
         self.problems = problems
+        subject = f"artifact {artifact_hash}" if where is None else f"{where} of artifact {artifact_hash}"
         super().__init__(
-            f"artifact {artifact_hash[:12]} is corrupt: " + "; ".join(problems)
-            + ". Rematerialize the asset that produced it to write a fresh copy."
+            f"{subject} is corrupt: " + "; ".join(problems)
+            + ". " + (advice or "Rematerialize the asset that produced it to write a fresh copy.")
         )

@@ -23,27 +23,47 @@ MANIFEST_FORMAT = 1
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def validate_relpath(path: str) -> str:
-    """Return ``path`` if it is a safe relative POSIX path inside an artifact, else raise."""
+def _validate_relative(path: str, what: str) -> str:
     if not isinstance(path, str) or not path:
-        raise InvalidKeyError("artifact file path is empty")
+        raise InvalidKeyError(f"{what} {path!r} is empty")
     if "\\" in path or "\x00" in path:
-        raise InvalidKeyError(f"artifact file path {path!r} contains a backslash or NUL byte")
+        raise InvalidKeyError(f"{what} {path!r} contains a backslash or NUL byte")
     pure = PurePosixPath(path)
     if pure.is_absolute() or re.match(r"^[A-Za-z]:", path):
-        raise InvalidKeyError(f"artifact file path {path!r} is absolute; use a relative path")
+        raise InvalidKeyError(f"{what} {path!r} is absolute; use a relative path")
     parts = path.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise InvalidKeyError(
-            f"artifact file path {path!r} has an empty, '.' or '..' component (path traversal)"
-        )
+        raise InvalidKeyError(f"{what} {path!r} has an empty, '.' or '..' component (path traversal)")
     return path
+
+
+def validate_relpath(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside an artifact, else raise."""
+    return _validate_relative(path, "artifact file path")
+
+
+def validate_key(key: str, what: str = "store key") -> str:
+    """Return ``key`` if it is a safe store-relative key (``index/...``, ``releases/...``), else
+    raise :class:`InvalidKeyError` naming it: the same rules as :func:`validate_relpath`, so a key
+    can never leave the store's root (no ``..``, absolute, empty or ``.`` components, backslash, NUL)."""
+    return _validate_relative(key, what)
 
 
 def validate_hash(artifact_hash: str) -> str:
     if not isinstance(artifact_hash, str) or not _HASH_RE.match(artifact_hash):
         raise InvalidKeyError(f"{artifact_hash!r} is not a sha256 hex digest")
     return artifact_hash
+
+
+def mismatch_problem(
+    path: str, expected_sha256: str, expected_bytes: int, actual_sha256: str, actual_bytes: int
+) -> str:
+    """How a verifier reports a file whose bytes differ from the manifest: the file first (callers
+    split on the first ':'), then the actual and the expected sha256 and size, in full."""
+    return (
+        f"{path}: sha256 {actual_sha256} ({actual_bytes} bytes) does not match the manifest's "
+        f"{expected_sha256} ({expected_bytes} bytes)"
+    )
 
 
 @dataclass(frozen=True)

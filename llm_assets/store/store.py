@@ -6,6 +6,9 @@ Objects are immutable and live at ``objects/<hash>/files/...`` beside
 
 The store also keeps an index, ``index/<asset>/<partition>/<fingerprint>.json``, mapping a
 materialization's fingerprint to the artifact it produced: the basis of early cutoff.
+
+A remote (S3) object is read through a local cache (:mod:`llm_assets.store.cache`), checked
+before each use: re-hashed with ``verify=True``, its file list and sizes otherwise.
 """
 
 from __future__ import annotations
@@ -13,23 +16,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
+import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
 from llm_assets.store.backends import LocalBackend, ProgressCallback, S3Backend, StoreBackend
+from llm_assets.store.cache import LocalCache
 from llm_assets.store.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
     ArtifactStoreError,
     InvalidKeyError,
 )
-from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_hash, validate_relpath
+from llm_assets.store.fileio import remove_stale_children
+from llm_assets.store.objects import (
+    MANIFEST_NAME,
+    ArtifactManifest,
+    mismatch_problem,
+    validate_hash,
+    validate_relpath,
+)
+
+logger = logging.getLogger(__name__)
 
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9._=+@%-]+$")
 
@@ -67,14 +78,37 @@ class VerifyReport:
 class ArtifactStore:
     """Hashing, verification and the fingerprint index on top of a backend."""
 
-    def __init__(self, backend: StoreBackend, cache_dir: Path | None = None):
+    def __init__(self, backend: StoreBackend, cache_dir: str | Path | None = None):
         self.backend = backend
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-assets-cache"
+        # Where remote objects are read from locally: the one given, else the backend's own (S3);
+        # a local backend reads in place and needs none.
+        self.cache: LocalCache | None = LocalCache(Path(cache_dir)) if cache_dir else getattr(backend, "cache", None)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.cache.root if self.cache is not None else None
 
     # -- writing ---------------------------------------------------------------------------
     def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
         """A scratch directory to build an artifact in; ``put_dir(..., move=True)`` is then free."""
         return self.backend.staging_dir()
+
+    def remove_stale_staging(self, max_age_seconds: float) -> list[str]:
+        """Remove the staging folders of writers killed before they finished: every entry of the
+        store's staging folders (``tmp/`` under a local store's root; for S3 the local cache's
+        ``tmp/``, which holds its builds and downloads) whose newest mtime is older than
+        ``max_age_seconds``. Returns the paths removed.
+
+        A live writer touches its folder every
+        :data:`~llm_assets.store.fileio.STAGING_HEARTBEAT_SECONDS` (30 s), so any age well above
+        that (minutes) never removes a running build's folder; committed objects, the index and
+        cached copies are never touched.
+        """
+        roots = []
+        for root in (self.backend.staging_root(), self.cache.staging_root if self.cache is not None else None):
+            if root is not None and root not in roots:
+                roots.append(root)
+        return [path for root in roots for path in remove_stale_children(root, max_age_seconds)]
 
     def put_dir(self, src: Path, *, move: bool = False, progress: ProgressCallback | None = None) -> ArtifactRef:
         """Store every file under ``src`` as one immutable object and return its handle."""
@@ -138,10 +172,7 @@ class ArtifactStore:
                 problems.append(f"{entry.path}: missing")
                 continue
             if size != entry.bytes or digest.hexdigest() != entry.sha256:
-                problems.append(
-                    f"{entry.path}: sha256 {digest.hexdigest()[:12]} ({size} bytes) does not match "
-                    f"the manifest's {entry.sha256[:12]} ({entry.bytes} bytes)"
-                )
+                problems.append(mismatch_problem(entry.path, entry.sha256, entry.bytes, digest.hexdigest(), size))
         expected = {entry.path for entry in manifest.files}
         problems.extend(
             f"{path}: not in the manifest" for path in self.backend.list_object_files(artifact_hash)
@@ -150,41 +181,59 @@ class ArtifactStore:
         return VerifyReport(artifact_hash, tuple(problems))
 
     def local_dir(self, artifact_hash: str, *, verify: bool = False) -> Path:
-        """A local directory holding the object's files (in place locally, a cache for S3)."""
+        """A local directory holding the object's files: in place for a local store, a cached copy
+        for S3.
+
+        With ``verify=True`` the stored object is verified (every file re-hashed, stray files
+        reported) and so is the cached copy handed out; otherwise a cached copy's file list and
+        sizes are checked, not its bytes (a download itself is always hashed as it streams). A
+        cached copy that fails is removed and downloaded again; :class:`ArtifactCorruptError`
+        names each file that differs, with the expected and actual sha256.
+        """
         if verify:
-            report = self.verify(artifact_hash)
-            if not report.ok:
-                raise ArtifactCorruptError(artifact_hash, list(report.problems))
-        manifest = self.manifest(artifact_hash)
+            try:
+                manifest = self.manifest(artifact_hash)
+            except ArtifactCorruptError:
+                raise
+            except ArtifactStoreError as exc:  # missing, unreadable or malformed: not verifiable
+                raise ArtifactCorruptError(str(artifact_hash), [str(exc)]) from exc
+        else:
+            manifest = self.manifest(artifact_hash)
         in_place = self.backend.local_files_dir(artifact_hash)
         if in_place is not None:
+            if verify:
+                self._require_ok(self.verify(artifact_hash))
             return in_place
-        cached = self.cache_dir / artifact_hash
-        if cached.is_dir():
-            return cached
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{artifact_hash[:12]}.", dir=self.cache_dir))
-        try:
-            for entry in manifest.files:
-                target = staging / entry.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                with open(target, "wb") as handle:
-                    for chunk in self.backend.iter_file(artifact_hash, entry.path):
-                        digest.update(chunk)
-                        handle.write(chunk)
-                if digest.hexdigest() != entry.sha256:
-                    raise ArtifactCorruptError(
-                        artifact_hash, [f"{entry.path}: downloaded bytes do not match the manifest"]
-                    )
-            try:
-                os.rename(staging, cached)
-            except OSError:
-                if not cached.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return cached
+        cache = self.cache
+        if cache is None:
+            raise ArtifactStoreError(f"store {self.backend.object_uri(artifact_hash)} has no local cache to read from")
+        remote_verified = False
+        if cache.has(artifact_hash):
+            if verify:
+                self._require_ok(self.verify(artifact_hash))  # the stored object first: the hash gate
+                remote_verified = True
+            problems = cache.problems(artifact_hash, manifest, full=verify)
+            if not problems:
+                return cache.path(artifact_hash)
+            logger.warning(
+                "the local copy %s of artifact %s does not match its manifest (%s); removing it and "
+                "downloading the artifact again", cache.path(artifact_hash), artifact_hash, "; ".join(problems),
+            )
+            cache.evict(artifact_hash, problems)
+        # Every downloaded file is hashed as it streams; checking for stray remote files as well
+        # makes the download a full verification of the stored object.
+        if not cache.fill(self.backend, artifact_hash, manifest, check_extras=verify and not remote_verified):
+            problems = cache.problems(artifact_hash, manifest, full=verify)  # another process's copy
+            if problems:
+                raise ArtifactCorruptError(
+                    artifact_hash, problems, where="the local copy", advice=cache.advice(artifact_hash)
+                )
+        return cache.path(artifact_hash)
+
+    @staticmethod
+    def _require_ok(report: VerifyReport) -> None:
+        if not report.ok:
+            raise ArtifactCorruptError(report.artifact_hash, list(report.problems))
 
     def read_bytes(self, artifact_hash: str, relpath: str) -> bytes:
         return b"".join(self.backend.iter_file(validate_hash(artifact_hash), validate_relpath(relpath)))
@@ -228,15 +277,18 @@ class ArtifactStore:
 
 
 def open_store(uri: str, *, s3_client: Any = None, cache_dir: str | Path | None = None) -> ArtifactStore:
-    """Open a store from a URI: a local path, ``file:///path`` or ``s3://bucket/prefix``."""
+    """Open a store from a URI: a local path, ``file:///path`` or ``s3://bucket/prefix``.
+
+    ``cache_dir`` is where an S3 store's objects are cached for local reading (used as it is);
+    without one, a per-user folder (:func:`llm_assets.store.cache.default_s3_cache_dir`).
+    """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if s3_client is None:
             raise ArtifactStoreError(f"store {uri} is on S3 but no S3 client was configured")
         if not parsed.netloc:
             raise ArtifactStoreError(f"store URI {uri!r} names no bucket; use s3://bucket/prefix")
-        cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-assets-cache"
-        return ArtifactStore(S3Backend(s3_client, parsed.netloc, parsed.path, cache), cache)
+        return ArtifactStore(S3Backend(s3_client, parsed.netloc, parsed.path, cache_dir))
     if parsed.scheme in ("file", ""):
         path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
         return ArtifactStore(LocalBackend(path), Path(cache_dir) if cache_dir else None)

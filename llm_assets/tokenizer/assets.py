@@ -8,7 +8,14 @@ import polars as pl
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from llm_assets.artifacts import artifact_asset, materialize_artifact, part_digest
+from llm_assets.artifacts import (
+    InputRead,
+    artifact_asset,
+    describe_input_problem,
+    input_problems,
+    materialize_artifact,
+    part_digest,
+)
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.dataset_splits import HELD_OUT, train_path
 from llm_assets.data.partitions import corpus_shards
@@ -102,6 +109,10 @@ def tokenizer_round_trip(
             if ids[0] is None or ids[0] == hf.unk_token_id or len(hf.encode(token, add_special_tokens=False)) != 1:
                 problems.append(f"special token {token!r} is not a single id")
         splits_sha = consumed_hash(mat, "dataset_splits")  # the held-out text of the split it was trained from
+        corrupt, _ = input_problems(store, InputRead("dataset_splits", None, splits_sha, ("val.parquet",)))
+        if corrupt:
+            problems.extend(describe_input_problem(p) for p in corrupt)
+            continue
         val = pl.read_parquet(store.local_dir(splits_sha) / "val.parquet", columns=["id", "sha256", "text"])
         sample = val.sort("sha256").head(recipe.round_trip_docs)
         checked = sample.height
@@ -153,6 +164,7 @@ def token_shards(
         context, store, kind="packed_tokens",
         config={"train_part": part_sha, "eos_token": recipe.eos_token},
         inputs={"tokenizer": tokenizer}, narrowed_inputs={"dataset_splits": dataset_splits},
+        input_files={"dataset_splits": [part]},
         build=lambda out: _pack_frame(store, tokenizer, recipe, store.local_dir(dataset_splits.sha256) / part, out),
     )
 
@@ -181,6 +193,7 @@ def heldout_tokens(
     return materialize_artifact(
         context, store, kind="packed_tokens", config={"eos_token": recipe.eos_token},
         inputs={"tokenizer": tokenizer, "dataset_splits": dataset_splits}, build=build,
+        input_files={"dataset_splits": [f"{name}.parquet" for name in HELD_OUT]},
     )
 
 

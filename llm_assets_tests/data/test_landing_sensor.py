@@ -41,3 +41,23 @@ def test_a_changed_source_requests_its_shards_again(defs, instance, manifest_pat
     changed = {r.partition_key for r in second.run_requests}
     assert changed, "re-cut shards are requested again"
     assert all(r.run_key not in {f.run_key for f in first.run_requests} for r in second.run_requests)
+
+
+def test_a_source_that_cannot_be_listed_never_crashes_the_sensor(defs, instance, manifest_path, settings):
+    """stop: the tick is skipped naming the source, the cursor kept; skip: the other sources go on."""
+    manifest = yaml.safe_load(manifest_path.read_text())
+    healthy = [s.key for s in discover(load_manifest(manifest_path))]
+    first = tick(defs, instance, None)
+    manifest["sources"].append({"kind": "local", "name": "web", "paths": ["crawl/*.jsonl"]})
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    stopped = tick(build_definitions(settings), instance, first.cursor)
+    assert stopped.run_requests == [] and stopped.dynamic_partitions_requests == []
+    assert stopped.cursor == first.cursor
+    message = stopped.skip_reason.skip_message
+    assert "1 source(s) cannot be listed (on_source_error: stop)" in message
+    assert f"{manifest_path}:" in message and "source 'web'" in message and "crawl/*.jsonl' matches no files" in message
+
+    manifest_path.write_text(yaml.safe_dump({**manifest, "on_source_error": "skip"}))
+    skipped = tick(build_definitions(settings), instance, None)
+    assert [r.partition_key for r in skipped.run_requests] == healthy
+    assert skipped.dynamic_partitions_requests[0].partition_keys == healthy
