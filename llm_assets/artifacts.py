@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,63 +134,107 @@ class InputRead:
         return self.asset if self.partition is None else f"{self.asset}[{self.partition}]"
 
 
-def input_problems(store: ArtifactStore, read: InputRead) -> tuple[list[dict[str, str]], int]:
-    """Re-hash the files of ``read`` a step is about to read (where it reads them: in place for a
-    local store, the verified download cache for S3) against the object's manifest, itself checked
-    against the recorded hash. Returns one record per mismatch (input, file, expected and actual
-    sha256, what is wrong) and the number of bytes hashed."""
+def _problem(read: InputRead, path: str, expected: str, actual: str, what: str) -> dict[str, str]:
+    return {"input": read.label, "artifact": read.sha256, "file": path,
+            "expected_sha256": expected, "actual_sha256": actual, "problem": what}
 
-    def problem(path: str, expected: str, actual: str, what: str) -> dict[str, str]:
-        return {"input": read.label, "artifact": read.sha256, "file": path,
-                "expected_sha256": expected, "actual_sha256": actual, "problem": what}
 
+def _open_read(store: ArtifactStore, read: InputRead) -> tuple[list[dict[str, str]], Path | None, dict[str, Any]]:
+    """The object's manifest, checked against the recorded hash, and the local directory the step
+    reads its files from; or the problems that stop there."""
     try:
         manifest = store.manifest(read.sha256)
     except ArtifactNotFoundError:
-        return [problem(MANIFEST_NAME, read.sha256, "missing", "the artifact is not in the store")], 0
+        return [_problem(read, MANIFEST_NAME, read.sha256, "missing", "the artifact is not in the store")], None, {}
     except ArtifactStoreError:  # the manifest does not hash to the recorded hash, or does not parse
         data = store.backend.read_manifest_bytes(read.sha256)
         try:  # its hash as the store computes it (of its canonical form), else of its bytes
             actual = ArtifactManifest.from_bytes(data).sha256 if data is not None else "missing"
         except ArtifactStoreError:
             actual = hashlib.sha256(data).hexdigest()
-        return [problem(MANIFEST_NAME, read.sha256, actual, "the manifest does not hash to the recorded hash")], 0
+        problem = _problem(read, MANIFEST_NAME, read.sha256, actual, "the manifest does not hash to the recorded hash")
+        return [problem], None, {}
     entries = {entry.path: entry for entry in manifest.files}
-    wanted = sorted(entries) if read.files is None else sorted(set(read.files))
-    try:
-        root = store.local_dir(read.sha256)
+    try:  # in place for a local store; for S3 the download cache (fetched, hash-checked, on first use)
+        return [], store.backend.local_files_dir(read.sha256) or store.local_dir(read.sha256), entries
     except ArtifactCorruptError as exc:  # S3: a downloaded file did not match the manifest
         found = []
         for text in exc.problems:
             path = text.split(":", 1)[0]
             expected, actual = (entries[path].sha256, _stored_digest(store, read.sha256, path)) if path in entries \
                 else ("", "")
-            found.append(problem(path, expected, actual, "the download was refused"))
-        return found, 0
+            found.append(_problem(read, path, expected, actual, "the download was refused"))
+        return found, None, entries
     except (ArtifactStoreError, FileNotFoundError) as exc:  # S3: a file of the object is gone
-        return [problem("", "", "", f"could not be fetched: {exc}")], 0
-    problems, hashed = [], 0
-    for path in wanted:
-        entry = entries.get(path)
-        if entry is None:
-            problems.append(problem(path, "", "", "the step reads a file the artifact does not have"))
-            continue
+        return [_problem(read, "", "", "", f"could not be fetched: {exc}")], None, entries
+
+
+def _unlisted(root: Path) -> list[str]:
+    """Every file under ``root``, relative: what a step that globs the artifact could read."""
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root).as_posix()
+        found.extend(name if base == "." else f"{base}/{name}" for name in filenames)
+    return found
+
+
+PARALLEL_HASH_BYTES = 16 << 20
+"""From this many bytes in several files on, inputs are hashed on a few threads (below it,
+starting them costs about what they save)."""
+
+
+def _hash_files(paths: Sequence[Path], total_bytes: int) -> list[tuple[str, int] | None]:
+    """sha256 and size of each file (None if it is gone); on a few threads when there is much to
+    hash in several files: hashing and reading release the GIL, and the build has not started."""
+
+    def one(path: Path) -> tuple[str, int] | None:
         try:
-            actual, size = hash_file(root / path)
+            return hash_file(path)
         except FileNotFoundError:
-            problems.append(problem(path, entry.sha256, "missing", "the file is missing"))
+            return None
+
+    if len(paths) < 2 or total_bytes < PARALLEL_HASH_BYTES:
+        return [one(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(one, paths))
+
+
+def _check_reads(store: ArtifactStore, reads: Sequence[InputRead]) -> tuple[list[dict[str, str]], int]:
+    problems, jobs = [], []
+    for read in reads:
+        found, root, entries = _open_read(store, read)
+        problems.extend(found)
+        if root is None:
             continue
+        for path in sorted(entries) if read.files is None else sorted(set(read.files)):
+            if path in entries:
+                jobs.append((read, entries[path], root / path))
+            else:
+                problems.append(_problem(read, path, "", "", "the step reads a file the artifact does not have"))
+        if read.files is None:  # a step that reads a whole artifact may glob it
+            problems.extend(_problem(read, path, "", hash_file(root / path)[0], "a file the manifest does not list")
+                            for path in sorted(_unlisted(root)) if path not in entries)
+    hashed = 0
+    digests = _hash_files([path for _, _, path in jobs], sum(entry.bytes for _, entry, _ in jobs))
+    for (read, entry, _), digest in zip(jobs, digests, strict=True):
+        if digest is None:
+            problems.append(_problem(read, entry.path, entry.sha256, "missing", "the file is missing"))
+            continue
+        actual, size = digest
         hashed += size
         if actual != entry.sha256 or size != entry.bytes:
-            problems.append(problem(path, entry.sha256, actual,
-                                    f"{size} bytes, the manifest says {entry.bytes}" if size != entry.bytes
-                                    else "same size, other content"))
-    if read.files is None and root.is_dir():  # a step that reads a whole artifact may glob it
-        for extra in sorted(p for p in root.rglob("*") if p.is_file()):
-            path = extra.relative_to(root).as_posix()
-            if path not in entries:
-                problems.append(problem(path, "", hash_file(extra)[0], "a file the manifest does not list"))
-    return problems, hashed
+            problems.append(_problem(read, entry.path, entry.sha256, actual,
+                                     f"{size} bytes, the manifest says {entry.bytes}" if size != entry.bytes
+                                     else "same size, other content"))
+    return sorted(problems, key=lambda p: (p["input"], p["file"])), hashed
+
+
+def input_problems(store: ArtifactStore, read: InputRead) -> tuple[list[dict[str, str]], int]:
+    """Re-hash the files of ``read`` a step is about to read (where it reads them: in place for a
+    local store, the download cache for S3) against the object's manifest, itself checked against
+    the recorded hash. Returns one record per mismatch (input, file, expected and actual sha256,
+    what is wrong) and the number of bytes hashed."""
+    return _check_reads(store, [read])
 
 
 def _stored_digest(store: ArtifactStore, artifact_hash: str, path: str) -> str:
@@ -230,11 +276,7 @@ def describe_input_problem(p: Mapping[str, str]) -> str:
 def verify_inputs(store: ArtifactStore, step: str, reads: Iterable[InputRead]) -> int:
     """Raise ``dg.Failure`` unless every file ``step`` reads of ``reads`` matches the hash recorded
     for it; returns the number of bytes hashed. Call it before the step reads anything."""
-    problems, hashed = [], 0
-    for read in _merged(reads):
-        found, count = input_problems(store, read)
-        problems.extend(found)
-        hashed += count
+    problems, hashed = _check_reads(store, _merged(reads))
     if not problems:
         return hashed
     parents = sorted({p["input"].split("[", 1)[0] for p in problems})

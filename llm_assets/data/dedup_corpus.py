@@ -96,8 +96,10 @@ def dedup_clusters(
         ids = documents["id"].to_numpy()
         table = documents.with_columns(
             pl.Series("keep", ~near & ~exact),
-            pl.Series("reason", np.where(near, "near_duplicate", np.where(exact, "exact_duplicate", ""))),
-            pl.Series("representative", ids[cluster]),
+            # Typed: a corpus whose shards are all empty gives empty numpy arrays polars cannot type.
+            pl.Series("reason", np.where(near, "near_duplicate", np.where(exact, "exact_duplicate", "")),
+                      dtype=pl.String),
+            pl.Series("representative", ids[cluster], dtype=pl.String),
         )
         (out / "keep").mkdir()
         for shard in shards:
