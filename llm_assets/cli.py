@@ -107,7 +107,8 @@ def _materialize(selection: str | None, partitions: list[str] | None = None) -> 
     import dagster as dg
 
     from llm_assets.definitions import build_definitions
-    from llm_assets.runner import check_summary, materialize_graph, recover_killed_drivers
+    from llm_assets.killed_drivers import recover_killed_drivers
+    from llm_assets.runner import check_summary, materialize_graph
 
     defs = build_definitions()
     alert_sinks = defs.resources["alert_sinks"]  # the driver alerts its own runs: no daemon needed

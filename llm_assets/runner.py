@@ -6,18 +6,15 @@ waves of assets that share a partitioning, one run per partition, with every che
 A wave that fails stops the drive: its downstream would be blocked anyway.
 
 Each run carries the driver's process (host, pid, start) in a tag, so that a later drive can tell
-a run whose driver was killed (`kill -9`) from one still going: `recover_killed_drivers` marks the
-former failed and clears the store's staging debris of killed writers. With `alert_sinks`, the
+a run whose driver was killed (`kill -9`) from one still going (`llm_assets.killed_drivers`). With `alert_sinks`, the
 driver sends the alerts of the runs it ran (failed checks, WARN included, and failed runs) itself,
 as the alert sensor formats them; the sensor skips those runs (`DRIVER_ALERTS_TAG`).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -30,21 +27,13 @@ from llm_assets.data.sources import (
     classify_partitions,
     discover_sources,
 )
-from llm_assets.sensors import DRIVER_ALERTS, DRIVER_ALERTS_TAG, run_alerts
-from llm_assets.store.fileio import STAGING_HEARTBEAT_SECONDS
-from resources.alert_sinks import AlertDeliveryError, AlertSinksResource
+from llm_assets.killed_drivers import DRIVER_PROCESS_TAG, driver_process
+from llm_assets.sensors import DRIVER_ALERTS, DRIVER_ALERTS_TAG, send_run_alerts
+from resources.alert_sinks import AlertSinksResource
 from resources.handles import latest_materializations
 from resources.pipeline import PipelineResource
 
 RUN_TAG = "llm-assets/driver"
-# "host:pid:start" of the process that runs the run in-process (start: its start time in clock ticks
-# after boot, from /proc, to tell a reused pid apart; empty where there is no /proc).
-DRIVER_PROCESS_TAG = "llm-assets/driver-process"
-IN_PROGRESS = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
-               dg.DagsterRunStatus.CANCELING)
-# A staging folder is debris when nothing touched it for this long — twice a live writer's heartbeat
-# (`kept_fresh`; a killed writer stops touching) — beyond the start of every run still in progress.
-STALE_STAGING_MARGIN_S = 2 * STAGING_HEARTBEAT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -132,110 +121,9 @@ def check_problems(
     return found
 
 
-def _read_proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks after boot) of a process, from /proc; None without one."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError):
-        return None
-
-
-def driver_process() -> str:
-    """This process, as the driver tag names it."""
-    stat = _read_proc_stat(os.getpid())
-    return f"{socket.gethostname()}:{os.getpid()}:{stat[1] if stat else ''}"
-
-
-def driver_is_gone(process: str) -> bool:
-    """Whether the driver a run's tag names is certainly gone: it ran on this host, and its pid is
-    free, a zombie or another process's now. A driver on another host is presumed alive."""
-    try:
-        host, pid, start = process.rsplit(":", 2)
-    except ValueError:
-        return False
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        pass
-    stat = _read_proc_stat(int(pid))
-    return stat is not None and (stat[0] == "Z" or bool(start) and stat[1] != start)
-
-
 def _driver_tags(kind: str, alert_sinks: AlertSinksResource | None) -> dict[str, str]:
     return {RUN_TAG: kind, DRIVER_PROCESS_TAG: driver_process(),
             **({DRIVER_ALERTS_TAG: DRIVER_ALERTS} if alert_sinks is not None else {})}
-
-
-def send_run_alerts(
-    instance: dg.DagsterInstance, run_id: str, check_keys: Iterable[dg.AssetCheckKey],
-    alert_sinks: AlertSinksResource | None, log: Callable[[str], None] = print,
-) -> None:
-    """Send a finished run's alerts as the alert sensor would; a webhook that refuses them is reported,
-    not raised (the JSONL file, written first, has them)."""
-    if alert_sinks is None:
-        return
-    try:
-        alert_sinks.send(run_alerts(instance, run_id, check_keys))
-    except AlertDeliveryError as exc:
-        log(f"  alerts of run {run_id}: {exc}")
-
-
-def sweep_killed_runs(
-    instance: dg.DagsterInstance, check_keys: Iterable[dg.AssetCheckKey],
-    alert_sinks: AlertSinksResource | None = None, log: Callable[[str], None] = print,
-) -> list[dg.DagsterRun]:
-    """Mark failed every run still in progress whose in-process driver is gone (killed), and send
-    the alerts its driver could not (for the runs whose driver sends them)."""
-    check_keys = list(check_keys)
-    swept = []
-    for record in instance.get_run_records(dg.RunsFilter(statuses=list(IN_PROGRESS))):
-        run = record.dagster_run
-        process = run.tags.get(DRIVER_PROCESS_TAG)
-        if not process or not driver_is_gone(process):
-            continue
-        host, pid, _ = process.rsplit(":", 2)
-        instance.report_run_failed(run, (
-            f"the driver of this run (pid {pid} on {host}) was killed before the run finished; "
-            f"marked failed by the start-up sweep of llm-assets (pid {os.getpid()})"
-        ))
-        log(f"run {run.run_id} was left {run.status.value} by a killed driver (pid {pid}): marked failed")
-        swept.append(run)
-        if run.tags.get(DRIVER_ALERTS_TAG) == DRIVER_ALERTS:
-            send_run_alerts(instance, run.run_id, check_keys, alert_sinks, log)
-    return swept
-
-
-def stale_staging_age(instance: dg.DagsterInstance, since: float) -> float:
-    """The age past which a staging folder belongs to no live writer: untouched since before every run
-    still in progress in the instance started and before `since` (when the caller began looking), by
-    STALE_STAGING_MARGIN_S. A live writer touches its folder every STAGING_HEARTBEAT_SECONDS, and a
-    writer of a run cannot have touched it last before the run started, so it is never older."""
-    starts = [since, *(
-        r.start_time or r.create_timestamp.timestamp()
-        for r in instance.get_run_records(dg.RunsFilter(statuses=list(IN_PROGRESS)))
-    )]
-    return max(0.0, time.time() - min(starts)) + STALE_STAGING_MARGIN_S
-
-
-def recover_killed_drivers(
-    defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None] = print,
-    alert_sinks: AlertSinksResource | None = None,
-) -> tuple[list[dg.DagsterRun], list[str]]:
-    """The driver's start-up sweep: runs left in progress by a killed driver are marked failed, then
-    the store's staging folders older than every live run are removed. Returns both."""
-    since = time.time()
-    swept = sweep_killed_runs(instance, defs.resolve_asset_graph().asset_check_keys, alert_sinks, log)
-    store = defs.resources["artifact_store"].get_store()
-    removed = store.remove_stale_staging(stale_staging_age(instance, since))
-    if removed:
-        log(f"removed {len(removed)} staging folder(s) left by killed writers")
-    return swept, list(removed)
 
 
 @dataclass(frozen=True)
@@ -415,9 +303,11 @@ def materialize_graph(
                 tags=_driver_tags("materialize", alert_sinks),
                 run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
             )
-            problems.extend(check_problems(result, check_steps, partition))
-            send_run_alerts(instance, result.run_id, [c for k in wave for c in asset_graph.get(k).check_keys],
-                            alert_sinks, log)
+            run_problems = check_problems(result, check_steps, partition)
+            problems.extend(run_problems)
+            if run_problems or not result.success:  # a green run has nothing to alert: no query
+                send_run_alerts(instance, result.run_id, [c for k in wave for c in asset_graph.get(k).check_keys],
+                                alert_sinks, log)
             for event in result.get_asset_materialization_events():
                 mat = event.step_materialization_data.materialization
                 # Artifact assets describe themselves; any other asset is recorded as built.

@@ -12,7 +12,7 @@ failure, so with the daemon and the CLI both running nothing is sent twice.
 
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -21,7 +21,7 @@ from dagster._core.storage.asset_check_execution_record import (
     AssetCheckExecutionRecordStatus,
 )
 
-from resources.alert_sinks import Alert, AlertSinksResource
+from resources.alert_sinks import Alert, AlertDeliveryError, AlertSinksResource
 
 _HISTORY_LIMIT = 200
 _RUN_BATCH = 200
@@ -155,3 +155,17 @@ def alert_sensor(context: dg.SensorEvaluationContext, alert_sinks: AlertSinksRes
     alert_sinks.send(alerts)  # raises on delivery failure, so the cursor stays and it retries
     context.update_cursor(next_cursor.dump())
     return dg.SkipReason(f"sent {len(alerts)} alert(s)" if alerts else "no new failures")
+
+
+def send_run_alerts(
+    instance: dg.DagsterInstance, run_id: str, check_keys: Iterable[dg.AssetCheckKey],
+    alert_sinks: AlertSinksResource | None, log: Callable[[str], None] = print,
+) -> None:
+    """Send a finished run's alerts as the alert sensor would; a webhook that refuses them is reported,
+    not raised (the JSONL file, written first, has them)."""
+    if alert_sinks is None:
+        return
+    try:
+        alert_sinks.send(run_alerts(instance, run_id, check_keys))
+    except AlertDeliveryError as exc:
+        log(f"  alerts of run {run_id}: {exc}")

@@ -59,6 +59,9 @@ def test_plan_reports_manifest_errors_with_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+# Two drives of the whole default graph: about 8 minutes while the other worker runs the rest of
+# the suite on the same 2 cores, where the default 600 s cut it off once.
+@pytest.mark.timeout(1200)
 def test_quickstart_materializes_the_default_graph_then_hits_the_cache(tmp_path):
     """The README's main command, on the shipped manifest and the full stdlib corpus."""
     env = {

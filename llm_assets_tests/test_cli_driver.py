@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from llm_assets.cli import EXIT_FAILED, EXIT_OK, main
-from llm_assets.runner import (
+from llm_assets.killed_drivers import (
     DRIVER_PROCESS_TAG,
     IN_PROGRESS,
     STALE_STAGING_MARGIN_S,
