@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from llm_assets.store.cache import LocalCache
 from llm_assets.store.errors import InvalidKeyError
-from llm_assets.store.fileio import CHUNK, fsync_path, kept_fresh, write_atomic
+from llm_assets.store.fileio import CHUNK, build_folder, fsync_path, kept_fresh, write_atomic
 from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_hash, validate_key, validate_relpath
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -53,8 +53,7 @@ class StoreBackend(Protocol):
     def read_key(self, key: str) -> bytes | None: ...
     def write_key(self, key: str, data: bytes) -> None: ...
     def list_keys(self, prefix: str) -> list[str]: ...
-    @contextlib.contextmanager
-    def staging_dir(self) -> Iterator[Path]: ...
+    def staging_dir(self) -> contextlib.AbstractContextManager[Path]: ...
     def staging_root(self) -> Path | None: ...
 
 
@@ -102,15 +101,8 @@ class LocalBackend:
     def staging_root(self) -> Path | None:
         return self.root / "tmp"
 
-    @contextlib.contextmanager
-    def staging_dir(self) -> Iterator[Path]:
-        path = self.root / "tmp" / f"build-{uuid.uuid4().hex}"
-        path.mkdir()
-        try:
-            with kept_fresh(path):
-                yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+    def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
+        return build_folder(self.root / "tmp")
 
     def commit(
         self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,
@@ -258,16 +250,9 @@ class S3Backend:
     def staging_root(self) -> Path | None:
         return self.cache.staging_root
 
-    @contextlib.contextmanager
-    def staging_dir(self) -> Iterator[Path]:
+    def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
         self.cache.ensure()
-        path = self.cache.staging_root / f"build-{uuid.uuid4().hex}"
-        path.mkdir()
-        try:
-            with kept_fresh(path):
-                yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+        return build_folder(self.cache.staging_root)
 
     def commit(
         self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,

@@ -88,6 +88,19 @@ def kept_fresh(path: Path, interval: float = STAGING_HEARTBEAT_SECONDS) -> Itera
         thread.join()
 
 
+@contextlib.contextmanager
+def build_folder(root: Path) -> Iterator[Path]:
+    """A fresh folder under ``root`` for a step to build an artifact in, kept fresh while the block
+    runs and removed after it (what it held is committed by then, or abandoned)."""
+    path = root / f"build-{uuid.uuid4().hex}"
+    path.mkdir()
+    try:
+        with kept_fresh(path):
+            yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _newest_mtime(path: Path) -> float:
     """The newest mtime of ``path`` and, for a real directory, of everything under it (lstat)."""
     newest = path.lstat().st_mtime
