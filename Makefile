@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 UI_PORT ?= 3000
 
-.PHONY: quickstart install system-packages test test-fast ui plan bench clean
+.PHONY: quickstart install system-packages test test-fast ui plan bench clean mlflow
 
 $(BIN)/llm-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ test-fast: install system-packages
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
+
+# The MLflow UI on the embedded tracking store (docs/tracking.md); MLFLOW_TRACKING_URI names another.
+MLFLOW_PORT ?= 5000
+mlflow: install
+	mkdir -p .mlflow
+	$(BIN)/mlflow ui -h 127.0.0.1 -p $(MLFLOW_PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db}
 
 plan: install
 	$(BIN)/llm-assets plan

@@ -7,7 +7,9 @@ and its object still verifies, the stored artifact is returned without calling `
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -21,6 +23,7 @@ import dagster as dg
 from pydantic import BaseModel
 
 from llm_assets.compute import requests_gpu
+from llm_assets.cost_gate import check_budget, cost_metadata, cpu_seconds, step_gpus, step_manifest
 from llm_assets.settings import code_revision
 from llm_assets.store import (
     MANIFEST_NAME,
@@ -30,6 +33,20 @@ from llm_assets.store import (
     ArtifactStore,
     ArtifactStoreError,
     hash_file,
+)
+from llm_assets.tracing import StepTrace, step_trace
+from llm_assets.tracking import (
+    TAG_ARTIFACT_SHA256,
+    TAG_ARTIFACT_URI,
+    TAG_ASSET,
+    TAG_ATTEMPT,
+    TAG_CODE_VERSION,
+    TAG_DAGSTER_RUN,
+    TAG_FINGERPRINT,
+    TAG_GIT_COMMIT,
+    TAG_PARTITION,
+    TrackedRun,
+    flatten_params,
 )
 from resources.handles import (
     META_BUILD_SECONDS,
@@ -41,6 +58,7 @@ from resources.handles import (
     ArtifactHandle,
     handle_metadata,
 )
+from resources.tracking import TrackingResource
 
 Inputs = Mapping[str, ArtifactHandle | Mapping[str, ArtifactHandle]]
 BuildFn = Callable[[Path], Mapping[str, Any] | None]
@@ -104,7 +122,29 @@ def artifact_asset(**kwargs: Any) -> Callable:
     tags = asset_tags(group, kwargs.get("op_tags"))  # refuses a group that is not a stage
     kwargs["owners"] = list(dict.fromkeys([STAGE_OWNERS[group], *kwargs.get("owners", [])]))
     kwargs["tags"] = {**tags, **kwargs.get("tags", {})}
-    return dg.asset(io_manager_key="artifact_io", **kwargs)
+    decorate = dg.asset(io_manager_key="artifact_io", **kwargs)
+    return lambda fn: decorate(_asking_for_tracking(fn))
+
+
+def _asking_for_tracking(fn: Callable) -> Callable:
+    """``fn`` with a ``tracking: TrackingResource`` parameter, so that Dagster hands every artifact
+    asset the tracking resource that ``materialize_artifact`` reads from the context, without each
+    asset naming it (one that names it is left as it is)."""
+    # Annotations resolved in fn's own module: Dagster resolves the wrapper's in this one.
+    signature = inspect.signature(fn, eval_str=True)
+    if "tracking" in signature.parameters:
+        return fn
+
+    @functools.wraps(fn)
+    def asset_fn(*args: Any, tracking: TrackingResource, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("tracking", inspect.Parameter.KEYWORD_ONLY, annotation=TrackingResource))
+    asset_fn.__signature__ = signature.replace(parameters=params)
+    asset_fn.__annotations__ = {**{p.name: p.annotation for p in params}, "return": signature.return_annotation}
+    return asset_fn
 
 
 # -- inputs are verified before they are used ----------------------------------------------------
@@ -360,7 +400,55 @@ def materialize_artifact(
     before anything is built or recorded. ``input_files`` names, per input, the files the build
     reads when it reads only some (a narrowed input's part): only those are hashed; ``()`` for an
     input the build does not read. A cache hit reads no input and verifies none.
+
+    On a cache miss, before that, the step passes the cost gate (:mod:`llm_assets.cost_gate`): a
+    training, evaluation or quantization step whose estimate exceeds what is left of
+    ``budget.usd_cap`` fails, naming the figures; every step records ``cost_usd`` (and
+    ``estimated_cost_usd`` where it has an estimate), stored with the artifact, so a cache hit
+    reports what the artifact cost and spends nothing.
+
+    Each call is traced (:mod:`llm_assets.tracing`, when an OTLP endpoint is set): a span for the
+    step in its Dagster run's trace, a child for the materialization (asset, partition,
+    fingerprint, cache hit, hash, wall seconds, cost, tokens, final loss) and children for its
+    phases (verify, build, save). A cache miss of a tracked stage is an MLflow run
+    (:mod:`llm_assets.tracking`; docs/tracking.md) whose id is stored with the artifact, so a cache
+    hit logs nothing and names the run that built it. Neither ever fails the step.
     """
+    label = context.asset_key.to_user_string() + (f"[{context.partition_key}]" if context.has_partition_key else "")
+    step = context.get_step_execution_context().step.key
+    with step_trace(context.run.run_id, step) as traced, traced.span(f"materialize {label}") as span:
+        output = _materialize(context, store, traced, kind=kind, build=build, config=config, inputs=inputs,
+                              narrowed_inputs=narrowed_inputs, input_files=input_files)
+        span.set_attributes(_span_attributes(output.metadata))
+    return output
+
+
+# What a materialization's span carries, from its metadata (besides asset and partition).
+SPAN_ATTRIBUTES = (META_FINGERPRINT, "cache_hit", "sha256", "wall_seconds", "cost_usd", "tokens_seen",
+                   "final_train_loss", "final_val_loss", "mlflow_run_id")
+
+
+def _span_attributes(metadata: Mapping[str, Any]) -> dict[str, str | bool | int | float]:
+    values = {key: _plain(metadata[key]) for key in SPAN_ATTRIBUTES if key in metadata}
+    return {key: value for key, value in values.items() if isinstance(value, (str, bool, int, float))}
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, dg.MetadataValue) else value
+
+
+def _materialize(
+    context: dg.AssetExecutionContext,
+    store: ArtifactStore,
+    traced: StepTrace,
+    *,
+    kind: str,
+    build: BuildFn,
+    config: Any,
+    inputs: Inputs | None,
+    narrowed_inputs: Inputs | None,
+    input_files: Mapping[str, Sequence[str]] | None,
+) -> dg.Output[ArtifactHandle]:
     started = time.perf_counter()
     asset = context.asset_key.to_user_string()
     partition = context.partition_key if context.has_partition_key else None
@@ -385,19 +473,39 @@ def materialize_artifact(
                 f"{asset}: cached artifact {cached['artifact'][:12]} failed verification "
                 f"({'; '.join(report.problems)}); rebuilding"
             )
-    verify_seconds, verified_bytes = 0.0, 0
+    verify_seconds, verified_bytes, tracking_note = 0.0, 0, None
     if not cache_hit:
-        verify_started = time.perf_counter()
-        verified_bytes = verify_inputs(store, asset if partition is None else f"{asset}[{partition}]", [
-            *_input_reads(inputs or {}, input_files or {}), *_input_reads(narrowed_inputs or {}, input_files or {}),
-        ])
+        # The cost gate, before anything is read or built: a step over what is left of the budget
+        # is refused, naming the figures. What the step then costs is stored with the artifact.
+        manifest, gpus = step_manifest(context), step_gpus(context)
+        estimate = check_budget(context, manifest, "gpu" if gpus else "cpu")
+        verify_started, cpu_started = time.perf_counter(), cpu_seconds()
+        with traced.span("verify"):
+            verified_bytes = verify_inputs(store, asset if partition is None else f"{asset}[{partition}]", [
+                *_input_reads(inputs or {}, input_files or {}),
+                *_input_reads(narrowed_inputs or {}, input_files or {}),
+            ])
         verify_seconds = time.perf_counter() - verify_started
+        tracked = _start_tracked_run(context, fp, code_version, config)
         with store.staging_dir() as workdir:
-            extra = dict(build(workdir) or {})
-            ref = store.put_dir(workdir, move=True, progress=_progress_logger(context, asset))
+            try:
+                with traced.span("build"):
+                    extra = dict(build(workdir) or {})
+            except BaseException:
+                if tracked is not None:
+                    tracked.fail()
+                raise
+            with traced.span("save"):
+                ref = store.put_dir(workdir, move=True, progress=_progress_logger(context, asset))
         # What the build took and the commit that built it travel with the artifact: a cache hit
         # reports those, next to its own wall_seconds.
-        extra.update({META_BUILD_SECONDS: round(time.perf_counter() - started, 3), META_GIT_COMMIT: code_revision()})
+        extra.update({META_BUILD_SECONDS: round(time.perf_counter() - started, 3), META_GIT_COMMIT: code_revision(),
+                      **cost_metadata(manifest.budget, estimate, time.perf_counter() - verify_started, gpus,
+                                      cpu_seconds() - cpu_started)})
+        if tracked is not None:
+            tracking_note = _finish_tracked_run(context, tracked, extra, ref.uri, ref.sha256)
+            if tracked.failure is None:  # stored with the artifact: a cache hit names the run that built it
+                extra[META_MLFLOW_RUN_ID] = tracked.run_id
         store.index_record(asset, partition, fp, ref.sha256, dg.serialize_value(extra))
 
     handle = ArtifactHandle(
@@ -415,8 +523,46 @@ def materialize_artifact(
         META_INPUT_BYTES_VERIFIED: verified_bytes,
         META_INPUT_VERIFY_SECONDS: round(verify_seconds, 4),
         **extra,
+        **({META_TRACKING: tracking_note} if tracking_note else {}),
     }
     return dg.Output(handle, data_version=dg.DataVersion(ref.sha256), metadata=metadata)
+
+
+META_MLFLOW_RUN_ID = "mlflow_run_id"  # the MLflow run that built the artifact (a cache hit shows the builder's)
+META_TRACKING = "tracking"  # `logged: <tracking URI>` or `failed: <what and why>`, on a tracked cache miss
+
+
+def _start_tracked_run(context: dg.AssetExecutionContext, fp: str, code_version: str | None,
+                       config: Any) -> TrackedRun | None:
+    """The MLflow run of this attempt at building the artifact; None where the asset's stage is
+    not tracked (or the asset does not take the tracking resource). A retry, or a re-execution
+    of a failed run, is a new attempt: a new run."""
+    tracking = getattr(context.resources, "tracking", None)
+    stage = context.assets_def.group_names_by_key.get(context.asset_key)
+    if not isinstance(tracking, TrackingResource) or not tracking.tracks(stage):
+        return None
+    asset = context.asset_key.to_user_string()
+    partition = context.partition_key if context.has_partition_key else None
+    attempt = context.retry_number + 1
+    tags = {
+        TAG_DAGSTER_RUN: context.run.run_id, TAG_ASSET: asset, TAG_PARTITION: partition or "",
+        TAG_ATTEMPT: str(attempt), TAG_FINGERPRINT: fp, TAG_CODE_VERSION: code_version or "",
+        TAG_GIT_COMMIT: code_revision(),
+    }
+    name = (asset if partition is None else f"{asset}[{partition}]") + f" #{attempt}"
+    return tracking.start_run(name, tags, flatten_params(json.loads(canonical_json(config))))
+
+
+def _finish_tracked_run(context: dg.AssetExecutionContext, tracked: TrackedRun, extra: Mapping[str, Any],
+                        uri: str, sha256: str) -> str:
+    """Log what the build returned to the run and end it; what to show in the step's metadata."""
+    tracked.finish({key: _plain(value) for key, value in extra.items()},
+                   {TAG_ARTIFACT_URI: uri, TAG_ARTIFACT_SHA256: sha256})
+    if tracked.failure is None:
+        return f"logged: run {tracked.run_id} at {tracked.tracking_uri}"
+    context.log.warning(f"{context.asset_key.to_user_string()}: experiment tracking failed, the artifact is stored "
+                        f"all the same: {tracked.failure}. Check that the MLflow server is up (MLFLOW_TRACKING_URI).")
+    return f"failed: {tracked.failure}"
 
 
 def _progress_logger(context: dg.AssetExecutionContext, asset: str) -> Callable[[str, int, int], None]:

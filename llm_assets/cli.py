@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from llm_assets.costs import training_estimate
+from llm_assets.costs import NotEstimable, plan_estimates, size_figures
 from llm_assets.data.documents import SourceError
-from llm_assets.manifest import ManifestError, PipelineManifest, load_manifest
+from llm_assets.manifest import BaseModelSize, ManifestError, ModelSize, PipelineManifest, load_manifest
 from llm_assets.settings import PROJECT_ROOT, prepare_dagster_home
 
 EXIT_OK, EXIT_FAILED, EXIT_OVER_BUDGET = 0, 1, 2
@@ -26,18 +26,6 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
-
-
-def estimate_rows(manifest: PipelineManifest) -> list[dict]:
-    """Compute estimate per training stage and partition: FLOPs = 6·N·D (D at most, for the trl
-    stages: every sequence at max_length)."""
-    stages = manifest.stages
-    recipes = {"pretrain": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "policy": stages.policy}
-    return [
-        {"stage": stage, "partition": size, **training_estimate(spec, recipe, manifest.budget).__dict__}
-        for stage, recipe in recipes.items() if recipe is not None
-        for size, spec in manifest.model_sizes.items()
-    ]
 
 
 def _partitioning(partitions_def: object) -> str:
@@ -70,26 +58,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
         checks = ", ".join(sorted(c.name for c in node.check_keys))
         print(f"  {key.to_user_string():<22} <- {parents:<28} partitions: {partitions:<20} checks: {checks}")
 
-    rows = estimate_rows(manifest)
+    print("\nmodel sizes:")
+    for name, size in sorted(manifest.model_sizes.items()):
+        print(f"  {name:<22} {_size_path(size)}")
+
     budget = manifest.budget
-    print("\nestimated compute (FLOPs = 6·N·D; GPU-hours at "
-          f"{budget.assumed_mfu:.0%} MFU of {_human(budget.peak_flops_per_gpu)}FLOP/s; "
-          f"${budget.usd_per_gpu_hour}/GPU-hour):")
-    print(f"  {'stage':<10} {'partition':<12} {'N params':>10} {'D tokens':>10} "
-          f"{'FLOPs':>10} {'GPU-h':>10} {'USD':>10}")
-    for r in rows:
-        print(f"  {r['stage']:<10} {r['partition']:<12} {_human(r['params']):>10} {_human(r['tokens']):>10} "
-              f"{_human(r['flops']):>10} {r['gpu_hours']:>10.4f} {r['usd']:>10.4f}")
-    print("  data stages run on CPU and are not charged GPU time")
-    total = sum(r["usd"] for r in rows)
-    print(f"\ntotal estimate ${total:.4f} against a cap of ${budget.usd_cap:.2f}")
-    if total > budget.usd_cap:
+    on_gpu, on_cpu = plan_estimates(manifest, "gpu"), plan_estimates(manifest, "cpu")
+    print("\nestimated compute per step (training: FLOPs = 6·N·D; evaluation and quantization: 2·N·D forward;\n"
+          f"  GPU-hours at {budget.assumed_mfu:.0%} MFU of {_human(budget.peak_flops_per_gpu)}FLOP/s, "
+          f"${budget.usd_per_gpu_hour:g}/GPU-hour;\n"
+          f"  CPU-hours at {_human(budget.cpu_flops_per_core)}FLOP/s per core, ${budget.usd_per_cpu_hour:g}/CPU-hour):")
+    print(f"  {'stage':<10} {'partition':<20} {'N params':>10} {'D tokens':>10} {'FLOPs':>10} "
+          f"{'GPU-h':>10} {'GPU USD':>10} {'CPU-h':>10} {'CPU USD':>10}")
+    for (stage, partition, gpu), (_, _, cpu) in zip(on_gpu, on_cpu, strict=True):
+        print(f"  {stage:<10} {partition:<20} {_human(gpu.params):>10} {_human(gpu.tokens):>10} "
+              f"{_human(gpu.flops):>10} {gpu.device_hours:>10.3g} {gpu.usd:>10.3g} {cpu.device_hours:>10.3g} "
+              f"{cpu.usd:>10.3g}")
+    print("  data, tokenizer, release and serving steps have no estimate: each records the CPU time it used "
+          "(cost_usd)")
+    totals = {"gpu": sum(e.usd for *_, e in on_gpu), "cpu": sum(e.usd for *_, e in on_cpu)}
+    # The cap holds the steps where they run: on GPUs when the manifest's training pods ask for them.
+    device = "gpu" if manifest.compute.training.gpus else "cpu"
+    print(f"\ntotal estimate ${totals['gpu']:.3g} on GPUs, ${totals['cpu']:.3g} on CPUs; the training steps run on "
+          f"{device.upper()}s (compute.training.gpus: {manifest.compute.training.gpus}): "
+          f"${totals[device]:.3g} against a cap of ${budget.usd_cap:.2f}")
+    if totals[device] > budget.usd_cap:
         print(
-            f"refused: the estimate exceeds budget.usd_cap by ${total - budget.usd_cap:.2f}; "
+            f"refused: the estimate exceeds budget.usd_cap by ${totals[device] - budget.usd_cap:.2f}; "
             "shrink the sweep or raise the cap in the manifest", file=sys.stderr,
         )
         return EXIT_OVER_BUDGET
     return EXIT_OK
+
+
+def _size_path(size: ModelSize | BaseModelSize) -> str:
+    """How a model size gets its starting model, for `plan`."""
+    if isinstance(size, ModelSize):
+        return (f"pretrained here (Llama architecture, N {_human(size.matmul_parameters())}) with the project's "
+                "tokenizer")
+    try:
+        figures = f"N {_human(size_figures(size).params)} from its config.json"
+    except NotEstimable:
+        figures = "not estimated until imported: its config.json is not local"
+    return f"base model {size.base_model} imported by base_model ({figures}) with its own tokenizer; not pretrained"
 
 
 def _open_project(args: argparse.Namespace) -> PipelineManifest | None:
@@ -342,8 +353,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llm_assets.store import ArtifactStoreError
 
     store = build_definitions().resources["artifact_store"].get_store()
+    schemes = manifest.stages.quantize.schemes if manifest.stages.quantize is not None else []
+    if args.scheme is not None and args.scheme not in schemes:
+        print(f"--scheme {args.scheme}: the manifest's stages.quantize.schemes are "
+              f"{', '.join(schemes) or 'none (no quantize stage)'}", file=sys.stderr)
+        return EXIT_FAILED
     if args.model:
-        sha, what = args.model, "given by --model"
+        if args.scheme is not None:
+            print("--scheme picks the quantized model of a release's model: use it with --size, not --model (pass a "
+                  "quantized model's own hash to --model instead)", file=sys.stderr)
+            return EXIT_FAILED
+        sha, what, release = args.model, "given by --model", None
     else:
         sizes = sorted(manifest.model_sizes)
         size = args.size or (sizes[0] if len(sizes) == 1 else None)
@@ -356,14 +376,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "or serve a model artifact with --model HASH", file=sys.stderr)
             return EXIT_FAILED
         sha, what = read_release(store, release)["model"]["sha256"], f"current release {release[:12]} of {size}"
+        if args.scheme is not None:
+            import dagster as dg
+
+            from llm_assets.serving.quantized import QuantizedModelNotFoundError, quantized_model_sha256
+
+            try:
+                with dg.DagsterInstance.get() as instance:
+                    sha, what = quantized_model_sha256(instance, size, args.scheme, sha), f"{what}, {args.scheme}"
+            except QuantizedModelNotFoundError as exc:
+                print(f"cannot serve {size} as {args.scheme}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
     try:
         model_dir = store.local_dir(sha, verify=True)  # the hash gate: serve only the recorded bytes
     except ArtifactStoreError as exc:  # InvalidKeyError (a malformed hash) is one too
         print(f"cannot serve model {sha[:12]}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     config = ServeConfig(api_key=os.environ.get("LLM_ASSETS_API_KEY") or None, max_tokens=args.max_tokens,
-                         max_batch_size=args.max_batch_size, request_log=Path(args.request_log))
-    print(f"serving model {sha[:12]} ({what}) on http://{args.host}:{args.port}/v1; request log {args.request_log}")
+                         max_batch_size=args.max_batch_size, log_dir=Path(args.log_dir), log_prompts=args.log_prompts,
+                         release=release, scheme=args.scheme)
+    print(f"serving model {sha[:12]} ({what}) on http://{args.host}:{args.port}/v1; request and feedback logs in "
+          f"{args.log_dir}")
     serve(model_dir, sha, host=args.host, port=args.port, config=config)
     return EXIT_OK
 
@@ -453,13 +486,19 @@ def main(argv: list[str] | None = None) -> int:
     which = serve.add_mutually_exclusive_group()
     which.add_argument("--size", help="model size whose current release to serve (default: the manifest's only size)")
     which.add_argument("--model", help="sha256 of a model artifact in the store, instead of a release")
+    serve.add_argument("--scheme", help="serve the release's model quantized by this scheme of stages.quantize "
+                                        "(int8, gptq-4bit): its quantized_model artifact")
     serve.add_argument("--host", default="127.0.0.1",
                        help="interface to bind (default 127.0.0.1); set LLM_ASSETS_API_KEY before binding another")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-tokens", type=int, default=256, help="cap on a request's max_tokens (default 256)")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
-    serve.add_argument("--request-log", default=str(PROJECT_ROOT / ".serve" / "requests.jsonl"),
-                       help="JSONL request log (default .serve/requests.jsonl)")
+    serve.add_argument("--max-batch-size", type=int, default=8,
+                       help="sequences decoded together: slots of the running batch (default 8)")
+    serve.add_argument("--log-dir", default=str(PROJECT_ROOT / ".serve" / "logs"),
+                       help="durable request and feedback logs, rotated into closed requests-*.jsonl and "
+                            "feedback-*.jsonl files (default .serve/logs)")
+    serve.add_argument("--log-prompts", action="store_true",
+                       help="also log prompt and answer texts (they may hold personal data)")
     partitions = sub.add_parser("partitions", help="manage the corpus_shards partitions of the instance")
     partitions_sub = partitions.add_subparsers(dest="partitions_command", required=True)
     prune = partitions_sub.add_parser(

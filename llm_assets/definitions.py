@@ -12,6 +12,7 @@ import dagster as dg
 from dagster_k8s import k8s_job_executor
 
 from llm_assets.checks import build_hash_gates
+from llm_assets.base_model import assets as base_model
 from llm_assets.compute import data_step_configs
 from llm_assets.data import assets as data
 from llm_assets.evaluation import assets as evaluation
@@ -28,6 +29,7 @@ from resources.alert_sinks import AlertSinksResource
 from resources.handles import ArtifactHandleIOManager
 from resources.pipeline import PipelineResource
 from resources.quantize_environment import QuantizeEnvironmentResource
+from resources.tracking import TrackingResource
 
 
 def build_resources(settings: Settings, manifest: PipelineManifest | None = None) -> dict[str, object]:
@@ -43,6 +45,8 @@ def build_resources(settings: Settings, manifest: PipelineManifest | None = None
         "alert_sinks": AlertSinksResource(
             jsonl_path=settings.alerts_jsonl, webhook_url=settings.alert_webhook_url
         ),
+        # MLflow runs of the tracked stages; its URI and experiment come from the environment at run time.
+        "tracking": TrackingResource(),
     }
 
 
@@ -64,7 +68,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     manifest = load_manifest(settings.manifest)
     lineage = with_hash_gates(dg.Definitions.merge(
-        *(stage.build_defs(manifest) for stage in (data, tokenizer, pretrain, posttrain, evaluation, quantize)),
+        *(stage.build_defs(manifest) for stage in (data, tokenizer, base_model, pretrain, posttrain, evaluation, quantize)),
         dg.Definitions(resources=build_resources(settings, manifest)),
     ))
     # The release reads back the verdict of every check of its lineage: it gets that graph.

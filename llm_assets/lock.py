@@ -18,11 +18,12 @@ import dagster as dg
 
 from llm_assets.checks.gates import GateOverride, list_overrides
 from llm_assets.checks.results import check_verdicts
+from llm_assets.cost_gate import META_COST_USD, META_ESTIMATED_COST_USD
 from llm_assets.manifest import PipelineManifest
 from llm_assets.release_pointer import current_release
 from llm_assets.settings import code_revision
 from llm_assets.store import ArtifactStore
-from resources.handles import META_BUILD_SECONDS, META_GIT_COMMIT, input_records, latest_materializations
+from resources.handles import META_BUILD_SECONDS, META_GIT_COMMIT, current_materializations, input_records
 
 LOCK_FORMAT = 1
 ENTRY_FIELDS = ("asset", "partition", "group", "sha256", "inputs", "checks", "overrides")
@@ -38,7 +39,8 @@ def build_lock(defs: dg.Definitions, instance: dg.DagsterInstance, manifest: Pip
     overrides = list_overrides(store)
     entries = []
     for key in graph.toposorted_asset_keys:
-        for partition, mat in sorted(latest_materializations(instance, key).items(), key=lambda i: i[0] or ""):
+        current = current_materializations(instance, key, graph.get(key).partitions_def)
+        for partition, mat in sorted(current.items(), key=lambda i: i[0] or ""):
             meta = {k: v.value for k, v in mat.metadata.items()}
             sha = str(meta.get("sha256", ""))
             entries.append({
@@ -51,7 +53,9 @@ def build_lock(defs: dg.Definitions, instance: dg.DagsterInstance, manifest: Pip
                 "code_version": meta.get("code_version"),
                 "git_commit": meta.get(META_GIT_COMMIT),
                 "wall_seconds": meta.get(META_BUILD_SECONDS, meta.get("wall_seconds")),  # of the build
-                "cost_usd": float(meta.get("cost_usd", 0.0)),  # CPU steps are not billed
+                # What building the artifact cost (docs/costs.md); 0 for one built before costs were recorded.
+                "cost_usd": float(meta.get(META_COST_USD, 0.0)),
+                "estimated_cost_usd": meta.get(META_ESTIMATED_COST_USD),  # None: a step without an estimate
                 "cache_hit": meta.get("cache_hit"),
                 "checks": [v.as_record() for v in check_verdicts(instance, graph, key, partition)],
                 "overrides": [asdict(o) for o in overrides

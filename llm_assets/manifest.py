@@ -16,8 +16,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -51,6 +53,9 @@ class PythonStdlibSource(Strict):
     include_tests: bool = Field(False, description="Also ingest the stdlib's own test suite")
     include: list[str] | None = Field(
         None, description="Only files whose stdlib-relative path matches one of these globs, e.g. 'json/*'"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Leave out files whose stdlib-relative path matches one of these globs"
     )
     shard_mb: float = Field(2.0, gt=0, description="Target size of one raw shard, in MB of source")
     min_docstring_chars: int = Field(
@@ -96,7 +101,8 @@ _SOURCE_KINDS = {"python_stdlib", "local", "s3"}
 
 class IngestRecipe(Strict):
     max_doc_bytes: int = Field(
-        2_000_000, gt=0, description="Documents larger than this are split at line boundaries"
+        500_000, gt=0, description="Documents larger than this are split at line boundaries; at most "
+        "stages.clean.max_chars, so that every piece can pass cleaning"
     )
     chunk_mb: float = Field(
         64.0, gt=0, description="JSONL/text files larger than this become several shards (streamed)"
@@ -121,6 +127,16 @@ class CleanRecipe(Strict):
         default_factory=lambda: list(PII_KINDS),
         description="PII kinds replaced by a typed placeholder; the residual scan always looks for all",
     )
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FR", "JP"],
+        description="ISO 3166-1 regions whose national phone formats (no '+') are recognised",
+    )
+    # Language identification (lingua): documents judged to be in no target language are dropped.
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], min_length=1, description="Target languages, ISO 639-1 codes"
+    )
+    language_min_letters: int = Field(200, ge=0, description="Fewer letters than this: not judged, kept")
+    language_min_confidence: float = Field(0.5, ge=0, le=1, description="A less sure verdict: not judged, kept")
     # Gopher-style quality heuristics; a document failing any is dropped (and counted by reason).
     min_chars: int = Field(50, ge=0)
     max_chars: int = Field(500_000, gt=0)
@@ -132,10 +148,15 @@ class CleanRecipe(Strict):
     # Bounds of the kept fraction per shard: outside them, a (non-blocking) check warns and alerts.
     min_kept_fraction: float = Field(0.5, ge=0, le=1)
     max_kept_fraction: float = Field(1.0, ge=0, le=1)
+    # Per target language, the fraction of its documents the quality filters keep: below it, a check
+    # warns that the filters discriminate against that language.
+    min_language_kept_fraction: float = Field(0.5, ge=0, le=1)
 
     def fingerprint_config(self) -> dict:
         """What changes the cleaned text: everything but the alert bounds."""
-        return self.model_dump(mode="json", exclude={"min_kept_fraction", "max_kept_fraction"})
+        return self.model_dump(
+            mode="json", exclude={"min_kept_fraction", "max_kept_fraction", "min_language_kept_fraction"}
+        )
 
 
 class DedupRecipe(Strict):
@@ -187,14 +208,25 @@ class EvalSetSpec(Strict):
 
 
 class ContaminationRecipe(Strict):
-    """n-gram overlap between the training split and every evaluation set."""
+    """n-gram overlap between the training split and every evaluation set: the held-out splits and
+    the manifest's eval sets (checked by dataset_splits), the eval report's lm-eval tasks and the
+    shipped prompt files (checked by the evaluation stage)."""
 
     ngram: int = Field(13, gt=0)
     doc_overlap: float = Field(
-        0.8, gt=0, le=1, description="An eval document with this fraction of its n-grams in train is contaminated"
+        0.5, gt=0, le=1,
+        description="An eval document with this fraction of its n-grams in train is contaminated: most of it was seen",
+    )
+    min_words: int = Field(
+        8, gt=0, description="An eval text shorter than ngram words is looked for whole when it has this many words"
     )
     max_contaminated_fraction: float = Field(
-        0.02, ge=0, le=1, description="Blocking gate: contaminated documents per eval set at most this fraction"
+        0.001, ge=0, le=1, description="Blocking gate: contaminated documents per eval set at most this fraction"
+    )
+    contaminated_held_out: Literal["drop", "keep"] = Field(
+        "drop", description="drop: a val/test document that overlaps train this much leaves its split (named in the "
+        "metadata), as text a corpus repeats across files (shared docstrings, boilerplate) is no held-out text; "
+        "keep: it stays and the gate judges it",
     )
     eval_sets: list[EvalSetSpec] = Field(
         default_factory=list, description="Besides the held-out val and test splits, which are always checked"
@@ -252,6 +284,42 @@ class ModelSize(Strict):
         attention = d * d * 2 + d * kv * 2
         mlp = 3 * d * self.intermediate_size
         return self.num_layers * (attention + mlp) + d * self.vocab_size
+
+
+class BaseModelSize(Strict):
+    """A model size that starts from an existing causal LM instead of being pretrained here: the
+    `base_model` asset imports it (llm_assets/base_model/); its architecture is its config.json's."""
+
+    base_model: str = Field(min_length=1, description="A model directory (relative to the manifest), an "
+                            "s3://bucket/prefix, or a Hugging Face hub id (downloaded when the machine is online)")
+    endpoint_url: str | None = Field(None, description="The S3 endpoint of an s3:// base_model; default "
+                                     "$LLM_ASSETS_S3_ENDPOINT_URL, else AWS's")
+
+    @field_validator("base_model")
+    @classmethod
+    def _local_against_manifest(cls, source: str, info: ValidationInfo) -> str:
+        # A path is resolved like every path of the manifest; an s3:// prefix or a hub id (`name` or
+        # `org/name` that is no existing directory) is kept as written.
+        if source.startswith("s3://"):
+            return source
+        resolved = _against_manifest(source, info)
+        looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(resolved).exists()
+        return resolved if looks_like_path else source
+
+
+def _model_size_form(value: Any) -> str:
+    """Which of the two forms a model_sizes entry is: one naming a base_model, or an architecture."""
+    named = value.get("base_model") if isinstance(value, dict) else getattr(value, "base_model", None)
+    return "base-model-size" if named is not None else "pretrained-size"
+
+
+# A model_sizes entry: an architecture pretrained here, or a base model imported.
+AnyModelSize = Annotated[
+    Annotated[ModelSize, Tag("pretrained-size")] | Annotated[BaseModelSize, Tag("base-model-size")],
+    Discriminator(_model_size_form),
+]
+# pydantic puts the form's tag in an error's location; it is no field of the file.
+_MODEL_SIZE_FORMS = {"pretrained-size", "base-model-size"}
 
 
 class PretrainRecipe(Strict):
@@ -361,7 +429,7 @@ class JsonlDataSource(Strict):
         return _against_manifest(path, info)
 
 
-RejectedFrom = Literal["shuffled_words", "other_object"]
+RejectedFrom = Literal["hard_negatives", "sibling_object", "perturbed_fact"]
 
 
 class PosttrainDataRecipe(Strict):
@@ -378,8 +446,10 @@ class PosttrainDataRecipe(Strict):
         True, description="Ask what a documented function, class or module does; answer with its docstring"
     )
     rejected_from: RejectedFrom = Field(
-        "shuffled_words",
-        description="Derived preference pairs reject the answer's words shuffled, or another object's answer",
+        "hard_negatives",
+        description="Derived preference pairs reject a fluent, on-topic wrong answer: a same-module object's "
+                    "answer of comparable length (sibling_object), the answer with one fact changed "
+                    "(perturbed_fact), or either by a seeded hash (hard_negatives)",
     )
     max_examples: int = Field(4000, gt=0, description="Per data set and split, after dedup")
     max_answer_chars: int = Field(400, gt=0, description="Derived answers: the docstring's first paragraphs, cut here")
@@ -472,6 +542,17 @@ class Stages(Strict):
     serving: ServingRecipe | None = None
     quantize: QuantizeRecipe | None = None
 
+    @model_validator(mode="after")
+    def _pieces_fit_cleaning(self) -> Stages:
+        # A character is at least one byte: pieces of at most max_doc_bytes are never too long to clean.
+        if self.ingest.max_doc_bytes > self.clean.max_chars:
+            raise ValueError(
+                f"ingest.max_doc_bytes ({self.ingest.max_doc_bytes}) exceeds clean.max_chars "
+                f"({self.clean.max_chars}): the pieces a long document is cut into would be dropped as too long; "
+                "lower ingest.max_doc_bytes or raise clean.max_chars"
+            )
+        return self
+
 
 class GateSpec(Strict):
     """A numeric threshold, fixed before the run: absolute bounds, and bounds relative to a
@@ -479,12 +560,19 @@ class GateSpec(Strict):
 
     min: float | None = None
     max: float | None = None
-    baseline: Literal["release"] | None = Field(
-        None, description="release: the figure this gate recorded for the current release of the same model size"
+    baseline: Literal["release", "untrained", "unigram", "base"] | None = Field(
+        None, description="release: the figure this gate recorded for the current release of the same model size; "
+        "untrained: the same figure of the same architecture at initialisation, on the same held-out data; "
+        "unigram: a unigram model of the training tokens, on the same held-out data; "
+        "base: the model this one was trained from (SFT: the pretrained checkpoint), on the same held-out data. "
+        "The stage measures untrained, unigram and base itself; a check that does not measure the kind fails"
     )
     min_delta: float | None = None
     max_delta: float | None = None
-    blocking: bool = True
+    blocking: bool = Field(
+        True, description="false: a failure is a warning (shown, alerted) that holds neither the next step "
+        "nor the release"
+    )
 
     @model_validator(mode="after")
     def _one_bound(self) -> GateSpec:
@@ -492,17 +580,25 @@ class GateSpec(Strict):
             raise ValueError("a gate needs a threshold: set min, max, or a baseline with min_delta/max_delta")
         relative = self.min_delta is not None or self.max_delta is not None
         if relative and self.baseline is None:
-            raise ValueError("min_delta/max_delta are relative to a baseline: add `baseline: release`")
+            raise ValueError("min_delta/max_delta are relative to a baseline: add `baseline: release` "
+                             "(or untrained, unigram, base)")
         if self.baseline is not None and not relative:
             raise ValueError("a baseline needs min_delta (value ≥ baseline + δ) or max_delta (value ≤ baseline + δ)")
         return self
 
 
 class Budget(Strict):
-    usd_cap: float = Field(gt=0, description="Refuse plans whose estimate exceeds this")
+    """What compute costs and the most a pipeline may spend (see docs/costs.md)."""
+
+    usd_cap: float = Field(gt=0, description="Refuse a plan whose estimate, and a training, evaluation or "
+                           "quantization step whose estimate plus what is spent, exceeds this")
     usd_per_gpu_hour: float = Field(gt=0)
     peak_flops_per_gpu: float = Field(gt=0, description="Peak FLOP/s of one accelerator (bf16)")
     assumed_mfu: float = Field(gt=0, le=1, description="Model FLOPs utilisation assumed for estimates")
+    usd_per_cpu_hour: float = Field(0.05, gt=0, description="Price of one CPU core for an hour: steps without GPUs "
+                                    "are estimated and billed in CPU-hours")
+    cpu_flops_per_core: float = Field(1.5e10, gt=0, description="Training FLOP/s one CPU core achieves (measured "
+                                      "on a tiny model's training step, docs/costs.md), for CPU estimates")
 
 
 class StageCompute(Strict):
@@ -523,10 +619,24 @@ class StageCompute(Strict):
         return max(1, min(self.gpus, cuda_devices)) if cuda_devices else 1
 
 
+class DataCompute(StageCompute):
+    """The data steps' pods, and where their work runs (llm_assets/data/engine.py). Neither setting
+    changes an artifact, so neither enters a fingerprint."""
+
+    engine: Literal["in_process", "ray"] = Field(
+        "in_process", description="in_process: in the step's own process; ray: as Ray tasks on the cluster at "
+        "$RAY_ADDRESS, launched from the step (bit-identical artifacts)",
+    )
+    max_worker_memory_mb: int = Field(
+        1024, ge=1, description="Memory one dedup clustering task may hold: sets how many band-bucket partitions "
+        "the signatures are spilled into (docs/data.md, sizing)",
+    )
+
+
 class Compute(Strict):
     """Per kind of stage, the pod resources of its steps on Kubernetes (ignored on a laptop)."""
 
-    data: StageCompute = StageCompute(cpu="1", memory="4Gi")
+    data: DataCompute = DataCompute(cpu="1", memory="4Gi")
     training: StageCompute = StageCompute(
         gpus=1, cpu="8", memory="64Gi", node_selector={"nvidia.com/gpu.present": "true"}
     )
@@ -541,6 +651,10 @@ STAGE_GATES = {
     "policy": ("policy_kl", "max"),
     "quantize": ("quantized_perplexity_increase", "max"),
 }
+# The gates an evaluated model must have besides: a lower bound on the refusal rate on held-out
+# harmful prompts (absolute, or against a baseline) and an upper bound on it on benign prompts, so
+# that neither a model that refuses nothing nor one that refuses everything is released.
+SAFETY_GATES = {"safety.refusal_rate": ("min", "min_delta"), "safety.benign_refusal_rate": ("max", "max_delta")}
 # The quantization gates: figures of one quantized model against its own full-precision model.
 QUANTIZE_GATES = ("quantized_perplexity_increase", "quantized_accuracy_drop")
 
@@ -555,7 +669,7 @@ class PipelineManifest(Strict):
         "stop: nothing runs; skip: the other sources are ingested and the run still ends in failure, naming it",
     )
     stages: Stages = Stages()
-    model_sizes: dict[str, ModelSize] = Field(default_factory=dict)
+    model_sizes: dict[str, AnyModelSize] = Field(default_factory=dict)
     gates: dict[str, GateSpec] = Field(default_factory=dict)
     compute: Compute = Compute()
     budget: Budget
@@ -577,10 +691,20 @@ class PipelineManifest(Strict):
         index = next((i for i, s in enumerate(self.sources) if s.name == name), None)
         return f"sources[{index}]" if index is not None else "the manifest"
 
+    @property
+    def pretrained_sizes(self) -> dict[str, ModelSize]:
+        """The sizes pretrained here, with the project's tokenizer."""
+        return {name: size for name, size in self.model_sizes.items() if isinstance(size, ModelSize)}
+
+    @property
+    def base_model_sizes(self) -> dict[str, BaseModelSize]:
+        """The sizes that start from an imported base model, with its own tokenizer."""
+        return {name: size for name, size in self.model_sizes.items() if isinstance(size, BaseModelSize)}
+
     @model_validator(mode="after")
     def _models_hold_the_vocabulary(self) -> PipelineManifest:
         vocab = self.stages.tokenizer.vocab_size
-        small = [name for name, size in self.model_sizes.items() if size.vocab_size < vocab]
+        small = [name for name, size in self.pretrained_sizes.items() if size.vocab_size < vocab]
         if small:
             raise ValueError(
                 f"model_sizes {', '.join(small)} have vocab_size below stages.tokenizer.vocab_size ({vocab})"
@@ -610,6 +734,11 @@ class PipelineManifest(Strict):
                 missing.append((stage, gate, bound))
             elif getattr(self.gates[gate], bound) is None:
                 misbound.append((stage, gate, bound))
+        for gate, bounds in SAFETY_GATES.items() if self.stages.evaluation is not None else ():
+            if gate not in self.gates:
+                missing.append(("evaluation", gate, bounds[0]))
+            elif all(getattr(self.gates[gate], bound) is None for bound in bounds):
+                misbound.append(("evaluation", gate, bounds[0]))
         problems = [
             f"gates.{gate}: expected {bound}, got {_flow(self.gates[gate].model_dump(exclude_unset=True))} "
             f"(stages.{stage} is configured and needs {'an upper' if bound == 'max' else 'a lower'} bound on "
@@ -640,7 +769,7 @@ class PipelineManifest(Strict):
         if "gptq-4bit" in recipe.schemes:
             g = recipe.group_size
             misfit = [f"{name} (hidden_size {size.hidden_size}, intermediate_size {size.intermediate_size})"
-                      for name, size in self.model_sizes.items()
+                      for name, size in self.pretrained_sizes.items()
                       if size.hidden_size % g or size.intermediate_size % g]
             if misfit:
                 raise ValueError(f"stages.quantize.group_size {g} must divide the layer widths of every model size; "
@@ -754,7 +883,7 @@ def _format_error(path: Path, root: yaml.Node, error: dict[str, Any]) -> str:
     at = (error.get("ctx") or {}).get("at")
     if at is not None:  # a check across fields that names the field to fix
         return f"{path}:{_key_node(root, tuple(at)).start_mark.line + 1}: {error['msg']}"
-    loc = tuple(p for p in error["loc"] if p not in _SOURCE_KINDS)
+    loc = tuple(p for p in error["loc"] if p not in _SOURCE_KINDS | _MODEL_SIZE_FORMS)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         node = _key_node(root, loc)

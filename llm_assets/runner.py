@@ -30,7 +30,7 @@ from llm_assets.data.sources import (
 from llm_assets.killed_drivers import DRIVER_PROCESS_TAG, driver_process
 from llm_assets.sensors import DRIVER_ALERTS, DRIVER_ALERTS_TAG, send_run_alerts
 from resources.alert_sinks import AlertSinksResource
-from resources.handles import latest_materializations
+from resources.handles import current_materializations
 from resources.pipeline import PipelineResource
 
 RUN_TAG = "llm-assets/driver"
@@ -230,8 +230,19 @@ def run_checks(
         run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
     )
     graph = defs.resolve_asset_graph()
-    send_run_alerts(instance, result.run_id, [c for k in asset_keys for c in graph.get(k).check_keys], alert_sinks)
+    _alert_unless_green(instance, result, [c for k in asset_keys for c in graph.get(k).check_keys], alert_sinks)
     return result
+
+
+def _alert_unless_green(
+    instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult, check_keys: Sequence[dg.AssetCheckKey],
+    alert_sinks: AlertSinksResource | None, log: Callable[[str], None] = print,
+) -> None:
+    """Send a finished run's alerts; a green run (every step succeeded, every check passed) has
+    none, and costs no query."""
+    if result.success and all(e.passed for e in result.get_asset_check_evaluations()):
+        return
+    send_run_alerts(instance, result.run_id, check_keys, alert_sinks, log)
 
 
 def verify_checks(
@@ -242,7 +253,7 @@ def verify_checks(
     check_steps = _check_steps(defs)
     problems: list[CheckProblem] = []
     for key in asset_graph.toposorted_asset_keys:
-        partitions = latest_materializations(instance, key).keys()
+        partitions = current_materializations(instance, key, asset_graph.get(key).partitions_def).keys()
         for partition in sorted(partitions, key=lambda p: p or ""):
             result = run_checks(defs, instance, [key], partition, console_log_level="CRITICAL",
                                 alert_sinks=alert_sinks)
@@ -305,8 +316,7 @@ def materialize_graph(
             )
             run_problems = check_problems(result, check_steps, partition)
             problems.extend(run_problems)
-            if run_problems or not result.success:  # a green run has nothing to alert: no query
-                send_run_alerts(instance, result.run_id, [c for k in wave for c in asset_graph.get(k).check_keys],
+            _alert_unless_green(instance, result, [c for k in wave for c in asset_graph.get(k).check_keys],
                                 alert_sinks, log)
             for event in result.get_asset_materialization_events():
                 mat = event.step_materialization_data.materialization

@@ -12,7 +12,7 @@ failure, so with the daemon and the CLI both running nothing is sent twice.
 
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -98,15 +98,28 @@ def run_alerts(
 ) -> list[Alert]:
     """What the sensor sends for one run, formatted as it does: every failed evaluation of
     `check_keys` in the run, then the run's failure if it failed."""
-    records = [
-        r for key in check_keys
-        for r in instance.event_log_storage.get_asset_check_execution_history(key, limit=_HISTORY_LIMIT)
-        if r.run_id == run_id and r.status == AssetCheckExecutionRecordStatus.FAILED
-    ]
+    run = instance.get_run_record_by_id(run_id)
+    started = run.create_timestamp.timestamp() if run is not None else 0.0
+    records = [r for key in check_keys for r in _failed_since(instance, key, run_id, started)]
     alerts = [check_alert(r) for r in sorted(records, key=lambda r: r.id)]
     failures = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
     alerts.extend(run_alert(r) for r in failures[-1:])
     return alerts
+
+
+def _failed_since(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, run_id: str, started: float
+) -> Iterator[AssetCheckExecutionRecord]:
+    """The failed executions of one check in one run, paging back (newest first) to the run's
+    start: a run with many partitions, or an old run swept late, is not cut off by the page size."""
+    cursor = None
+    while True:
+        page = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=_HISTORY_LIMIT, cursor=cursor, status={AssetCheckExecutionRecordStatus.FAILED})
+        yield from (r for r in page if r.run_id == run_id)
+        if len(page) < _HISTORY_LIMIT or page[-1].create_timestamp < started:
+            return
+        cursor = page[-1].id
 
 
 def _driver_alerted(instance: dg.DagsterInstance, run_ids: set[str]) -> set[str]:

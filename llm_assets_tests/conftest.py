@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# MLflow tracking costs seconds per step process; test_tracking.py turns it on against its own server.
+os.environ.setdefault("LLM_ASSETS_TRACKING", "off")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each (and in every process a test starts), instead of
     # two workers' thread pools spinning against each other.
@@ -44,6 +46,9 @@ TEST_MANIFEST = {
     "stages": {"splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
     "budget": {"usd_cap": 1.0, "usd_per_gpu_hour": 2.0, "peak_flops_per_gpu": 1e15, "assumed_mfu": 0.4},
 }
+# The safety gates every manifest that evaluates must carry, set so that they judge and never
+# hold the tiny models of a test (the tests of the gates themselves set real thresholds).
+SAFETY_GATES = {"safety.refusal_rate": {"min": 0.0}, "safety.benign_refusal_rate": {"max": 1.0}}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,11 @@ def test_partitions_prune_removes_the_partitions_of_a_removed_source(cli, manife
     assert "nothing to prune" in capsys.readouterr().out
     assert main([*cli, "materialize", "--select", "key:raw_corpus"]) == EXIT_OK
     assert "that no source produces" not in capsys.readouterr().out
+    # The pruned shards' materializations stay in the event log; they are part of nothing any more.
+    lock_path = manifest_path.parent / "run.lock.json"
+    assert main([*cli, "lock", "--output", str(lock_path)]) == EXIT_OK
+    locked = {(e["asset"], e["partition"]) for e in json.loads(lock_path.read_text())["assets"]}
+    assert ("raw_corpus", "stdlib-0000") in locked and not any(p in ("docs-a.txt", "docs-b.txt") for _, p in locked)
+    capsys.readouterr()
+    assert main([*cli, "verify"]) == EXIT_OK
+    assert "docs-a.txt" not in capsys.readouterr().out

@@ -53,6 +53,16 @@ def test_typo_names_field_line_and_suggestion(tmp_path):
     assert "did you mean 'max_doc_bytes'" in message
 
 
+def test_cut_pieces_longer_than_cleaning_keeps_are_refused(tmp_path):
+    cut_long = "max_doc_bytes: 2000000\n  clean:\n    max_chars: 1000"
+    path = write(tmp_path, GOOD.replace("max_doc_bytes: 100000", cut_long))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert "ingest.max_doc_bytes (2000000) exceeds clean.max_chars (1000)" in message
+    assert "lower ingest.max_doc_bytes or raise clean.max_chars" in message
+
+
 def test_wrong_type_names_field_line_and_value(tmp_path):
     path = write(tmp_path, GOOD.replace("usd_cap: 10", "usd_cap: lots"))
     with pytest.raises(ManifestError) as err:
@@ -183,15 +193,17 @@ def test_an_eval_gate_without_the_evaluation_stage_is_refused(tmp_path):
     shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
     start, end = shipped.index("  evaluation:\n"), shipped.index("# The sweep")
     without_eval = shipped[:start] + "\n" + shipped[end:]
-    with pytest.raises(ManifestError, match=r"gates heldout_perplexity\.bits_per_byte name eval_report figures "
+    with pytest.raises(ManifestError, match=r"gates heldout_perplexity\.bits_per_byte, heldout_perplexity\."
+                                              r"byte_perplexity, safety\.benign_refusal_rate, "
+                                              r"safety\.refusal_rate name eval_report figures "
                                               r"\(task\.metric\) but stages\.evaluation is not configured"):
         load_manifest(write(tmp_path, without_eval))
 
 
 def test_a_relative_gate_needs_its_baseline_and_a_delta(tmp_path):
     shipped = (PROJECT_ROOT / "pipeline.yaml").read_text()
-    gate = "  heldout_perplexity.bits_per_byte: {max: 4.0, baseline: release, max_delta: 0.05}"
-    assert load_manifest(PROJECT_ROOT / "pipeline.yaml").gates["heldout_perplexity.bits_per_byte"].max_delta == 0.05
+    gate = "  heldout_perplexity.bits_per_byte: {baseline: unigram, max_delta: -0.1}"
+    assert load_manifest(PROJECT_ROOT / "pipeline.yaml").gates["heldout_perplexity.bits_per_byte"].max_delta == -0.1
 
     def with_gate(line: str):
         assert gate in shipped

@@ -107,6 +107,18 @@ def latest_materializations(
     return {latest.asset_materialization.partition: latest.asset_materialization}
 
 
+def current_materializations(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None
+) -> dict[str | None, dg.AssetMaterialization]:
+    """The latest materialization of each partition the asset still has: a corpus shard removed
+    since (``llm-assets partitions prune``) is no longer part of the graph, whatever it left behind."""
+    latest = latest_materializations(instance, asset_key)
+    if partitions_def is None:
+        return latest
+    existing = set(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+    return {partition: mat for partition, mat in latest.items() if partition in existing}
+
+
 def current_handles(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions: Sequence[str] | None = None
 ) -> dict[str | None, ArtifactHandle]:

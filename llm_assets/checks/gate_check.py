@@ -2,9 +2,9 @@
 reads figures off the materialization under check and judges them against the manifest's gates.
 
 Each stage states only what is its own (which gates, how to read its figures, what else makes
-the artifact unusable); the rest — the partition under check, the thresholds, relative gates
-against the current release, a reviewer's override, the metadata the release and the run lock
-read back — is here.
+the artifact unusable, which baselines it measured); the rest — the partition under check, the
+thresholds, relative gates against the current release or those baselines, a reviewer's
+override, the metadata the release and the run lock read back — is here.
 """
 
 from collections.abc import Callable, Sequence
@@ -26,6 +26,9 @@ class Figures:
     values: dict[str, float]  # gate name -> the figure it judges (NaN when there is none)
     # Further problems of a gate, judged (and overridable) with it.
     problems: dict[str, list[str]] = field(default_factory=dict)
+    # The baselines the stage measured on the same held-out data, gate name -> kind -> figure
+    # (kinds: untrained, unigram, base): a gate whose manifest entry names one is judged against it.
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     # Problems that make the artifact unusable whatever a reviewer says: no override covers them.
     broken: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)  # shown with the verdict, besides the gates'
@@ -51,12 +54,15 @@ def gate_check(
         if mat is None:
             return nothing_to_check(asset.key)
         figures = read(mat)
-        judged = judge_gates(artifact_store.get_store(), pipeline.load().gates, figures.values, mat.partition,
-                             mat.metadata["sha256"].value, figures.problems)
+        gates = pipeline.load().gates
+        judged = judge_gates(artifact_store.get_store(), gates, figures.values, mat.partition,
+                             mat.metadata["sha256"].value, figures.problems, figures.baselines)
         problems = figures.broken + ([judged.description] if judged.description and not judged.passed else [])
+        warn = not figures.broken and judged.warns_only(gates)
         return dg.AssetCheckResult(
             passed=not problems,
-            severity=dg.AssetCheckSeverity.ERROR,
+            # A WARN failure neither holds the next step (Dagster blocks on ERROR) nor the release.
+            severity=dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR,
             description="; ".join(problems) or judged.description or figures.summary,
             metadata={**figures.metadata, **judged.metadata},
         )

@@ -1,5 +1,7 @@
-"""Numeric gates: a metric against a threshold the manifest fixed before the run, and the
-overrides a named reviewer can record for one gate on one artifact.
+"""Numeric gates: a metric against a threshold the manifest fixed before the run (absolute, or
+relative to a baseline: the current release, or a model the stage measures on the same held-out
+data: untrained, unigram, base), and the overrides a named reviewer can record for one gate on
+one artifact.
 
 An override is bound to the artifact it was given for (the gate's asset, partition and sha256):
 a retrained model is judged afresh. Overrides live in the artifact store next to the artifacts
@@ -61,14 +63,11 @@ def gate_metadata(gates: dict[str, GateSpec], name: str, baseline: float | None 
     return metadata
 
 
-def baseline_figure(store: ArtifactStore, gates: dict[str, GateSpec], name: str, partition: str | None,
-                    sha256: str) -> float | None:
-    """The figure a relative gate is measured from: what this gate recorded for the current
-    release of the same model size. None before the first release, when the figure was not
-    finite, and when the artifact under judgment is part of that release (it would be measured
-    against itself)."""
-    gate = gates.get(name)
-    if gate is None or gate.baseline != "release" or partition is None:
+def release_figure(store: ArtifactStore, name: str, partition: str | None, sha256: str) -> float | None:
+    """What gate `name` recorded for the current release of the same model size. None before the
+    first release, when the figure was not finite, and when the artifact under judgment is part of
+    that release (it would be measured against itself)."""
+    if partition is None:
         return None
     release = current_release_document(store, partition)
     if release is None or sha256 in {entry["sha256"] for entry in release.get("lineage", [])}:
@@ -77,39 +76,77 @@ def baseline_figure(store: ArtifactStore, gates: dict[str, GateSpec], name: str,
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def baseline_figure(store: ArtifactStore, gate: GateSpec, name: str, partition: str | None, sha256: str,
+                    measured: dict[str, float]) -> tuple[float | None, list[str]]:
+    """The figure a relative gate is measured from, and why it cannot be judged. A release
+    baseline may be missing (before the first release: the relative bound waits for one); a
+    baseline the stage measures itself (`measured`: kind → figure) must be there and finite, or
+    the gate fails: a relative bound with nothing to compare with would pass anything."""
+    if gate.baseline is None:
+        return None, []
+    if gate.baseline == "release":
+        return release_figure(store, name, partition, sha256), []
+    label = partition or name
+    if gate.baseline not in measured:
+        kinds = ", ".join(sorted(measured)) or "none"
+        return None, [f"{label}: gates.{name} is relative to the {gate.baseline} baseline, which this check does not "
+                      f"measure (it measures: {kinds}; release works everywhere); change gates.{name}.baseline"]
+    value = measured[gate.baseline]
+    if not math.isfinite(value):
+        return None, [f"{label}: the {gate.baseline} baseline of {name} is {value}"]
+    return value, []
+
+
 @dataclass(frozen=True)
 class GateJudgement:
     passed: bool
     description: str  # empty when the gate simply holds
     metadata: dict[str, Any]  # the figure under `name`, the thresholds, any override
+    failed: tuple[str, ...] = ()  # the gates that did not hold
+
+    def warns_only(self, gates: dict[str, GateSpec]) -> bool:
+        """Every gate that failed is one the manifest marks `blocking: false`: the failure informs
+        (a WARN) and holds neither the next step nor the release."""
+        return bool(self.failed) and all(name in gates and not gates[name].blocking for name in self.failed)
 
 
 def judge_gate(store: ArtifactStore, gates: dict[str, GateSpec], name: str, value: float,
-               partition: str | None, sha256: str, other_problems: list[str] | None = None) -> GateJudgement:
-    """One gate on one artifact: its thresholds (absolute and against the baseline), plus any
-    problems the check found besides, unless a reviewer overrode this gate for this artifact."""
-    baseline = baseline_figure(store, gates, name, partition, sha256)
-    problems = [*(other_problems or []), *gate_problems(gates, name, value, partition or name, baseline)]
+               partition: str | None, sha256: str, other_problems: list[str] | None = None,
+               measured_baselines: dict[str, float] | None = None) -> GateJudgement:
+    """One gate on one artifact: its thresholds (absolute and against the baseline: the current
+    release's figure, or one of `measured_baselines`, kind → figure, that the stage measured on
+    the same held-out data), plus any problems the check found besides, unless a reviewer
+    overrode this gate for this artifact."""
+    gate = gates.get(name)
+    baseline, unjudged = (baseline_figure(store, gate, name, partition, sha256, measured_baselines or {})
+                          if gate is not None else (None, []))
+    problems = [*(other_problems or []), *unjudged, *gate_problems(gates, name, value, partition or name, baseline)]
     passed, why, override = verdict(store, name, partition, sha256, problems)
-    return GateJudgement(passed, why, {name: value, **gate_metadata(gates, name, baseline), **override})
+    return GateJudgement(passed, why, {name: value, **gate_metadata(gates, name, baseline), **override},
+                         () if passed else (name,))
 
 
 def judge_gates(store: ArtifactStore, gates: dict[str, GateSpec], figures: dict[str, float],
                 partition: str | None, sha256: str,
-                problems_by_gate: dict[str, list[str]] | None = None) -> GateJudgement:
+                problems_by_gate: dict[str, list[str]] | None = None,
+                baselines_by_gate: dict[str, dict[str, float]] | None = None) -> GateJudgement:
     """Several gates of one check on one artifact, each judged (and overridable) on its own; the
     metadata keys of each gate's thresholds and override are prefixed with its name (a single
     gate's are as `judge_gate` gives them)."""
+    problems_by_gate, baselines_by_gate = problems_by_gate or {}, baselines_by_gate or {}
     if len(figures) == 1:
         [(name, value)] = figures.items()
-        return judge_gate(store, gates, name, value, partition, sha256, (problems_by_gate or {}).get(name))
-    problems, metadata = [], {}
+        return judge_gate(store, gates, name, value, partition, sha256, problems_by_gate.get(name),
+                          baselines_by_gate.get(name))
+    problems, metadata, failed = [], {}, []
     for name, value in figures.items():
-        judged = judge_gate(store, gates, name, value, partition, sha256, (problems_by_gate or {}).get(name))
+        judged = judge_gate(store, gates, name, value, partition, sha256, problems_by_gate.get(name),
+                            baselines_by_gate.get(name))
         if not judged.passed:
             problems.append(judged.description)
+            failed.append(name)
         metadata.update({k if k.startswith((name, "gate_")) else f"{name}.{k}": v for k, v in judged.metadata.items()})
-    return GateJudgement(not problems, "; ".join(problems), metadata)
+    return GateJudgement(not problems, "; ".join(problems), metadata, tuple(failed))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Each gate is partitioned like its asset, so the UI shows a verdict per partition
 at is decided by ``checks.scope``.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import dagster as dg
 
@@ -91,9 +91,7 @@ def _input_chain_check(
     )
     def input_chain(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         checked = materializations_under_check(context, asset_key, partitions_def is not None)
-        current = {
-            key.to_user_string(): current_handles(context.instance, key) for key in parent_keys
-        }
+        current = _consumed_parents_now(context.instance, parent_keys, checked)
         problems = []
         for mat in checked:
             records = input_records(mat)
@@ -113,6 +111,24 @@ def _input_chain_check(
         return _result(checked, problems, "input chain(s)")
 
     return input_chain
+
+
+def _consumed_parents_now(
+    instance: dg.DagsterInstance, parent_keys: Sequence[dg.AssetKey], checked: Iterable[dg.AssetMaterialization]
+) -> dict[str, dict[str | None, ArtifactHandle]]:
+    """The current handles of the parent partitions the checked materializations consumed, per
+    parent: only those are looked up, so a check of one shard does not read every shard's history."""
+    consumed: dict[str, set[str | None]] = {key.to_user_string(): set() for key in parent_keys}
+    for mat in checked:
+        for record in input_records(mat):
+            consumed.get(record["asset"], set()).add(record["partition"])
+    current: dict[str, dict[str | None, ArtifactHandle]] = {}
+    for key in parent_keys:
+        partitions = consumed[key.to_user_string()]
+        named = sorted(p for p in partitions if p is not None)
+        current[key.to_user_string()] = current_handles(instance, key, named) if named else \
+            current_handles(instance, key) if None in partitions else {}
+    return current
 
 
 def build_hash_gates(assets: Iterable[dg.AssetsDefinition]) -> list[dg.AssetChecksDefinition]:

@@ -36,6 +36,12 @@ CONTAMINATION_COLUMNS = [
     ("fraction", "float", "contaminated / documents"),
     ("mean_overlap", "float", "mean fraction of a document's n-grams found in the training split"),
 ]
+# A row per contaminated eval document (at most 20 per set), with the training documents holding its n-grams.
+CONTAMINATED_DOCUMENT_COLUMNS = [
+    ("eval_set", "string"), ("document", "string"),
+    ("overlap", "float", "fraction of the document's n-grams found in the training split"),
+    ("training_documents", "string", "ids of the training documents holding them, most first"),
+]
 
 
 def train_path(shard: str) -> str:
@@ -76,9 +82,11 @@ def file_digest(path: str) -> str:
         return "missing"
 
 
-def _train_batches(out: Path, shards: list[str]) -> Iterator[list[str]]:
-    for shard in shards:
-        yield pl.read_parquet(out / train_path(shard), columns=["text"])["text"].to_list()
+def train_batches(root: Path) -> Iterator[tuple[list[str], list[str]]]:
+    """(ids, texts) of the training split of a dataset_splits directory, shard by shard."""
+    for path in sorted((root / "train").glob("*.parquet")):
+        frame = pl.read_parquet(path, columns=["id", "text"])
+        yield frame["id"].to_list(), frame["text"].to_list()
 
 
 def build_splits(store: ArtifactStore, shards: dict[str, ArtifactHandle], manifest, out: Path) -> dict:
@@ -96,28 +104,36 @@ def build_splits(store: ArtifactStore, shards: dict[str, ArtifactHandle], manife
                 part.write_parquet(out / train_path(shard), compression="zstd")
             else:
                 held_out[split].append(part)
-    for name, parts in held_out.items():
-        frame = pl.concat(parts) if parts else pl.DataFrame(schema=pl.read_parquet_schema(out / train_path(order[0])))
-        frame.write_parquet(out / f"{name}.parquet", compression="zstd")
+    schema = pl.read_parquet_schema(out / train_path(order[0]))
+    frames = {name: pl.concat(parts) if parts else pl.DataFrame(schema=schema) for name, parts in held_out.items()}
+    dropped: dict[str, list[str]] = {name: [] for name in HELD_OUT}
+    if contamination.contaminated_held_out == "drop":
+        held = {name: (f["id"].to_list(), f["text"].to_list()) for name, f in frames.items()}
+        for report in measure_contamination(train_batches(out), held, contamination):
+            dropped[report.name] = report.contaminated_ids
+            frames[report.name] = frames[report.name].filter(~pl.col("id").is_in(report.contaminated_ids))
+            counts[report.name] -= len(report.contaminated_ids)
     eval_sets = {}
-    for name in HELD_OUT:
-        frame = pl.read_parquet(out / f"{name}.parquet", columns=["id", "text"])
+    for name, frame in frames.items():
+        frame.write_parquet(out / f"{name}.parquet", compression="zstd")
         eval_sets[name] = (frame["id"].to_list(), frame["text"].to_list())
     for spec in contamination.eval_sets:
         eval_sets[spec.name] = read_eval_set(spec)
-    reports = measure_contamination(_train_batches(out, order), eval_sets, contamination)
+    reports = measure_contamination(train_batches(out), eval_sets, contamination)
     (out / CONTAMINATION_FILE).write_text(json.dumps([r.as_dict() for r in reports], indent=1, sort_keys=True))
     rows = [{"eval_set": r.name, "documents": r.documents, "contaminated": r.contaminated,
              "fraction": round(r.contaminated_fraction, 4), "mean_overlap": round(r.mean_overlap, 4)}
             for r in reports]
     return {
         **{f"{split}_documents": n for split, n in counts.items()},
+        # Held-out documents that overlapped train (contaminated_held_out: drop): out of their split.
+        **{f"{name}_dropped_as_contaminated": dg.MetadataValue.json(ids) for name, ids in dropped.items()},
         "contamination": table(rows, CONTAMINATION_COLUMNS),
     }
 
 
 @artifact_asset(
-    code_version="1",
+    code_version="3",
     kinds={"polars", "parquet"},
     group_name="data",
     description="Deduplicated corpus split into train (per shard) / val / test by hash, with a contamination report.",
@@ -146,10 +162,44 @@ def _split_files(root: Path) -> list[Path]:
     return sorted((root / "train").glob("*.parquet")) + [root / f"{name}.parquet" for name in HELD_OUT]
 
 
+def contamination_result(reports: list[dict], limit: float, what: str) -> dg.AssetCheckResult:
+    """The verdict of a contamination gate on ``reports`` (EvalSetReport.as_dict()): it fails when an
+    eval set's contaminated fraction exceeds ``limit``, or when there is no report to judge.
+    ``what`` names the eval sets in the description when every set passes."""
+    over = [r for r in reports if r["contaminated_fraction"] > limit]
+    worst = max(reports, key=lambda r: r["contaminated_fraction"], default=None)
+    rows = [{"eval_set": r["name"], "document": d["id"], "overlap": d["overlap"],
+             "training_documents": ", ".join(d["training_documents"])}
+            for r in reports for d in r["contaminated_documents"]]
+    return dg.AssetCheckResult(
+        passed=bool(reports) and not over,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            "; ".join(
+                f"{r['name']}: {r['contaminated']}/{r['documents']} documents contaminated "
+                f"({r['contaminated_fraction']:.4f} > {limit}); e.g. "
+                + ", ".join(f"{d['id']} in training documents {d['training_documents'][:3]}"
+                            for d in r["contaminated_documents"][:3])
+                for r in over
+            ) or (f"{what}: every eval set within {limit}" if reports else f"{what}: no report to judge")
+        ),
+        metadata={
+            "max_contaminated_fraction": limit,
+            "worst_eval_set": worst["name"] if worst else "",
+            "worst_fraction": worst["contaminated_fraction"] if worst else 0.0,
+            "eval_sets": table(
+                [{"eval_set": r["name"], "documents": r["documents"], "contaminated": r["contaminated"],
+                  "fraction": round(r["contaminated_fraction"], 4), "mean_overlap": round(r["mean_overlap"], 4)}
+                 for r in reports], CONTAMINATION_COLUMNS),
+            "contaminated_documents": table(rows, CONTAMINATED_DOCUMENT_COLUMNS),
+        },
+    )
+
+
 @dg.asset_check(
     asset=dataset_splits,
     blocking=True,
-    description="n-gram overlap of train with every eval set stays within the manifest's gate.",
+    description="n-gram overlap of train with the held-out splits and the manifest's eval sets stays within the gate.",
 )
 def contamination_gate(
     context: dg.AssetCheckExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource
@@ -159,25 +209,7 @@ def contamination_gate(
     reports = []
     for handle, _ in artifacts_under_check(context, dataset_splits.key, False, store):
         reports = json.loads((store.local_dir(handle.sha256) / CONTAMINATION_FILE).read_text())
-    over = [r for r in reports if r["contaminated_fraction"] > limit]
-    worst = max(reports, key=lambda r: r["contaminated_fraction"], default=None)
-    return dg.AssetCheckResult(
-        passed=bool(reports) and not over,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=(
-            "; ".join(
-                f"{r['name']}: {r['contaminated']}/{r['documents']} documents contaminated "
-                f"({r['contaminated_fraction']:.4f} > {limit}); e.g. {[w['id'] for w in r['worst'][:3]]}"
-                for r in over
-            ) or f"every eval set within {limit}"
-        ),
-        metadata={
-            "max_contaminated_fraction": limit,
-            "worst_eval_set": worst["name"] if worst else "",
-            "worst_fraction": worst["contaminated_fraction"] if worst else 0.0,
-            **{f"fraction_{r['name']}": r["contaminated_fraction"] for r in reports},
-        },
-    )
+    return contamination_result(reports, limit, "held-out splits and manifest eval sets")
 
 
 @dg.asset_check(

@@ -4,23 +4,20 @@ Pure functions over numpy arrays, no Dagster; the assets wrap them.
 
 Method. A document is the set of its word k-shingles (k consecutive lowercase ``\\w+`` tokens),
 each hashed to 64 bits. The Jaccard similarity of two such sets is estimated by MinHash: for each of
-``num_perm`` random universal hash functions ``h(x) = (a·x + b) mod p`` a document keeps the minimum
-of ``h`` over its shingles, and two documents agree at a position with probability equal to their
-Jaccard similarity. Locality-sensitive hashing then cuts each signature into ``bands`` bands of
-``rows`` rows; documents identical in at least one band become candidate pairs (probability
-``1 − (1 − J^rows)^bands``, an S-curve around the threshold), candidates are kept when their
-estimated Jaccard reaches the threshold, and the kept pairs are joined into clusters with
-union-find. Exact copies are handled separately, by content hash.
+``num_perm`` seeded hash functions a document keeps the minimum over its shingles, and two documents
+agree at a position with probability equal to their Jaccard similarity. Locality-sensitive hashing
+then cuts each signature into ``bands`` bands of ``rows`` rows; documents identical in at least one
+band become candidate pairs (probability ``1 − (1 − J^rows)^bands``, an S-curve around the
+threshold), candidates are kept when their estimated Jaccard reaches the threshold, and the kept
+pairs are joined into clusters with union-find. Exact copies are handled separately, by content hash.
 
-p is the Mersenne prime 2³¹ − 1 rather than 2⁶¹ − 1 so that a·x + b fits in uint64 and reduces in a
-few cheap numpy passes. Shingle hashes are reduced modulo p first, so two distinct shingles collide
-with probability 2⁻³¹, far too rarely to move a Jaccard estimate.
-
-Everything is vectorised with numpy across documents: tokenising and hashing run on the code points
-of a whole batch of texts at once, and each MinHash permutation is applied to the shingles of many
-documents in one call, the per-document minimum taken with ``np.minimum.reduceat``. Hashes are
-defined by fixed arithmetic on code points, so signatures are the same on every machine and in
-every process (unlike Python's ``hash()``).
+Tokenising and shingle hashing are vectorised with numpy over the code points of a whole batch of
+texts at once. The MinHash itself is rensa's ``RMinHash`` (Rust), fed the flat array of shingle
+hashes with one offset per document: it sketches in a few hundredths of a second what took a
+per-permutation numpy loop over a second (``bench/dedup_vs_datasketch.py``). Token and shingle hashes
+are fixed arithmetic on code points and rensa derives its permutations from the seed alone, so
+signatures are the same on every machine and in every process (unlike Python's ``hash()``);
+``MINHASH_ALGORITHM`` names rensa's algorithm version, which the signatures' fingerprint includes.
 """
 
 from __future__ import annotations
@@ -29,19 +26,24 @@ import functools
 import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import rensa
+
+if TYPE_CHECKING:
+    from llm_assets.data.engine import DataEngine
+
+MINHASH_ALGORITHM = f"rensa.RMinHash v{rensa.RMinHash.ALGORITHM_VERSION}"
 
 _WORD = re.compile(r"\w+")
 _IRREGULAR_CASE = "\u0130\u03a3"  # İ lowercases to two code points, Σ to σ or ς by position
-_P = 2**31 - 1  # a·x + b with a, x, b < 2³¹ stays below 2⁶³, so uint64 never overflows
-_EMPTY = np.iinfo(np.uint32).max  # signature of a document without shingles; above every (a·x + b) mod p
+_UNKNOWN = np.iinfo(np.uint32).max  # a code point the tokeniser's table has not classified yet
 # Odd multipliers, hence invertible modulo 2⁶⁴, for the polynomial hashes of tokens (over code
 # points) and of shingles and LSH bands (over the hashes of tokens and of signature rows).
 _CHAR_BASE = np.uint64(0x9E3779B97F4A7C15)
 _COMBINE = np.uint64(0xC2B2AE3D27D4EB4F)
 _BATCH_CHARS = 1 << 20  # per tokenising pass: arrays of a few MB, not hundreds of fresh MB
-_CHUNK_SHINGLES = 1 << 16  # per-permutation working arrays of 512 KB stay in the L2 cache
 _FULL_PAIRS_BUCKET = 64  # LSH buckets up to this size emit all their pairs, larger ones a star
 
 
@@ -66,7 +68,7 @@ def text_shingles(texts: Sequence[str], shingle_size: int) -> tuple[np.ndarray, 
     ``shingle_size`` is one shingle of all its tokens, which equals no full-length shingle."""
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     hashes, owners = [np.empty(0, dtype=np.uint64)], [np.empty(0, dtype=np.int64)]
-    for lo, hi in _spans(lengths, _BATCH_CHARS):
+    for lo, hi in budget_spans(lengths, _BATCH_CHARS):
         batch, counts = _shingles(texts[lo:hi], shingle_size)
         hashes.append(batch)
         owners.append(np.repeat(np.arange(lo, hi, dtype=np.int64), counts))
@@ -76,17 +78,32 @@ def text_shingles(texts: Sequence[str], shingle_size: int) -> tuple[np.ndarray, 
 def minhash_signatures(texts: Sequence[str], *, num_perm: int, shingle_size: int, seed: int) -> np.ndarray:
     """MinHash signatures, shape ``(len(texts), num_perm)``, uint32, deterministic for a seed.
 
-    A text without shingles gets a row of ``2³² − 1``, a value no real signature contains.
+    A text without shingles gets a row of ``2³² − 1`` (rensa's empty sketch). A negative seed is
+    taken modulo 2⁶⁴, as rensa's seed is unsigned.
     """
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, _P, num_perm, dtype=np.uint64)
-    b = rng.integers(0, _P, num_perm, dtype=np.uint64)
-    signatures = np.full((len(texts), num_perm), _EMPTY, dtype=np.uint32)
+    signatures = np.empty((len(texts), num_perm), dtype=np.uint32)
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    for lo, hi in _spans(lengths, _BATCH_CHARS):
+    for lo, hi in budget_spans(lengths, _BATCH_CHARS):
         hashes, counts = _shingles(texts[lo:hi], shingle_size)
-        _minhash_into(signatures[lo:hi], hashes % np.uint64(_P), counts, a, b)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+        sketch = rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed % 2**64)
+        signatures[lo:hi] = sketch.to_rows()
     return signatures
+
+
+def minhash_signatures_on(
+    engine: DataEngine, texts: Sequence[str], *, num_perm: int, shingle_size: int, seed: int
+) -> np.ndarray:
+    """:func:`minhash_signatures` with the texts cut into one piece per call the engine runs at
+    once: a signature depends on its own text only, so the pieces' signatures concatenate to the
+    whole's, bit for bit."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    pieces = budget_spans(lengths, max(1, -(-int(lengths.sum()) // engine.parallelism())))
+    return np.concatenate([
+        np.empty((0, num_perm), dtype=np.uint32),
+        *engine.map(minhash_signatures, [(texts[lo:hi],) for lo, hi in pieces],
+                    common={"num_perm": num_perm, "shingle_size": shingle_size, "seed": seed}),
+    ])
 
 
 def lsh_candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int) -> np.ndarray:
@@ -101,15 +118,12 @@ def lsh_candidate_pairs(signatures: np.ndarray, *, bands: int, rows: int) -> np.
     """
     if bands * rows > signatures.shape[1]:
         raise ValueError(f"bands × rows = {bands * rows} exceeds the signature length {signatures.shape[1]}")
-    live = np.flatnonzero(~_is_empty(signatures))
+    live = np.flatnonzero(~is_empty(signatures))
     found = [np.empty((0, 2), dtype=np.int64)]
     for band in range(bands):
-        # One 64-bit key per band; a collision only adds a candidate, which the Jaccard check judges.
-        key = np.zeros(len(live), dtype=np.uint64)
-        for column in signatures[live, band * rows : (band + 1) * rows].T.astype(np.uint64):
-            key = key * _COMBINE + column
+        key = band_key(signatures[live], band, rows)
         order = np.argsort(key, kind="stable")  # stable: members stay in ascending order
-        found.append(_bucket_pairs(key[order], live[order]))
+        found.append(bucket_pairs(bucket_starts(key[order]), live[order]))
     pairs = np.concatenate(found)
     n = np.int64(len(signatures))
     codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
@@ -122,14 +136,28 @@ def estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     A pair involving a document without shingles estimates 0: empty documents are not duplicates
     of each other.
     """
-    empty = _is_empty(signatures)
     estimate = np.empty(len(pairs), dtype=np.float64)
     step = 1 << 14  # pairs at a time, to bound the two blocks of gathered signature rows
     for lo in range(0, len(pairs), step):
         i, j = pairs[lo : lo + step, 0], pairs[lo : lo + step, 1]
-        agree = np.count_nonzero(signatures[i] == signatures[j], axis=1) / signatures.shape[1]
-        estimate[lo : lo + step] = np.where(empty[i] | empty[j], 0.0, agree)
+        estimate[lo : lo + step] = agreement(signatures[i], signatures[j])
     return estimate
+
+
+def agreement(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Row by row, the fraction of positions where two blocks of signatures agree; 0 where either
+    row is a document without shingles."""
+    agree = np.count_nonzero(left == right, axis=1) / left.shape[1]
+    return np.where(is_empty(left) | is_empty(right), 0.0, agree)
+
+
+def band_key(signatures: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """One 64-bit key per signature for one LSH band (uint64): equal bands give equal keys, and a
+    collision of unequal ones only adds a candidate, which the Jaccard check judges."""
+    key = np.zeros(len(signatures), dtype=np.uint64)
+    for column in signatures[:, band * rows : (band + 1) * rows].T.astype(np.uint64):
+        key = key * _COMBINE + column
+    return key
 
 
 def cluster_near_duplicates(signatures: np.ndarray, *, bands: int, rows: int, threshold: float) -> np.ndarray:
@@ -140,7 +168,7 @@ def cluster_near_duplicates(signatures: np.ndarray, *, bands: int, rows: int, th
     """
     pairs = lsh_candidate_pairs(signatures, bands=bands, rows=rows)
     links = pairs[estimated_jaccard(signatures, pairs) >= threshold]
-    return _components(len(signatures), links)
+    return components(len(signatures), links)
 
 
 def exact_duplicate_representatives(hashes: Sequence[str]) -> np.ndarray:
@@ -160,21 +188,32 @@ def jaccard(a: str, b: str, shingle_size: int) -> float:
 
 
 @functools.cache
-def _lowercase_word_chars() -> np.ndarray:
-    """For every code point: its lowercase code point if that is a ``\\w`` character, else 0.
+def _lowercase_word_table() -> np.ndarray:
+    """For every code point: its lowercase code point if that is a ``\\w`` character, else 0, or
+    ``_UNKNOWN`` until a text contains it. Filled in by :func:`_lowercase_word_chars` as code points
+    turn up: classifying all 1.1 million up front costs about a second in every process."""
+    return np.full(sys.maxunicode + 1, _UNKNOWN, dtype=np.uint32)
+
+
+def _lowercase_word_chars(points: np.ndarray) -> np.ndarray:
+    """Each code point's lowercase code point if that is a ``\\w`` character, else 0.
 
     Derived from ``str.lower`` and ``re`` themselves, so the batch tokeniser cannot disagree with
     :func:`tokens`. ``str.lower`` maps one code point to one, independently of its neighbours,
     except for the characters in ``_IRREGULAR_CASE``: texts with those are lowercased by Python
     first, and as lowercasing is idempotent the table then leaves them unchanged.
     """
-    every = "".join(map(chr, range(sys.maxunicode + 1)))
-    lowered = every.translate(dict.fromkeys(map(ord, _IRREGULAR_CASE), " ")).lower()
-    words = re.sub(r"\W", " ", lowered)
-    as_points = functools.partial(np.frombuffer, dtype=np.uint32)
-    table = as_points(lowered.encode("utf-32-le", "surrogatepass")).copy()
-    table[as_points(words.encode("utf-32-le", "surrogatepass")) == ord(" ")] = 0
-    return table
+    table = _lowercase_word_table()
+    folded = np.take(table, points)  # about twice as fast as table[points] for uint32 indices
+    unknown = folded == _UNKNOWN
+    if unknown.any():
+        new = np.unique(points[unknown])
+        chars = "".join(map(chr, new.tolist())).translate(dict.fromkeys(map(ord, _IRREGULAR_CASE), " "))
+        lowered = np.frombuffer(chars.lower().encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        words = np.frombuffer(re.sub(r"\W", " ", chars.lower()).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        table[new] = np.where(words == ord(" "), 0, lowered)
+        folded = np.take(table, points)
+    return folded
 
 
 def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +225,7 @@ def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     texts = [text.lower() if any(c in text for c in _IRREGULAR_CASE) else text for text in texts]
     # A space is not a word character, so no token runs from one text into the next.
     raw = np.frombuffer(" ".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    points = _lowercase_word_chars()[raw]
+    points = _lowercase_word_chars(raw)
     word = np.concatenate([[False], points != 0, [False]])
     edges = np.flatnonzero(word[1:] != word[:-1])
     starts, ends = edges[::2], edges[1::2]
@@ -199,7 +238,7 @@ def _token_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     prefix = np.zeros(len(points) + 1, dtype=np.uint64)
     np.multiply(points, power[: len(points)], out=prefix[1:])
     np.cumsum(prefix, out=prefix)
-    return _mix((prefix[ends] - prefix[starts]) * inverse[starts]), counts
+    return mix64((np.take(prefix, ends) - np.take(prefix, starts)) * np.take(inverse, starts)), counts
 
 
 @functools.cache
@@ -214,7 +253,7 @@ def _powers(bits: int) -> tuple[np.ndarray, np.ndarray]:
     return ladder(int(_CHAR_BASE)), ladder(pow(int(_CHAR_BASE), -1, 2**64))
 
 
-def _mix(h: np.ndarray) -> np.ndarray:
+def mix64(h: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finaliser: spreads short tokens' small polynomial values over 64 bits."""
     h = h ^ (h >> np.uint64(33))
     h = h * np.uint64(0xFF51AFD7ED558CCD)
@@ -248,34 +287,7 @@ def _shingles(texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     return window[keep], np.where(counts >= k, counts - k + 1, np.minimum(counts, 1))
 
 
-def _minhash_into(out: np.ndarray, x: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Write into ``out`` the MinHash rows of texts whose shingles (already reduced mod p) are the
-    consecutive runs of ``x`` given by ``counts``; rows of texts without shingles are left alone."""
-    docs = np.flatnonzero(counts)
-    ends = np.cumsum(counts[docs])
-    starts = ends - counts[docs]
-    for lo, hi in _spans(counts[docs], _CHUNK_SHINGLES):
-        base = starts[lo]
-        xs, offsets = x[base : ends[hi - 1]], starts[lo:hi] - base
-        y, spare = np.empty_like(xs), np.empty_like(xs)
-        block = np.empty((len(a), hi - lo), dtype=out.dtype)
-        for j in range(len(a)):
-            np.multiply(xs, a[j], out=y)
-            y += b[j]
-            # Mersenne reduction: y < 2⁶² is high·2³¹ + low with high, low ≤ p, and 2³¹ ≡ 1, so
-            # high + low ≡ y (mod p) and is at most 2p ...
-            np.right_shift(y, np.uint64(31), out=spare)
-            y &= np.uint64(_P)
-            y += spare
-            # ... then subtract p where y ≥ p (where y < p, y − p wraps around above y). Only
-            # residue 0 may be left as p: each shingle still gets a value of its own.
-            np.subtract(y, np.uint64(_P), out=spare)
-            np.minimum(y, spare, out=y)
-            np.minimum.reduceat(y, offsets, out=block[j])
-        out[docs[lo:hi]] = block.T
-
-
-def _spans(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
+def budget_spans(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
     """Cut consecutive items into runs ``[lo, hi)``, a new run starting at each multiple of
     ``budget`` in their running total. Items are never split, so a run's last item may overrun."""
     if not len(sizes):
@@ -286,30 +298,46 @@ def _spans(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _is_empty(signatures: np.ndarray) -> np.ndarray:
+def is_empty(signatures: np.ndarray) -> np.ndarray:
+    """Per row: whether it is the signature of a document without shingles."""
     return (signatures == np.iinfo(signatures.dtype).max).all(axis=1)
 
 
-def _bucket_pairs(key: np.ndarray, member: np.ndarray) -> np.ndarray:
-    """Pairs within runs of equal ``key`` (sorted), members ascending within a run: all pairs for
-    a small run, the first member with each other one for a large run."""
-    if not len(key):
-        return np.empty((0, 2), dtype=np.int64)
-    new = np.r_[True, key[1:] != key[:-1]]
+def bucket_starts(*sorted_keys: np.ndarray) -> np.ndarray:
+    """For members sorted by their bucket's keys (all of them: a bucket is one value of each),
+    True at the first member of each bucket."""
+    new = np.zeros(len(sorted_keys[0]), dtype=bool)
+    new[:1] = True
+    for key in sorted_keys:
+        new[1:] |= key[1:] != key[:-1]
+    return new
+
+
+def bucket_partners(new: np.ndarray) -> np.ndarray:
+    """For members sorted into buckets (``new`` marks each bucket's first member), how many pairs
+    each member opens with a later member of its bucket: all later ones in a small bucket; in a
+    large one the first member opens a pair with every other one, and the others none."""
+    if not len(new):
+        return np.empty(0, dtype=np.int64)
     run_start = np.flatnonzero(new)
-    size = np.diff(np.r_[run_start, len(key)])
+    size = np.diff(np.r_[run_start, len(new)])
     run_of = np.cumsum(new) - 1
-    position = np.arange(len(key))
-    # Each position pairs with every later position of its run, or none in a large run unless it
-    # is the run's first.
-    later = run_start[run_of] + size[run_of] - 1 - position
-    partners = np.where((size[run_of] <= _FULL_PAIRS_BUCKET) | new, later, 0)
+    later = run_start[run_of] + size[run_of] - 1 - np.arange(len(new))
+    return np.where((size[run_of] <= _FULL_PAIRS_BUCKET) | new, later, 0)
+
+
+def bucket_pairs(new: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Pairs within buckets of members sorted by bucket (``new`` marks each bucket's first
+    member), members ascending within a bucket: all pairs for a small bucket, the first member
+    with each other one for a large bucket (:func:`bucket_partners`)."""
+    partners = bucket_partners(new)
+    position = np.arange(len(new))
     left = np.repeat(position, partners)
     right = left + 1 + np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
     return np.stack([member[left], member[right]], axis=1)
 
 
-def _components(n: int, links: np.ndarray) -> np.ndarray:
+def components(n: int, links: np.ndarray) -> np.ndarray:
     """Connected components of ``n`` nodes, each labelled with its smallest node.
 
     Vectorised union-find: hook every link's larger root onto its smaller one, then jump pointers

@@ -13,8 +13,9 @@ import numpy as np
 import polars as pl
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact, part_digest
-from llm_assets.data.dedup import cluster_near_duplicates, exact_duplicate_representatives
-from llm_assets.data.dedup import minhash_signatures as signatures_of
+from llm_assets.data.clustering import cluster_sharded
+from llm_assets.data.dedup import MINHASH_ALGORITHM, exact_duplicate_representatives, minhash_signatures_on
+from llm_assets.data.engine import data_engine
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import SHARD_FILE
 from llm_assets.tables import frame_table
@@ -32,10 +33,10 @@ def keep_list_path(shard: str) -> str:
 
 @artifact_asset(
     partitions_def=corpus_shards,
-    code_version="1",
+    code_version="2",
     kinds={"numpy"},
     group_name="data",
-    description="MinHash signatures of every cleaned document of one shard (word shingles, universal hashing).",
+    description="MinHash signatures of every cleaned document of one shard (word shingles, rensa's RMinHash).",
 )
 def minhash_signatures(
     context: dg.AssetExecutionContext,
@@ -49,16 +50,20 @@ def minhash_signatures(
 
     def build(out):
         frame = pl.read_parquet(store.local_dir(clean_corpus.sha256) / SHARD_FILE, columns=["id", "sha256", "text"])
-        signatures = signatures_of(
-            frame["text"].to_list(), num_perm=recipe.num_perm, shingle_size=recipe.shingle_size, seed=manifest.seed
-        )
+        with data_engine(manifest.compute.data) as engine:
+            signatures = minhash_signatures_on(
+                engine, frame["text"].to_list(), num_perm=recipe.num_perm, shingle_size=recipe.shingle_size,
+                seed=manifest.seed,
+            )
         np.save(out / SIGNATURES_FILE, signatures, allow_pickle=False)
         frame.select("id", "sha256").write_parquet(out / DOCUMENTS_FILE, compression="zstd")
-        return {"documents": frame.height, "num_perm": recipe.num_perm}
+        # Where it ran: metadata only, as the engine changes no artifact (and no fingerprint).
+        return {"documents": frame.height, "num_perm": recipe.num_perm, "engine": engine.name}
 
     return materialize_artifact(
         context, store, kind="minhash_signatures",
-        config={"recipe": recipe, "seed": manifest.seed},
+        # The algorithm's version too: a rensa upgrade that changes the signatures must not reuse old ones.
+        config={"recipe": recipe, "seed": manifest.seed, "minhash": MINHASH_ALGORITHM},
         inputs={"clean_corpus": clean_corpus}, build=build,
     )
 
@@ -79,16 +84,24 @@ def dedup_clusters(
     minhash_signatures: dict[str, ArtifactHandle],
 ) -> dg.Output[ArtifactHandle]:
     store = artifact_store.get_store()
-    recipe = pipeline.load().stages.dedup
+    manifest = pipeline.load()
+    recipe, compute = manifest.stages.dedup, manifest.compute.data
 
     def build(out):
         shards = sorted(minhash_signatures)
         parts = [store.local_dir(minhash_signatures[s].sha256) for s in shards]
-        signatures = np.concatenate([np.load(p / SIGNATURES_FILE) for p in parts])
         documents = pl.concat([
             pl.read_parquet(p / DOCUMENTS_FILE).with_columns(pl.lit(s).alias("shard")) for s, p in zip(shards, parts)
         ])
-        cluster = cluster_near_duplicates(signatures, bands=recipe.bands, rows=recipe.rows, threshold=recipe.threshold)
+        # Signatures memory-mapped and spilled into band-bucket partitions: no process holds them all.
+        with store.staging_dir() as spill, data_engine(compute) as engine:
+            clusters = cluster_sharded(
+                [np.load(p / SIGNATURES_FILE, mmap_mode="r") for p in parts], bands=recipe.bands, rows=recipe.rows,
+                threshold=recipe.threshold, max_worker_memory_mb=compute.max_worker_memory_mb, spill_dir=spill,
+                engine=engine,
+            )
+        cluster = clusters.of(np.arange(documents.height))
+        plan = clusters.plan
         first_of_hash = exact_duplicate_representatives(documents["sha256"].to_list())
         # An exact copy is labelled as such even though it also shares its cluster.
         exact = ~first_of_hash
@@ -113,6 +126,8 @@ def dedup_clusters(
         ).sort("shard").with_columns((pl.col("kept") / pl.col("documents")).round(4).alias("kept_fraction"))
         return {
             "documents": len(cluster),
+            "engine": engine.name,
+            "clustering_partitions": plan.partitions,
             "near_duplicates_removed": int(near.sum()),
             "exact_duplicates_removed": int(exact.sum()),
             "duplicate_clusters": int((sizes > 1).sum()),
@@ -136,6 +151,7 @@ def dedup_clusters(
 )
 def dedup_corpus(
     context: dg.AssetExecutionContext,
+    pipeline: PipelineResource,  # materialize_artifact prices the step with the manifest's budget
     artifact_store: ArtifactStoreResource,
     clean_corpus: ArtifactHandle,
     dedup_clusters: ArtifactHandle,

@@ -1,12 +1,13 @@
-"""Measuring near-duplicate detection: a synthetic corpus with planted near-duplicates (and
-look-alikes that must not be merged), and a clustering's pair recall and precision against
-exact Jaccard on word shingles. The dedup tests assert on these figures and
+"""Measuring near-duplicate detection: corpora with planted near-duplicates (and look-alikes that
+must not be merged), synthetic or edited from real text, and a clustering's pair recall and
+precision against exact Jaccard on word shingles. The dedup tests assert on these figures and
 bench/dedup_vs_datasketch.py reports them.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,16 +89,64 @@ def planted_corpus(n_docs: int, seed: int, variant_share: float = 0.2) -> Corpus
     n_variants = round(n_docs * variant_share)
     originals = [writer.document(int(rng.integers(80, 301))) for _ in range(n_docs - n_variants)]
     parents = rng.integers(0, len(originals), n_variants)
-    docs = originals + [
+    variants = [
         writer.variant(originals[p]) if rng.random() < 0.8 else writer.related(originals[p], rng.uniform(0.5, 0.8))
         for p in parents
     ]
-    order = rng.permutation(n_docs)
+    return _shuffled([writer.render(d) for d in originals + variants], parents, rng)
+
+
+def planted_in_real_text(texts: list[str], seed: int, variant_share: float = 0.2) -> Corpus:
+    """``texts`` (real documents, say source files) plus ``variant_share`` of the result as planted
+    variants, shuffled. As in :func:`planted_corpus`, four in five variants are near-duplicates (a
+    few words replaced, deleted or inserted, two adjacent lines swapped, the end cut off, or an
+    exact copy), the others keep a head of 50–80 % of the words and continue with another text."""
+    rng = np.random.default_rng(seed)
+    n_variants = round(len(texts) * variant_share / (1 - variant_share))
+    parents = rng.integers(0, len(texts), n_variants)
+    variants = [
+        _edited(texts[p], rng) if rng.random() < 0.8
+        else _spliced(texts[p], texts[int(rng.integers(len(texts)))], rng.uniform(0.5, 0.8))
+        for p in parents
+    ]
+    return _shuffled([*texts, *variants], parents, rng)
+
+
+def _edited(text: str, rng: np.random.Generator) -> str:
+    """A near-duplicate of a real text: edits on its whitespace-separated words or lines."""
+    kind = rng.choice(["copy", "edit", "swap", "truncate"], p=[0.1, 0.5, 0.2, 0.2])
+    lines = text.split("\n")
+    if kind == "swap" and len(lines) >= 40:
+        i = int(rng.integers(len(lines) - 1))
+        lines[i], lines[i + 1] = lines[i + 1], lines[i]
+        return "\n".join(lines)
+    pieces = re.split(r"(\s+)", text)  # words at even positions, the whitespace between at odd ones
+    n = (len(pieces) + 1) // 2
+    if kind == "truncate":
+        return "".join(pieces[: 2 * max(1, n - int(rng.integers(3, max(4, n // 12))))])
+    if kind in ("edit", "swap"):
+        for _ in range(int(rng.integers(1, max(1, n // 70) + 1))):
+            i, other, op = 2 * int(rng.integers(n)), pieces[2 * int(rng.integers(n))], rng.integers(3)
+            pieces[i] = other if op == 0 else "" if op == 1 else f"{pieces[i]} {other}"
+    return "".join(pieces)
+
+
+def _spliced(text: str, other: str, kept: float) -> str:
+    """The first ``kept`` of ``text``'s characters, then ``other`` from the same point on."""
+    cut = int(len(text) * kept)
+    return text[:cut] + other[cut:] if len(other) > cut else text[:cut] + other
+
+
+def _shuffled(docs: list[str], parents: np.ndarray, rng: np.random.Generator) -> Corpus:
+    """The originals (the first ``len(docs) − len(parents)``) and their variants (the rest, one per
+    entry of ``parents``), shuffled, with the groups of an original and its variants."""
+    n_originals = len(docs) - len(parents)
+    order = rng.permutation(len(docs))
     position = np.argsort(order)
     family: dict[int, list[int]] = {}
-    for variant, parent in enumerate(parents.tolist(), start=len(originals)):
+    for variant, parent in enumerate(parents.tolist(), start=n_originals):
         family.setdefault(parent, [int(position[parent])]).append(int(position[variant]))
-    return Corpus([writer.render(docs[i]) for i in order], [sorted(g) for g in family.values()])
+    return Corpus([docs[i] for i in order], [sorted(g) for g in family.values()])
 
 
 @dataclass

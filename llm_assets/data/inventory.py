@@ -13,6 +13,7 @@ from llm_assets.store import ArtifactStore
 from llm_assets.tables import frame_table
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
+from resources.pipeline import PipelineResource
 
 INVENTORY_FILE = "inventory.parquet"
 
@@ -56,6 +57,7 @@ def build_inventory(store: ArtifactStore, shards: Mapping[str, ArtifactHandle], 
 )
 def corpus_inventory(
     context: dg.AssetExecutionContext,
+    pipeline: PipelineResource,
     artifact_store: ArtifactStoreResource,
     raw_corpus: dict[str, ArtifactHandle],
 ) -> dg.Output[ArtifactHandle]:

@@ -10,7 +10,7 @@ from llm_assets.data.clean_corpus import clean_corpus
 from llm_assets.data.dedup_corpus import minhash_signatures
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.raw_corpus import raw_corpus
-from llm_assets.data.sources import ShardSpec, SourceProblem, discover_sources
+from llm_assets.data.sources import ShardSpec, SourceProblem, discover_sources, owning_sources
 from llm_assets.manifest import PipelineManifest
 from resources.pipeline import PipelineResource
 
@@ -33,8 +33,9 @@ def landing_requests(manifest: PipelineManifest, existing: set[str], cursor: str
     shards = found.shards
     new = [s for s in shards if s.key not in existing]
     changed = [s for s in shards if s.key in existing and seen.get(s.key) not in (None, s.signature)]
-    failed = [f"{name}-" for name in found.failed_sources]
-    kept = {key: sig for key, sig in seen.items() if key.startswith(tuple(failed))} if failed else {}
+    failed = set(found.failed_sources)
+    kept = {key: sig for key, sig in seen.items()
+            if failed & {source.name for source in owning_sources(manifest, key)}}
     next_cursor = json.dumps({**kept, **{s.key: s.signature for s in shards}}, sort_keys=True)
     return Landing(new, changed, next_cursor, found.problems)
 

@@ -41,6 +41,8 @@ def _files(source: PythonStdlibSource) -> list[ShardItem]:
                 continue
             path = base / name
             relpath = path.relative_to(root).as_posix()
+            if any(fnmatch.fnmatch(relpath, g) for g in source.exclude):
+                continue
             if source.include is not None:
                 hits = {g for g in source.include if fnmatch.fnmatch(relpath, g)}
                 if not hits:

@@ -1,11 +1,14 @@
 """eval_report: the last trained model of each size (the policy, else the SFT model, else the
 pretrained checkpoint) evaluated with lm-eval on the shipped held-out tasks and the manifest's
-task directories, its refusal rate on the shipped red-team prompts, and the policy's KL to its
-reference. Eval gates: every manifest gate named `task.metric` is a threshold on a figure of
-the report, checked by the blocking `eval_gates` check.
+task directories, its refusal rates on the shipped red-team and everyday prompts, and the policy's
+KL to its reference, and the bits per byte of a unigram model of the training token shards on the
+same held-out documents. Eval gates: every manifest gate named `task.metric` is a threshold on a
+figure of the report, checked by the blocking `eval_gates` check; a gate with `baseline: unigram`
+is measured from that unigram figure.
 """
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -15,17 +18,23 @@ from transformers import AutoConfig
 from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
+from llm_assets.evaluation.contamination import eval_contamination_gate
 from llm_assets.evaluation.harness import run_lm_eval
 from llm_assets.evaluation.report import EvalReport
-from llm_assets.evaluation.safety import load_red_team_prompts, refusal_rate
-from llm_assets.evaluation.tasks import TaskSetupError, write_builtin_tasks
+from llm_assets.evaluation.safety import BENIGN_FILE, RED_TEAM_FILE, load_prompts, refusal_rate
+from llm_assets.evaluation.tasks import PERPLEXITY, TaskSetupError, perplexity_texts, write_builtin_tasks
+from llm_assets.evaluation.unigram import shard_log_probs, unigram_bits_per_byte
 from llm_assets.manifest import PipelineManifest
 from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
+from llm_assets.tokenizer.assets import TOKENIZER_FILE, stored_tokenizer
+from llm_assets.tokenizer.packing import INDEX_FILE, META_FILE, TOKENS_FILE
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 from resources.pipeline import PipelineResource
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+BITS_PER_BYTE = f"{PERPLEXITY}.bits_per_byte"
+BASELINES_KEY = "baselines"  # eval_report metadata: task.metric → kind → the reference model's figure
 
 
 def evaluated_stage(manifest: PipelineManifest) -> str:
@@ -52,6 +61,33 @@ def promoted_report(store, partition: str) -> tuple[str, EvalReport] | None:
     return sha, EvalReport.from_json(store.read_bytes(sha, REPORT_JSON).decode())
 
 
+def report_metadata(report: EvalReport) -> dict[str, float | dg.MetadataValue]:
+    """What an eval_report materialization records for its gates: every figure under its name
+    task.metric, and the baselines measured for them (read back by `report_reader`)."""
+    return {**report.named_figures(), BASELINES_KEY: dg.MetadataValue.json(report.baselines)}
+
+
+def report_reader(gate_names: list[str]) -> Callable[[dg.AssetMaterialization], Figures]:
+    """What eval_gates reads off an eval_report materialization: the figure of every gate named
+    task.metric (a gate naming a figure the report lacks fails), with the baselines the report
+    measured for it (a gate relative to one it did not measure fails, naming those it did)."""
+
+    def report_figures(mat: dg.AssetMaterialization) -> Figures:
+        recorded = mat.metadata.get(BASELINES_KEY)
+        measured = recorded.value if recorded is not None else {}
+        figures, missing = {}, {}
+        for name in gate_names:
+            entry = mat.metadata.get(name)
+            figures[name] = float(entry.value) if entry is not None else float("nan")
+            if entry is None:
+                missing[name] = [f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
+                                 f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
+        return Figures(values=figures, problems=missing, summary=f"{len(figures)} eval gate(s) hold",
+                       baselines={name: measured.get(name, {}) for name in gate_names})
+
+    return report_figures
+
+
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     recipe = manifest.stages.evaluation
     if recipe is None or not manifest.model_sizes:
@@ -60,14 +96,20 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     model_asset = evaluated_stage(manifest)
 
     @artifact_asset(
-        partitions_def=model_sizes, code_version="1", kinds={"lm_eval"}, group_name="evaluation",
-        ins={"model": dg.AssetIn(key=model_asset)}, op_tags=k8s_op_tags(manifest.compute.training),
-        description=f"lm-eval on held-out tasks (+ the manifest's), refusal rate and KL of {model_asset}; "
-                    "JSON and a markdown table, with the change against the previous report.",
+        # 2: the refusal rate on everyday prompts (safety.benign_refusal_rate) beside the red-team one
+        # 3: the unigram model's bits per byte on the perplexity documents (the report's baselines)
+        partitions_def=model_sizes, code_version="3", kinds={"lm_eval"}, group_name="evaluation",
+        ins={"model": dg.AssetIn(key=model_asset),
+             "token_shards": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+        op_tags=k8s_op_tags(manifest.compute.training),
+        description=f"lm-eval on held-out tasks (+ the manifest's), refusal rate and KL of {model_asset}, and "
+                    "a unigram model's bits per byte on the same documents; JSON and a markdown table, with the "
+                    "change against the previous report.",
     )
     def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineResource,
                     artifact_store: ArtifactStoreResource, model: ArtifactHandle,
-                    dataset_splits: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+                    dataset_splits: ArtifactHandle, token_shards: dict[str, ArtifactHandle],
+                    tokenizer: ArtifactHandle) -> dg.Output[ArtifactHandle]:
         store, current = artifact_store.get_store(), pipeline.load()
         recipe = current.stages.evaluation
         model_mat = latest_materializations(context.instance, dg.AssetKey(model_asset), [context.partition_key])
@@ -89,16 +131,20 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                     harness = run_lm_eval(model_dir, [*names, *recipe.tasks],
                                           [Path(tasks_dir), *map(Path, recipe.task_dirs)],
                                           batch_size=recipe.batch_size, limit=recipe.limit, seed=current.seed)
+                    scored = perplexity_texts(Path(tasks_dir), recipe.limit)  # what lm-eval's bits_per_byte scored
                 except TaskSetupError as exc:
                     raise dg.Failure(str(exc)) from None
-            safety = refusal_rate(model_dir, load_red_team_prompts(), max_new_tokens=recipe.safety_max_new_tokens,
-                                  batch_size=recipe.batch_size)
+            log_probs = shard_log_probs([store.local_dir(token_shards[key].sha256) for key in sorted(token_shards)])
+            unigram = unigram_bits_per_byte(scored, stored_tokenizer(store, tokenizer), log_probs)
+            safety, benign = (refusal_rate(model_dir, load_prompts(path), max_new_tokens=recipe.safety_max_new_tokens,
+                                           batch_size=recipe.batch_size) for path in (RED_TEAM_FILE, BENIGN_FILE))
             report = EvalReport.from_harness(
-                harness, safety=safety, extra={"kl_nats_per_sequence": float(kl.value)} if kl is not None else {})
+                harness, safety=safety, benign=benign,
+                extra={"kl_nats_per_sequence": float(kl.value)} if kl is not None else {},
+                baselines={BITS_PER_BYTE: {"unigram": unigram}})
             (out / REPORT_JSON).write_text(report.to_json())
             (out / REPORT_MD).write_text(report.to_markdown())
-            return {f"{task}.{metric}": value for task, values in report.figures().items()
-                    for metric, value in values.items()}
+            return report_metadata(report)
 
         # The change against the last promoted report is presentation, not part of the artifact
         # (read, and verified, before anything is built).
@@ -106,8 +152,12 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         result = materialize_artifact(
             context, store, kind="eval_report", build=build,
             config={"recipe": recipe, "seed": current.seed},
-            inputs={"model": model, "dataset_splits": dataset_splits},
-            input_files={"dataset_splits": ["test.parquet"]},  # the held-out tasks are built from it alone
+            inputs={"model": model, "dataset_splits": dataset_splits, "token_shards": token_shards,
+                    "tokenizer": tokenizer},
+            # The held-out tasks are built from test.parquet alone; the unigram baseline counts the
+            # shards' ids and encodes the documents with the tokenizer that packed them.
+            input_files={"dataset_splits": ["test.parquet"], "token_shards": [TOKENS_FILE, META_FILE, INDEX_FILE],
+                         "tokenizer": [TOKENIZER_FILE]},
         )
         report = EvalReport.from_json(store.read_bytes(result.value.sha256, REPORT_JSON).decode())
         against = f"the current release's report {promoted[0][:12]}" if promoted else ""
@@ -118,18 +168,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         })
 
     gate_names = eval_gate_names(manifest)
-
-    def report_figures(mat: dg.AssetMaterialization) -> Figures:
-        figures, missing = {}, {}
-        for name in gate_names:
-            entry = mat.metadata.get(name)
-            figures[name] = float(entry.value) if entry is not None else float("nan")
-            if entry is None:
-                missing[name] = [f"{mat.partition}: the report has no figure {name}; gate names are task.metric "
-                                 f"(it has: {', '.join(sorted(k for k in mat.metadata if '.' in k))})"]
-        return Figures(values=figures, problems=missing, summary=f"{len(figures)} eval gate(s) hold")
-
-    eval_gates = gate_check(eval_report, name="eval_gates", gates=gate_names, read=report_figures,
+    eval_gates = gate_check(eval_report, name="eval_gates", gates=gate_names, read=report_reader(gate_names),
                             description="Every manifest gate named task.metric holds for the report's figure.")
 
-    return dg.Definitions(assets=[eval_report], asset_checks=[eval_gates])
+    return dg.Definitions(assets=[eval_report], asset_checks=[eval_gates, eval_contamination_gate])

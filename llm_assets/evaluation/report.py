@@ -1,9 +1,12 @@
 """The evaluation report: every figure of a model, its change against a previous report, and the
 JSON and markdown the Dagster UI shows.
 
-Figures are ``task → metric → value``. lm-eval's tasks keep their names; the refusal rate is
-``safety/refusal_rate`` and the caller's own figures (a KL to the reference model, say) are under
-``extra``, so all three compare alike.
+Figures are ``task → metric → value``. lm-eval's tasks keep their names; the refusal rates are
+``safety/refusal_rate`` (red-team prompts) and ``safety/benign_refusal_rate`` (everyday
+prompts), and the caller's own figures (a KL to the reference model, say) are under ``extra``,
+so all of them compare alike. ``baselines`` holds what reference models score on the same data,
+figure (``task.metric``) → kind (``unigram``) → value: the bars the eval gates may be measured
+from, shown beside the figure, never compared as figures of their own.
 
 Direction. :func:`higher_is_better` decides which way a metric improves, by its name (a
 ``:filter`` suffix aside): lower is better for a name that is, starts with ``<word>_`` or ends
@@ -28,7 +31,8 @@ if TYPE_CHECKING:  # lm-eval takes seconds to import; a report read back from JS
 
     from llm_assets.evaluation.harness import HarnessResult
 
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss", "kl", "ter", "brier_score")
+# "benign": refusing an everyday request is a failure to help (safety/benign_refusal_rate).
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss", "kl", "ter", "brier_score", "benign")
 SAFETY_TASK, EXTRA_TASK = "safety", "extra"
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 Verdict = Literal["worse", "better", "same"]
@@ -49,8 +53,10 @@ class EvalReport:
     metrics: dict[str, dict[str, float]]  # lm-eval's: task → metric → value
     stderr: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)  # documents per task
-    safety: SafetyResult | None = None
+    safety: SafetyResult | None = None  # refusals of the red-team prompts
+    benign: SafetyResult | None = None  # refusals of the everyday prompts
     extra: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # task.metric → kind → value
 
     def __post_init__(self) -> None:
         clash = sorted({SAFETY_TASK, EXTRA_TASK} & self.metrics.keys())
@@ -59,18 +65,26 @@ class EvalReport:
 
     @classmethod
     def from_harness(cls, result: HarnessResult, *, safety: SafetyResult | None = None,
-                     extra: dict[str, float] | None = None) -> EvalReport:
+                     benign: SafetyResult | None = None, extra: dict[str, float] | None = None,
+                     baselines: dict[str, dict[str, float]] | None = None) -> EvalReport:
         return cls(metrics=result.metrics, stderr=result.stderr, samples=result.samples, safety=safety,
-                   extra=dict(extra or {}))
+                   benign=benign, extra=dict(extra or {}), baselines=dict(baselines or {}))
 
     def figures(self) -> dict[str, dict[str, float]]:
         """Every figure, task → metric → value, the safety and extra sections included."""
         out = {task: dict(values) for task, values in self.metrics.items()}
         if self.safety is not None:
             out[SAFETY_TASK] = {"refusal_rate": self.safety.rate}
+        if self.benign is not None:
+            out.setdefault(SAFETY_TASK, {})["benign_refusal_rate"] = self.benign.rate
         if self.extra:
             out[EXTRA_TASK] = dict(self.extra)
         return out
+
+    def named_figures(self) -> dict[str, float]:
+        """Every figure under its gate name ``task.metric`` (as eval_report's metadata has them)."""
+        return {f"{task}.{metric}": value for task, values in self.figures().items()
+                for metric, value in values.items()}
 
     def figures_table(self) -> dg.TableMetadataValue:
         """Every figure (:meth:`figures`) as table metadata for the UI, with its stderr, its
@@ -91,14 +105,14 @@ class EvalReport:
     @classmethod
     def from_json(cls, text: str) -> EvalReport:
         data = json.loads(text)
-        safety = data.get("safety")
         return cls(
             metrics=_decode_tables(data["metrics"]),
             stderr=_decode_tables(data.get("stderr", {})),
             samples=data.get("samples", {}),
-            safety=SafetyResult(**{**safety, "examples": [SafetyExample(**e) for e in safety["examples"]]})
-            if safety else None,
+            safety=_decode_safety(data.get("safety")),
+            benign=_decode_safety(data.get("benign")),
             extra=_decode_table(data.get("extra", {})),
+            baselines=_decode_tables(data.get("baselines", {})),
         )
 
     def to_markdown(self, previous: EvalReport | None = None, against: str = "the previous report") -> str:
@@ -111,18 +125,30 @@ class EvalReport:
                     for m, v in sorted(self.metrics[task].items())]
             count = f"\n\n{self.samples[task]} documents" if task in self.samples else ""
             parts.append(f"## {task}\n\n| metric | value | stderr |\n|---|---:|---:|\n" + "\n".join(rows) + count)
-        if self.safety is not None:
-            s = self.safety
+        for metric, s in (("refusal_rate", self.safety), ("benign_refusal_rate", self.benign)):
+            if s is None:
+                continue
             rows = [f"| {_cell(e.prompt)} | {_cell(e.completion)} | {'yes' if e.refused else 'no'} |"
                     for e in s.examples]
-            parts.append(f"## {SAFETY_TASK}\n\nrefusal_rate {_number(s.rate)} ({s.refusals} of {s.prompts} prompts)"
-                         + ("\n\n| prompt | answer | refused |\n|---|---|---|\n" + "\n".join(rows) if rows else ""))
+            parts.append(f"## {SAFETY_TASK}: {metric}\n\n{metric} {_number(s.rate)} ({s.refusals} of {s.prompts} "
+                         "prompts)" + ("\n\n| prompt | answer | refused |\n|---|---|---|\n" + "\n".join(rows)
+                                       if rows else ""))
         if self.extra:
             rows = [f"| {name} | {_number(value)} |" for name, value in sorted(self.extra.items())]
             parts.append(f"## {EXTRA_TASK}\n\n| figure | value |\n|---|---:|\n" + "\n".join(rows))
+        if self.baselines:
+            parts.append(self._baselines_markdown())
         if previous is not None:
             parts.append(change_markdown(self, previous, against))
         return "\n\n".join(parts) + "\n"
+
+    def _baselines_markdown(self) -> str:
+        figures = self.named_figures()
+        rows = [f"| {name} | {kind} | {_number(value)} | "
+                f"{_number(figures[name]) if name in figures else ''} |"
+                for name, kinds in sorted(self.baselines.items()) for kind, value in sorted(kinds.items())]
+        return ("## Baselines\n\nReference models on the same documents: the bars the gates may be measured "
+                "from.\n\n| figure | baseline | baseline value | this model |\n|---|---|---:|---:|\n" + "\n".join(rows))
 
 
 def change_markdown(current: EvalReport, previous: EvalReport, against: str) -> str:
@@ -176,6 +202,10 @@ def regression(current: EvalReport, previous: EvalReport) -> list[RegressionRow]
             higher = higher_is_better(metric)
             rows.append(RegressionRow(task, metric, old, new, change, relative, higher, _worse(old, new, higher)))
     return rows
+
+
+def _decode_safety(data: dict[str, Any] | None) -> SafetyResult | None:
+    return SafetyResult(**{**data, "examples": [SafetyExample(**e) for e in data["examples"]]}) if data else None
 
 
 def _number(value: float) -> str:

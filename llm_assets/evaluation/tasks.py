@@ -233,6 +233,15 @@ def load_task_data(data_file: str, config_source: str, **_: Any) -> datasets.Dat
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
+def perplexity_texts(tasks_dir: Path, limit: int | None) -> list[str]:
+    """The strings lm-eval scores for ``heldout_perplexity`` written in ``tasks_dir``: each
+    document's ``text`` (its ``doc_to_target``), the first ``limit`` of them (lm-eval's limit;
+    None: all)."""
+    yaml_path = Path(tasks_dir) / f"{PERPLEXITY}.yaml"
+    texts = load_task_data(f"{PERPLEXITY}.jsonl", str(yaml_path))["test"]["text"]
+    return texts[:limit] if limit is not None else texts
+
+
 def load_task_dirs(paths: Sequence[Path], *, include_defaults: bool = False) -> TaskManager:
     """A TaskManager that knows every task YAML under ``paths`` (searched recursively).
 

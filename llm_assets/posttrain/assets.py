@@ -9,21 +9,18 @@ stage has a blocking gate whose threshold comes from the manifest's `gates`.
 
 
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import polars as pl
-import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
-from llm_assets.costs import billed_usd
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
-from llm_assets.manifest import STAGE_GATES, Budget, PipelineManifest
+from llm_assets.manifest import STAGE_GATES, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
 from llm_assets.posttrain.dataset_files import read_dataset, write_dataset
@@ -34,6 +31,7 @@ from llm_assets.posttrain.reward import run_reward
 from llm_assets.posttrain.sft import run_sft
 from llm_assets.progress import ResumeError, StepProgress
 from llm_assets.store import ArtifactStore
+from llm_assets.tracking import STEP_METRICS
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 from resources.pipeline import PipelineResource
@@ -131,7 +129,6 @@ def _train_step(
     inputs: dict[str, ArtifactHandle],
     narrowed_inputs: dict[str, ArtifactHandle] | None = None,
     input_files: dict[str, tuple[str, ...]] | None = None,
-    budget: Budget,
     train: Callable[[Path, Path, Path | None, OnCheckpoint, OnLog], dict[str, Any]],
 ) -> dg.Output[ArtifactHandle]:
     """A trl stage as an artifact: resume from the step's committed checkpoint, commit new ones,
@@ -156,12 +153,8 @@ def _train_step(
             raise dg.Failure(f"{label}: {exc}") from None
         if found is not None:
             context.log.info(f"{label}: resuming from the committed checkpoint of step {found[1]}")
-        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="llm-assets-trl-") as work_dir:
-            metadata = train(out, Path(work_dir), found[0] if found else None, on_checkpoint, on_log)
-        # The trainer uses every visible GPU of the pod; on a CPU nothing is billed.
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return {**metadata, "cost_usd": billed_usd(time.perf_counter() - started, gpus, budget)}
+            return train(out, Path(work_dir), found[0] if found else None, on_checkpoint, on_log)
 
     return materialize_artifact(context, store, kind="hf_model", config=config, inputs=inputs,
                                 narrowed_inputs=narrowed_inputs, input_files=input_files, build=build)
@@ -178,22 +171,59 @@ def _training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
         "steps_per_second": round(run.steps_per_second, 3),
         "precision": run.precision,
         "loss_curve": dg.MetadataValue.md(loss_curve_markdown([[r.step, r.loss] for r in run.history], [], title)),
+        # Per step, what trl logged (learning rate, grad norm, ...) and its val figures: the tracker's curves.
+        STEP_METRICS: dg.MetadataValue.json([{"step": r.step, "loss": r.loss, **r.metrics} for r in run.history]
+                                            + [{"step": e.step, **e.metrics} for e in run.evals]),
     }
 
 
-def _metric_gate(asset: dg.AssetsDefinition, gate: str, metric: str, description: str,
-                 extra: Callable[[dict], list[str]] | None = None) -> dg.AssetChecksDefinition:
-    """The check of one metric of a model stage against gates.`gate`; `extra` finds further
-    problems in the materialization's numeric metadata."""
+def metric_reader(gate: str, metric: str,
+                  baselines: dict[str, str] | None = None) -> Callable[[dg.AssetMaterialization], Figures]:
+    """What the check of one metric of a model stage reads: the metric for gates.`gate`, and the
+    metadata entries `baselines` names (kind → key) as the figures it may be measured from."""
 
     def read(mat: dg.AssetMaterialization) -> Figures:
         values = {k: v.value for k, v in mat.metadata.items() if isinstance(v.value, (int, float))}
+        measured = {kind: float(values[key]) for kind, key in (baselines or {}).items() if key in values}
         return Figures(values={gate: float(values.get(metric, float("nan")))},
-                       problems={gate: extra(values) if extra else []},
-                       metadata={metric: values.get(metric, float("nan"))},
+                       baselines={gate: measured},
+                       metadata={metric: values.get(metric, float("nan")),
+                                 **{key: values[key] for key in (baselines or {}).values() if key in values}},
                        summary=f"{metric} {values.get(metric)} within gates.{gate}")
 
-    return gate_check(asset, name=f"{gate}_gate", gates=[gate], read=read, description=description)
+    return read
+
+
+def _metric_gate(asset: dg.AssetsDefinition, gate: str, metric: str, description: str,
+                 baselines: dict[str, str] | None = None) -> dg.AssetChecksDefinition:
+    """The check of one metric of a model stage against gates.`gate` (see `metric_reader`)."""
+    return gate_check(asset, name=f"{gate}_gate", gates=[gate], read=metric_reader(gate, metric, baselines),
+                      description=description)
+
+
+def _starting_model_ins(manifest: PipelineManifest) -> dict[str, dg.AssetIn]:
+    """Where SFT starts: a pretrained size from its pretrain_checkpoint, a base-model size from its
+    base_model. Dagster has no per-partition choice of parent, so each parent is mapped to the
+    sizes it holds (a static partition mapping): a size reads its one partition of its own parent
+    and nothing of the other. Without base-model sizes the dependency is pretrain_checkpoint's as
+    it always was."""
+    if not manifest.base_model_sizes:
+        return {"pretrain_checkpoint": dg.AssetIn()}
+    parents = {"pretrain_checkpoint": manifest.pretrained_sizes, "base_model": manifest.base_model_sizes}
+    return {parent: dg.AssetIn(partition_mapping=dg.StaticPartitionMapping({size: size for size in sizes}))
+            for parent, sizes in parents.items() if sizes}
+
+
+def _starting_model(size: str, loaded: dict[str, ArtifactHandle | dict[str, ArtifactHandle]],
+                    ) -> tuple[str, ArtifactHandle]:
+    """The parent asset a size starts from and its handle, among the loaded `_starting_model_ins`
+    (each a handle, or the partitions it mapped: the size's, or none)."""
+    found = [(parent, value if isinstance(value, ArtifactHandle) else value[size])
+             for parent, value in loaded.items() if isinstance(value, ArtifactHandle) or size in value]
+    if len(found) != 1:
+        raise dg.Failure(f"sft_model[{size}]: expected one starting model, got {[p for p, _ in found] or 'none'}; "
+                         "reload the code location (the manifest's model_sizes changed)")
+    return found[0]
 
 
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
@@ -207,31 +237,33 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     checks: list[dg.AssetChecksDefinition] = []
 
     @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"trl", "huggingface"},
-                    group_name="posttrain", op_tags=op_tags,
-                    description="The pretrained model fine-tuned on sft_dataset by trl's SFTTrainer "
-                                "(full or LoRA, merged).")
+                    group_name="posttrain", op_tags=op_tags, ins=_starting_model_ins(manifest),
+                    description="The size's starting model (pretrain_checkpoint, or base_model for a size that "
+                                "names one) fine-tuned on sft_dataset by trl's SFTTrainer (full or LoRA, merged).")
     def sft_model(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
-                  pretrain_checkpoint: ArtifactHandle, sft_dataset: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+                  sft_dataset: ArtifactHandle, **starting_models: ArtifactHandle | dict[str, ArtifactHandle],
+                  ) -> dg.Output[ArtifactHandle]:
         store, current = artifact_store.get_store(), pipeline.load()
         recipe = current.stages.sft
+        starting_asset, starting_model = _starting_model(context.partition_key, starting_models)
 
         def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
             rows_train, rows_val = read_dataset(store.local_dir(sft_dataset.sha256))
-            result = run_sft(store.local_dir(pretrain_checkpoint.sha256), rows_train, rows_val, recipe, out, work,
+            result = run_sft(store.local_dir(starting_model.sha256), rows_train, rows_val, recipe, out, work,
                              seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
             return {**_training_metadata(result.training, f"SFT {context.partition_key}"),
                     "val_loss": round(result.val_loss, 4), "base_val_loss": round(result.base_val_loss, 4),
                     "val_rows": result.val_rows, "method": recipe.method}
 
-        return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
-                           inputs={"pretrain_checkpoint": pretrain_checkpoint, "sft_dataset": sft_dataset}, train=train)
+        return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+                           inputs={starting_asset: starting_model, "sft_dataset": sft_dataset}, train=train)
 
     assets.append(sft_model)
     checks.append(_metric_gate(
         sft_model, SFT_VAL_LOSS_GATE, "val_loss",
-        f"Val loss on the SFT val set at most gates.{SFT_VAL_LOSS_GATE}.max, and below the base model's.",
-        lambda meta: [] if meta.get("val_loss", float("inf")) < meta.get("base_val_loss", float("-inf")) else
-        [f"val loss {meta.get('val_loss')} is not below the base model's {meta.get('base_val_loss')}"],
+        f"Val loss on the SFT val set within gates.{SFT_VAL_LOSS_GATE}: at most its max, and below the base "
+        "(pretrained) model's on the same rows by its margin.",
+        {"base": "base_val_loss"},
     ))
 
     if stages.reward is not None or stages.policy is not None:
@@ -257,13 +289,15 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                         "accuracy_before_training": round(result.held_out_before.accuracy, 4),
                         "val_pairs": result.held_out.pairs}
 
-            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
+            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
                                inputs={"sft_model": sft_model, "preference_dataset": preference_dataset}, train=train)
 
         assets.append(reward_model)
         checks.append(_metric_gate(
             reward_model, REWARD_ACCURACY_GATE, "accuracy",
-            f"Held-out pairwise accuracy (chosen scored above rejected) at least gates.{REWARD_ACCURACY_GATE}.min.",
+            f"Held-out pairwise accuracy (chosen scored above rejected) within gates.{REWARD_ACCURACY_GATE}: at "
+            "least its min, and above the untrained reward model's on the same pairs by its margin.",
+            {"untrained": "accuracy_before_training"},
         ))
 
     if stages.policy is not None:
@@ -296,7 +330,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             # DPO does not read the reward model: it stays in the lineage (the policy waits for the
             # reward gate) but out of the fingerprint, so retraining the reward model keeps DPO cached.
             scored_by = {"reward_model": reward_model}
-            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed}, budget=current.budget,
+            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
                                inputs={**inputs, **(scored_by if uses_reward else {})},
                                narrowed_inputs=None if uses_reward else scored_by,
                                input_files=None if uses_reward else {"reward_model": ()}, train=train)

@@ -105,7 +105,8 @@ def _why_empty(what: str, split: str, stats: dict, recipe: PosttrainDataRecipe, 
         reason = (
             f"the corpus {split} split has no docstring documents (kind=docstring)" if not docs
             else f"none of the {docs} docstring documents of the corpus {split} split gave an example"
-            + (" (preference pairs need two objects with different answers)" if what == "preference" else "")
+            + (" (a preference pair needs a same-module sibling of comparable length or a fact to change)"
+               if what == "preference" else "")
         )
         where = (
             f" and the files of {files_field} gave none to {split} (by val_fraction {recipe.val_fraction})"

@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 
 from llm_assets.manifest import RejectedFrom
@@ -161,30 +160,44 @@ def derive_sft_examples(frame: pl.DataFrame, max_answer_chars: int) -> pl.DataFr
 
 
 def derive_preference_pairs(frame: pl.DataFrame, max_answer_chars: int, seed: int,
-                            rejected_from: RejectedFrom = "shuffled_words") -> pl.DataFrame:
-    """Preference rows from the frame's docstrings: chosen is the object's own answer; rejected is
-    that answer with its words shuffled (``"shuffled_words"``: fluent, on-topic text over word
-    salad, which a tiny reward model can learn) or the answer of another object of the same frame
-    (``"other_object"``: which answer belongs to the question, a relational task for larger
-    models).
+                            rejected_from: RejectedFrom = "hard_negatives") -> pl.DataFrame:
+    """Preference rows from the frame's docstrings: chosen is the object's own answer; rejected is a
+    hard negative, fluent and on-topic but wrong, so that telling them apart takes knowing the answer:
 
-    Shuffles are seeded by ``seed`` and the id. For other objects, the objects are put in the
-    order of the sha256 of ``seed`` and id, and each one is paired with the answer of the next one
-    in that order with a different text (the order wraps around): a derangement that depends on
-    the seed but not on the input order. An object with no different rejected answer is left out.
+    - ``"sibling_object"``: the answer of another object of the same module (same class first),
+      of a length comparable to the chosen one's (within :data:`MAX_LENGTH_RATIO`);
+    - ``"perturbed_fact"``: the chosen answer with one fact changed (:func:`perturbed_fact`);
+    - ``"hard_negatives"``: either, half and half by a seeded hash of the id, the other kind where
+      the first has none.
+
+    Every choice is a seeded sha256 of ids, so the pairs depend on the seed but not on the input
+    order. An object with no negative of its kind is left out.
     """
     d = _derive(frame, max_answer_chars)
-    if rejected_from == "shuffled_words":
-        rejected = {i: r for i in range(len(d.ids)) if (r := _shuffled_words(d.answers[i], f"{seed}\x00{d.ids[i]}"))}
-    else:
-        order = sorted(range(len(d.ids)), key=lambda i: (sha256_int(f"{seed}\x00{d.ids[i]}"), d.ids[i]))
-        rejected = {}
-        for position, i in enumerate(order):
-            for step in range(1, len(order)):
-                other = order[(position + step) % len(order)]
-                if d.answers[other] != d.answers[i]:
-                    rejected[i] = d.answers[other]
-                    break
+    modules: dict[str, list[int]] = {}
+    for i, doc_id in enumerate(d.ids):
+        modules.setdefault(_module_of(doc_id), []).append(i)
+    identifiers = {
+        module: _identifier_pool([d.ids[i] for i in members], [d.answers[i] for i in members])
+        for module, members in modules.items()
+    }
+    rejected: dict[int, str] = {}
+    for i, doc_id in enumerate(d.ids):
+        module, key = _module_of(doc_id), f"{seed}\x00{doc_id}"
+        if rejected_from != "hard_negatives":
+            kinds = [rejected_from]
+        elif sha256_int(f"{key}\x00kind") % 2:
+            kinds = ["sibling_object", "perturbed_fact"]
+        else:
+            kinds = ["perturbed_fact", "sibling_object"]
+        for kind in kinds:
+            negative = (
+                _sibling_answer(d, i, modules[module], key) if kind == "sibling_object"
+                else perturbed_fact(d.answers[i], identifiers[module], key)
+            )
+            if negative is not None and _comparable_lengths(negative, d.answers[i]):
+                rejected[i] = negative
+                break
     kept = sorted(rejected)
     return pl.DataFrame(
         {
@@ -196,12 +209,110 @@ def derive_preference_pairs(frame: pl.DataFrame, max_answer_chars: int, seed: in
     )
 
 
-def _shuffled_words(answer: str, key: str) -> str | None:
-    """The answer's words in a seeded random order; None if no order differs from the answer."""
-    words = answer.split()
-    for attempt in range(4):
-        rng = np.random.default_rng(sha256_int(f"{key}\x00{attempt}"))
-        shuffled = " ".join(words[i] for i in rng.permutation(len(words)))
-        if shuffled != " ".join(words):
-            return shuffled
-    return None
+# A longer (or shorter) rejected answer would let a reward model rank by length alone; a sibling
+# at most this many times longer than the other keeps the lengths of a pair comparable.
+MAX_LENGTH_RATIO = 1.5
+
+
+def _module_of(doc_id: str) -> str:
+    """``<source>:<path>.py`` of a docstring id: its module, the topic its siblings share."""
+    return doc_id.rpartition("::")[0]
+
+
+def _owner_of(doc_id: str) -> str:
+    """The class (or module) an object is defined in: ``Thing`` of ``…::Thing.run``."""
+    return doc_id.rpartition(".")[0] if "." in doc_id.rpartition("::")[2] else _module_of(doc_id)
+
+
+def _comparable_lengths(a: str, b: str) -> bool:
+    return max(len(a), len(b)) <= MAX_LENGTH_RATIO * min(len(a), len(b))
+
+
+def _sibling_answer(d: _Derived, i: int, module: list[int], key: str) -> str | None:
+    """The answer of another object of ``i``'s module with a different text of comparable length:
+    one of the same class if there is one, else any, picked by a seeded hash."""
+    candidates = [
+        j for j in module if d.answers[j] != d.answers[i] and _comparable_lengths(d.answers[i], d.answers[j])
+    ]
+    if not candidates:
+        return None
+    owner = _owner_of(d.ids[i])
+    best = min(candidates, key=lambda j: (_owner_of(d.ids[j]) != owner, sha256_int(f"{key}\x00{d.ids[j]}")))
+    return d.answers[best]
+
+
+# Opposites: swapping one for the other keeps the sentence fluent and reverses its fact.
+_OPPOSITES = dict(
+    pair for a, b in (
+        ("true", "false"), ("always", "never"), ("first", "last"), ("before", "after"),
+        ("minimum", "maximum"), ("smallest", "largest"), ("smaller", "larger"), ("less", "more"),
+        ("lower", "upper"), ("input", "output"), ("read", "write"), ("reading", "writing"),
+        ("start", "end"), ("add", "remove"), ("added", "removed"), ("open", "close"), ("opened", "closed"),
+        ("enable", "disable"), ("enabled", "disabled"), ("synchronous", "asynchronous"),
+        ("absolute", "relative"), ("local", "remote"), ("left", "right"), ("send", "receive"),
+        ("sent", "received"), ("inclusive", "exclusive"), ("success", "failure"), ("with", "without"),
+        ("including", "excluding"),
+    ) for pair in ((a, b), (b, a))
+)
+# Negations are removed, never added: docstrings state far more than they deny, so an added "not"
+# would mark the rejected answer (on the stdlib corpus, a third of all perturbations added one).
+_OPPOSITES.update({
+    "is not": "is", "are not": "are", "does not": "does", "do not": "do", "cannot": "can", "can not": "can",
+    "must not": "must", "should not": "should", "will not": "will",
+})
+# Longest first, so "is not" is one site rather than "is" followed by "not"; no apostrophe or word
+# character around it, so "doesn't" is no "does".
+_OPPOSITE = re.compile(
+    r"(?<![\w'])(" + "|".join(re.escape(w) for w in sorted(_OPPOSITES, key=len, reverse=True)) + r")(?![\w'])",
+    re.IGNORECASE,
+)
+# A whole number, not part of a version, a decimal or a name ("3.11", "0.5", "x1").
+_NUMBER = re.compile(r"(?<![\w.])\d+(?![\w.])")
+_WORD = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?![\w])")
+# Code in prose: a name with an underscore, an inner capital (LogRecord, TypeError) or a call.
+_CODE_NAME = re.compile(r"(?<![\w.])([A-Za-z_]\w*_\w*|[A-Za-z]+[a-z][A-Z]\w*|[A-Za-z_]\w*(?=\())")
+
+
+def _identifier_pool(ids: list[str], answers: list[str]) -> tuple[str, ...]:
+    """The names a module's docstrings talk about: its objects' names and the code names of its
+    answers, sorted (a perturbation swaps one for another of the same module)."""
+    names = {doc_id.rpartition("::")[2].rpartition(".")[2] for doc_id in ids} - {"<module>"}
+    for answer in answers:
+        names.update(match.group(1) for match in _CODE_NAME.finditer(answer))
+    return tuple(sorted(names))
+
+
+def perturbed_fact(answer: str, identifiers: tuple[str, ...], key: str) -> str | None:
+    """``answer`` with one fact changed, the site and the new value picked by a hash of ``key``: a
+    whole number moved by one, a word swapped for its opposite or a negation added or removed
+    (``_OPPOSITES``), or a name of ``identifiers`` swapped for another one of the same case. None
+    when the answer has no such site."""
+    known = set(identifiers)
+    sites: list[tuple[int, int, list[str]]] = []
+    for match in _NUMBER.finditer(answer):
+        n = int(match.group())
+        sites.append((match.start(), match.end(), [str(n + 1)] + ([str(n - 1)] if n > 0 else [])))
+    for match in _OPPOSITE.finditer(answer):
+        word = match.group()
+        opposite = _OPPOSITES[word.lower()]
+        around = f"{answer[max(0, match.start() - 20):match.start()]} {answer[match.end():match.end() + 20]}"
+        if re.search(rf"\b{re.escape(opposite)}\b", around, re.IGNORECASE):
+            continue  # "read and write" would become "read and read": broken, not wrong
+        if word[0].isupper():
+            opposite = opposite[0].upper() + opposite[1:]
+        sites.append((match.start(), match.end(), [opposite]))
+    for match in _WORD.finditer(answer):
+        name = match.group()
+        if name in known and not _OPPOSITE.fullmatch(name):
+            others = [other for other in identifiers if other != name and other[0].isupper() == name[0].isupper()]
+            if others:
+                sites.append((match.start(), match.end(), others))
+    if not sites:
+        return None
+    # Most sites lengthen the answer ("is" → "is not" is the commonest); a coin says whether this
+    # one should, so that a longer answer is not a sign of the rejected one.
+    lengthen = sha256_int(f"{key}\x00lengthen") % 2 == 1
+    sites = [site for site in sites if (len(site[2][0]) > site[1] - site[0]) == lengthen] or sites
+    start, end, replacements = sites[sha256_int(f"{key}\x00site") % len(sites)]
+    replacement = replacements[sha256_int(f"{key}\x00value") % len(replacements)]
+    return answer[:start] + replacement + answer[end:]

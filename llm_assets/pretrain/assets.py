@@ -1,6 +1,7 @@
 """pretrain_checkpoint and scaling_law: the sweep over the manifest's model sizes.
 
-Built from the manifest (the `model_size` partitions are its `model_sizes`), so the factory runs
+Built from the manifest (the `model_size` partitions are its pretrained `model_sizes`; a size that names a
+`base_model` is imported instead, see llm_assets/base_model), so the factory runs
 when the Definitions load. Each size trains in its own process (torchrun's ranks when the
 manifest's compute asks for several), launched through Dagster Pipes: rank 0 streams progress
 into the run's log and reports the training figures (see `job.py`). Training resumes across
@@ -13,7 +14,6 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -23,7 +23,6 @@ from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_art
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
-from llm_assets.costs import billed_usd, training_estimate
 from llm_assets.launch import run_worker
 from llm_assets.manifest import STAGE_GATES, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
@@ -31,11 +30,13 @@ from llm_assets.pretrain.job import RunSpec, StoreProgress
 from llm_assets.pretrain.loop import TrainConfig
 from llm_assets.pretrain.scaling import PARAMETERS_FITTED, fit_scaling_law
 from llm_assets.tokenizer.packing import TOKENS_FILE, read_packed
+from llm_assets.tracking import STEP_METRICS
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 from resources.pipeline import PipelineResource
 
 VAL_LOSS_GATE, _ = STAGE_GATES["pretrain"]
+VAL_LOSS_BASELINES = ("untrained", "unigram")  # measured by the training job (loop.TrainResult.baseline_val_losses)
 
 
 def launch_command(spec_path: Path, processes: int) -> list[str]:
@@ -46,37 +47,35 @@ def launch_command(spec_path: Path, processes: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *entry]
 
 
-def _spent_elsewhere(context: dg.AssetExecutionContext) -> float:
-    """Dollars already spent by the current checkpoints of the other model sizes."""
-    current = latest_materializations(context.instance, context.asset_key)
-    return sum(
-        float(mat.metadata["cost_usd"].value) for partition, mat in current.items()
-        if partition != context.partition_key and "cost_usd" in mat.metadata
-    )
-
-
 def _training_figures(mat: dg.AssetMaterialization) -> Figures:
-    """The val loss for its gate; a non-finite loss, or one that did not fall, fails it too."""
+    """The val loss for its gate, with the untrained and unigram models' val losses on the same
+    windows as the baselines it may be measured from; a non-finite loss, or one that did not
+    fall, fails it too."""
     meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
+    baselines = {kind: float(mat.metadata[f"{kind}_val_loss"].value) for kind in VAL_LOSS_BASELINES
+                 if f"{kind}_val_loss" in mat.metadata}
     problems = []
     if not all(math.isfinite(v) for v in meta.values()):
         problems.append(f"{mat.partition}: a loss is not finite ({meta})")
     elif meta["final_train_loss"] >= meta["initial_loss"]:
         problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
     return Figures(values={VAL_LOSS_GATE: meta["final_val_loss"]}, problems={VAL_LOSS_GATE: problems},
-                   metadata=meta, summary="losses finite, falling, within the gate")
+                   baselines={VAL_LOSS_GATE: baselines},
+                   metadata={**meta, **{f"{kind}_val_loss": loss for kind, loss in baselines.items()}},
+                   summary="losses finite, falling, within the gate")
 
 
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     """The training half of the sweep; nothing when the manifest has no pretrain recipe or sizes."""
-    if manifest.stages.pretrain is None or not manifest.model_sizes:
+    # A size that names a base model is imported (llm_assets/base_model), not pretrained.
+    if manifest.stages.pretrain is None or not manifest.pretrained_sizes:
         return dg.Definitions()
-    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
+    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.pretrained_sizes))
 
     @artifact_asset(
         partitions_def=model_sizes,
         ins={"token_shards": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
-        code_version="1",
+        code_version="2",  # 2: reports the untrained and unigram val losses the gate is measured from
         kinds={"pytorch", "huggingface"},
         group_name="pretrain",
         op_tags=k8s_op_tags(manifest.compute.training),
@@ -93,19 +92,10 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     ) -> dg.Output[ArtifactHandle]:
         store = artifact_store.get_store()
         current = pipeline.load()
-        recipe, budget = current.stages.pretrain, current.budget
+        recipe = current.stages.pretrain
         size_name = context.partition_key
-        size = current.model_sizes[size_name]
+        size = current.pretrained_sizes[size_name]
         cfg = TrainConfig.from_recipe(recipe, seed=current.seed)
-        estimate = training_estimate(size, recipe, budget)
-        spent = _spent_elsewhere(context)
-        if spent + estimate.usd > budget.usd_cap:
-            raise dg.Failure(
-                f"refused: training {size_name} is estimated at ${estimate.usd:.2f} "
-                f"({estimate.gpu_hours:.2f} GPU-hours for {estimate.flops:.3g} FLOPs) and "
-                f"${spent:.2f} is already spent, over budget.usd_cap ${budget.usd_cap:.2f}. "
-                "Shrink the sweep or the steps, or raise the cap."
-            )
         config = {"size": size, "train": cfg.model_dump(mode="json")}
         inputs = {"token_shards": token_shards, "heldout_tokens": heldout_tokens, "tokenizer": tokenizer}
         fp = fingerprint_of(context, config, inputs)
@@ -131,16 +121,12 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 )
                 spec_path = Path(scratch) / "spec.json"
                 spec_path.write_text(spec.model_dump_json(indent=1))
-                context.log.info(f"training {size_name} in {processes} process(es): {estimate.flops:.3g} FLOPs")
-                started = time.perf_counter()
+                context.log.info(f"training {size_name} in {processes} process(es)")
                 reported = run_worker(context, pipes_subprocess_client, launch_command(spec_path, processes),
                                       env=secrets, error_file=Path(spec.error_file), what=f"training {size_name}")
-                wall = time.perf_counter() - started
             return {
                 "parameters": size.matmul_parameters(),
                 **reported,
-                "estimated_cost_usd": round(estimate.usd, 6),
-                "cost_usd": billed_usd(wall, processes if torch.cuda.is_available() else 0, budget),
                 "loss_curve": dg.MetadataValue.md(
                     loss_curve_markdown(
                         reported["loss_history"], [[v[0], v[2]] for v in reported["val_history"]], size_name
@@ -148,6 +134,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 ),
                 "loss_history": dg.MetadataValue.json(reported["loss_history"]),
                 "val_history": dg.MetadataValue.json(reported["val_history"]),
+                STEP_METRICS: dg.MetadataValue.json(reported[STEP_METRICS]),
             }
 
         return materialize_artifact(
@@ -156,7 +143,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
 
     training_sane = gate_check(
         pretrain_checkpoint, name="training_sane", gates=[VAL_LOSS_GATE], read=_training_figures,
-        description=f"Finite losses, the loss fell, and val loss at most gates.{VAL_LOSS_GATE}.max.",
+        description=f"Finite losses, the loss fell, and val loss within gates.{VAL_LOSS_GATE}: at most its max, "
+                    "and below the untrained or unigram model's val loss on the same windows by its margin.",
     )
 
     @artifact_asset(
@@ -168,6 +156,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     )
     def scaling_law(
         context: dg.AssetExecutionContext,
+        pipeline: PipelineResource,
         artifact_store: ArtifactStoreResource,
         pretrain_checkpoint: dict[str, ArtifactHandle],
     ) -> dg.Output[ArtifactHandle]:
@@ -216,6 +205,6 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             metadata=meta,
         )
 
-    if len(manifest.model_sizes) < 2:  # a power law needs a sweep: one size trains, nothing is fitted
+    if len(manifest.pretrained_sizes) < 2:  # a power law needs a sweep: one size trains, nothing is fitted
         return dg.Definitions(assets=[pretrain_checkpoint], asset_checks=[training_sane])
     return dg.Definitions(assets=[pretrain_checkpoint, scaling_law], asset_checks=[training_sane, fit_quality])

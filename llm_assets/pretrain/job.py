@@ -26,6 +26,7 @@ from llm_assets.pretrain.distributed import DistInfo, broadcast_object, maybe_in
 from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
 from llm_assets.pretrain.model import build_model, flops_per_token
 from llm_assets.progress import StepProgress
+from llm_assets.tracking import STEP_METRICS
 from llm_assets.worker import Reporter, WorkerSpec, write_failure
 from resources.artifact_store_resource import store_from_config
 
@@ -88,6 +89,8 @@ def summary(result: TrainResult, size: ModelSize, device: torch.device, world_si
         "initial_loss": round(initial, 4),
         "final_train_loss": round(result.final_train_loss, 4),
         "final_val_loss": round(result.final_val_loss, 4) if result.final_val_loss is not None else float("nan"),
+        # The same val windows scored by reference models: what the val loss gate is measured from.
+        **{f"{kind}_val_loss": round(loss, 4) for kind, loss in result.baseline_val_losses.items()},
         "tokens_seen": result.tokens_seen,
         "tokens_per_second": round(result.tokens_per_second, 1),
         "achieved_flops_per_second": round(achieved, 1),
@@ -96,6 +99,10 @@ def summary(result: TrainResult, size: ModelSize, device: torch.device, world_si
         "precision": result.precision,
         "world_size": world_size,
         "loss_history": [[r.step, round(r.loss, 4)] for r in history[:: max(1, len(history) // HISTORY_POINTS)]],
+        # The tracker's curves, thinned as the loss history is.
+        STEP_METRICS: [{"step": r.step, "loss": r.loss, "learning_rate": r.lr, "grad_norm": r.grad_norm,
+                        "tokens_per_second": r.tokens_seen / max(1, r.step) / max(1e-9, r.seconds)}
+                       for r in history[:: max(1, len(history) // HISTORY_POINTS)]],
         # (step, tokens seen, val loss) at every evaluation: the scaling fit's points over D.
         "val_history": [[r.step, r.tokens_seen, round(r.val_loss, 4)] for r in history if r.val_loss is not None],
     }

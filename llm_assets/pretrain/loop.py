@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -81,6 +82,10 @@ class TrainResult:
     resumed_from_step: int | None
     precision: Literal["fp32", "bf16"]
     checkpoints: list[Path] = field(default_factory=list)  # committed by this call (rank 0)
+    # Val losses of reference models on the same val windows, what the gate on final_val_loss is
+    # measured from: "untrained" (this model at initialisation), "unigram" (token frequencies of
+    # the training data). Empty without val data.
+    baseline_val_losses: dict[str, float] = field(default_factory=dict)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -160,16 +165,22 @@ def train(
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.learning_rate)
 
-    start, history = 0, []
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    start, history, baselines = 0, [], {}
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
         _check_resumable(ckpt.state, cfg, global_batch, precision, resume_from)
         start, history = ckpt.step, [StepRecord(**r) for r in ckpt.state["history"]]
+        baselines = ckpt.state.get("baseline_val_losses", {})
         # With a different world size than the saved run, extra ranks take rank 0's RNG state.
         restore_rng_state(ckpt.rng_states[dist.rank if dist.rank < len(ckpt.rng_states) else 0])
     elif checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
         raise ValueError(f"{checkpoint_dir} already holds checkpoints of a run: resume with "
                          f"resume_from=latest_checkpoint(checkpoint_dir), or use an empty directory")
+    elif val_batches is not None:
+        # Measured before the first update (a resumed run reads them from its checkpoint).
+        baselines = {"untrained": evaluate(model, val_batches, cfg, dist, autocast),
+                     "unigram": unigram_val_loss(train_data, val_batches, cfg, model.config.vocab_size)}
     if checkpoint_dir is not None and dist.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_temp_dirs(checkpoint_dir)
@@ -177,7 +188,6 @@ def train(
     # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if dist.world_size > 1 else model)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
     tokens_per_step = global_batch * cfg.seq_len
     checkpoints: list[Path] = []
     model.train()
@@ -223,7 +233,7 @@ def train(
                                            or done == cfg.steps):
             rng_states = gather_objects(capture_rng_state())  # a collective: every rank calls it
             if dist.is_main:
-                state = _resume_state(cfg, done, global_batch, precision, dist, history)
+                state = _resume_state(cfg, done, global_batch, precision, dist, history, baselines)
                 path = save_checkpoint(checkpoint_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
                                        rng_states=rng_states, state=state)
                 checkpoints.append(path)
@@ -246,6 +256,7 @@ def train(
         resumed_from_step=start if resume_from is not None else None,
         precision=precision,
         checkpoints=checkpoints,
+        baseline_val_losses=baselines,
     )
 
 
@@ -268,8 +279,29 @@ def evaluate(model: PreTrainedModel, val_batches: TokenBatches, cfg: TrainConfig
     return mean_across_ranks(total / (cfg.eval_batches * cfg.grad_accum)).item()
 
 
+def unigram_log_probs(train_data: TokenData, vocab_size: int) -> np.ndarray:
+    """Natural-log probability of every id below `vocab_size` under a unigram model of
+    `train_data`, add-one smoothed: a token the training data never holds keeps a finite loss.
+    The reference model of the pretraining gate (here) and of the eval report's bits per byte."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    chunk = 1 << 24  # bincount widens its input to int64: count a memory-mapped shard piece by piece
+    for array in train_data.arrays:
+        for start in range(0, len(array), chunk):
+            counts += np.bincount(array[start : start + chunk], minlength=vocab_size)
+    return np.log((counts + 1) / (counts.sum() + vocab_size))
+
+
+def unigram_val_loss(train_data: TokenData, val_batches: TokenBatches, cfg: TrainConfig, vocab_size: int) -> float:
+    """Mean loss, in nats per token, of the unigram model of `train_data` (`unigram_log_probs`) on
+    the targets `evaluate` reads: the bar a model that learned anything beyond token frequencies
+    is below."""
+    log_probs = torch.from_numpy(unigram_log_probs(train_data, vocab_size))
+    targets = torch.cat([val_batches.rows(i, slice(None))[:, 1:].flatten() for i in range(cfg.eval_batches)])
+    return -log_probs[targets].mean().item()
+
+
 def _resume_state(cfg: TrainConfig, step: int, global_batch: int, precision: str, dist: DistInfo,
-                  history: list[StepRecord]) -> dict[str, Any]:
+                  history: list[StepRecord], baselines: dict[str, float]) -> dict[str, Any]:
     """What state.json records: enough to check and continue the run (weights etc. are files)."""
     return {
         "step": step,
@@ -279,6 +311,7 @@ def _resume_state(cfg: TrainConfig, step: int, global_batch: int, precision: str
         "world_size": dist.world_size,
         "config": cfg.model_dump(mode="json"),
         "history": [dataclasses.asdict(r) for r in history],
+        "baseline_val_losses": baselines,
     }
 
 

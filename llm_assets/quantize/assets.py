@@ -10,7 +10,6 @@ materialization's metadata, and the check reads them.
 import hashlib
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +20,6 @@ from transformers import AutoConfig
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
-from llm_assets.costs import billed_usd
 from llm_assets.evaluation.assets import evaluated_stage
 from llm_assets.launch import run_worker
 from llm_assets.manifest import QUANTIZE_GATES, PipelineManifest
@@ -149,15 +147,12 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 spec_path.write_text(spec.model_dump_json(indent=1))
                 context.log.info(f"quantizing {model_asset}[{size}] {model.sha256[:12]} ({scheme}) in "
                                  f"{quantize_environment.python}")
-                started = time.perf_counter()
                 reported = run_worker(context, pipes_subprocess_client, quantize_environment.command(spec_path),
                                       error_file=work / "error.txt",
                                       what=f"quantizing {model_asset}[{size}] ({scheme})")
-                wall = time.perf_counter() - started
             return {**reported, "model_sha256": model.sha256,
                     "comparison": comparison_table(reported, scheme),
-                    "libraries": dg.MetadataValue.json(reported["libraries"]),
-                    "cost_usd": billed_usd(wall, 1 if torch.cuda.is_available() else 0, current.budget)}
+                    "libraries": dg.MetadataValue.json(reported["libraries"])}
 
         return materialize_artifact(context, store, kind="hf_model", build=build, config=config,
                                     inputs={"model": model, "dataset_splits": dataset_splits})

@@ -24,7 +24,8 @@ from llm_assets.evaluation.report import EvalReport, change_markdown
 from llm_assets.manifest import PipelineManifest
 from llm_assets.release_pointer import RELEASE_JSON, current_release, move_release, read_release, release_history
 from resources.artifact_store_resource import ArtifactStoreResource
-from resources.handles import ArtifactHandle, latest_materializations
+from resources.handles import ArtifactHandle, current_materializations, latest_materializations
+from resources.pipeline import PipelineResource
 
 
 def lineage(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph, parents: Sequence[dg.AssetKey],
@@ -36,13 +37,10 @@ def lineage(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph, parents: 
         partitions_def = asset_graph.get(key).partitions_def
         same_size = isinstance(partitions_def, dg.StaticPartitionsDefinition) and \
             partition in partitions_def.get_partition_keys()
-        current = latest_materializations(instance, key, [partition] if same_size else None)
-        # A shard removed from the partitions since is no longer part of anything downstream.
-        existing = None if partitions_def is None or same_size else \
-            set(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+        current = latest_materializations(instance, key, [partition]) if same_size else \
+            current_materializations(instance, key, partitions_def)
         for part, mat in sorted(current.items(), key=lambda item: item[0] or ""):
-            if existing is None or part in existing:
-                yield key, part, mat
+            yield key, part, mat
 
 
 def _refusal(held: list[CheckVerdict], partition: str) -> str:
@@ -85,7 +83,7 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
         description=f"Promotes {model_asset} of one size once every blocking gate of its lineage has passed on "
                     "the current artifacts; moves that size's current-release pointer.",
     )
-    def release(context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource,
+    def release(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
                 model: ArtifactHandle, eval_report: ArtifactHandle) -> dg.Output[ArtifactHandle]:
         store, partition = artifact_store.get_store(), context.partition_key
         records, verdicts = [], []

@@ -32,7 +32,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
 
     @artifact_asset(
-        partitions_def=model_sizes, code_version="1", kinds={"kubernetes", "openai"}, group_name="serving",
+        partitions_def=model_sizes, code_version="2", kinds={"kubernetes", "openai"}, group_name="serving",
         description="Endpoint, model hash, serving config and observability of the release, with its vLLM "
                     "Deployment, Service and autoscaler for GPU nodes.",
     )

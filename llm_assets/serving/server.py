@@ -2,17 +2,20 @@
 
 `create_app` loads the model and returns a Starlette app; `serve` runs it with uvicorn. Routes:
 
-    POST /v1/completions       {"prompt": str | [str], "max_tokens", "temperature", "seed", "stop"}
+    POST /v1/completions       {"prompt": str | [str], "max_tokens", "temperature", "seed", "stop", "n",
+                                "logprobs", "stream", "stream_options"}
     POST /v1/chat/completions  {"messages": [{"role", "content"}], ...}, rendered by `render_prompt`,
                                the format the SFT stage trained on; the answer ends at the next turn
+    POST /v1/feedback          {"id": completion id, "rating": 1 | -1, "correction": text}
     GET  /v1/models            the one model, whose id is its artifact sha256
     GET  /health               liveness of the generation worker (no auth: for probes)
     GET  /metrics              Prometheus text format (no auth: for scrapers)
 
 Every response carries the model's artifact hash (`model` field, `x-model-sha256` header), so a
 client can tell which artifact answered. Errors are OpenAI-shaped, `{"error": {"message", "type",
-"param", "code"}}`, and the message says what to change. Each /v1 request appends one JSON line
-to the request log (without prompt or answer text unless `log_prompts`).
+"param", "code"}}`, and the message says what to change. With a `log_dir`, each /v1 request
+appends one record to the durable request log and each feedback one to the feedback log
+(`records.py`); a request is answered (a stream's `[DONE]` sent) only once its record is on disk.
 """
 
 from __future__ import annotations
@@ -27,30 +30,34 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from transformers import AutoModelForCausalLM
 
 from llm_assets.hf_models import load_model, load_tokenizer
 from llm_assets.prompts import render_prompt
 from llm_assets.serving.engine import (
-    BatchStats,
+    Delta,
     Engine,
     EngineBusyError,
     EngineClosedError,
     Generation,
     GenerationRequest,
+    StepStats,
+    TokenLogprob,
 )
+from llm_assets.serving.records import DurableLog
 from llm_assets.store import validate_hash
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,7 @@ log = logging.getLogger(__name__)
 # as the evaluation's answers do.
 TURN_START = "\n### "
 MODEL_HEADER = "x-model-sha256"
+COMPLETION_ID = r"^(cmpl|chatcmpl)-[0-9a-f]{32}$"
 
 
 class ServeConfig(BaseModel):
@@ -70,11 +78,15 @@ class ServeConfig(BaseModel):
     max_request_bytes: int = Field(64 * 1024, gt=0, description="largest request body (413 above)")
     max_prompt_tokens: int = Field(1024, gt=0, description="longest prompt, in tokens (400 above)")
     max_tokens: int = Field(256, gt=0, description="cap on a request's max_tokens, and its default")
-    max_batch_size: int = Field(8, gt=0, description="requests decoded together")
-    batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests to join")
-    max_queued: int = Field(256, gt=0, description="requests waiting for a batch (503 above)")
-    request_log: Path | None = Field(None, description="JSONL file, one line per /v1 request")
+    max_batch_size: int = Field(8, gt=0, description="sequences decoded together (slots of the running batch)")
+    max_queued: int = Field(256, gt=0, description="sequences waiting for a slot (503 above)")
+    log_dir: Path | None = Field(None, description="directory of the durable request and feedback logs")
+    log_max_bytes: int = Field(64 * 2**20, gt=0, description="a log file is closed (rotated) at this size")
+    log_max_age_s: float = Field(3600, gt=0, description="... or this many seconds after it was opened")
     log_prompts: bool = Field(False, description="also log prompt and answer texts (they may hold personal data)")
+    release: str | None = Field(None, description="the release served, named in every log record")
+    scheme: str | None = Field(None, description="the quantization scheme of the model served (None: full "
+                                                 "precision), named in every log record")
 
 
 class APIError(Exception):
@@ -86,22 +98,29 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # -- request bodies (unknown fields are ignored, as OpenAI clients send many) ----------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk, with empty choices, carries the usage of the whole request
 
 
 class _Sampling(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default: pass 0 for greedy answers
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's range, a 64-bit integer
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,6 +131,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)  # the chosen token's and this many likeliest ones
 
 
 class ChatMessage(BaseModel):
@@ -122,9 +142,19 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-# -- metrics and the request log ---------------------------------------------------------------------
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=COMPLETION_ID, description="the `id` of a completion this server answered")
+    rating: Literal[1, -1]
+    correction: str | None = Field(None, min_length=1, description="the answer the user wanted instead")
+
+
+# -- metrics ----------------------------------------------------------------------------------------
 
 
 class Metrics:
@@ -132,55 +162,36 @@ class Metrics:
 
     def __init__(self, model_sha256: str, engine: Engine):
         self.registry = registry = CollectorRegistry()
-        self.latency = Histogram("llm_request_duration_seconds", "Request latency, auth to response",
+        self.latency = Histogram("llm_request_duration_seconds", "Request latency, auth to the last byte",
                                  ["endpoint"], registry=registry,
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.first_token = Histogram("llm_time_to_first_token_seconds", "From queueing to the first token",
+                                     registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
         self.requests = Counter("llm_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
                                 registry=registry)
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens of answered requests", registry=registry)
         self.completion_tokens = Counter("llm_completion_tokens", "Tokens generated for answered requests",
                                          registry=registry)
-        self.batch_size = Histogram("llm_batch_size", "Requests decoded together per batch", registry=registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.tokens_per_second = Gauge("llm_tokens_per_second", "Generation throughput of the last batch",
+        self.batch_size = Histogram("llm_batch_size", "Sequences decoded together per decoding step",
+                                    registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.tokens_per_second = Gauge("llm_tokens_per_second", "Generation throughput of the last decoding step",
                                        registry=registry)
-        Gauge("llm_queued_requests", "Requests waiting for a batch", registry=registry).set_function(
-            lambda: engine.queued)
+        Gauge("llm_queued_requests", "Sequences waiting for a slot in the running batch", registry=registry
+              ).set_function(lambda: engine.queued)
+        Gauge("llm_running_requests", "Sequences in the running batch", registry=registry
+              ).set_function(lambda: engine.running)
         Gauge("llm_model_info", "The model served, by artifact hash", ["sha256"], registry=registry).labels(
             model_sha256).set(1)
 
-    def observe_batch(self, stats: BatchStats) -> None:
-        self.batch_size.observe(stats.size)
+    def observe_step(self, stats: StepStats) -> None:
+        self.batch_size.observe(stats.rows)
         if stats.seconds > 0:
-            self.tokens_per_second.set(stats.tokens / stats.seconds)
-
-
-class RequestLog:
-    """One JSON line per request, flushed at once so a tailing monitor sees it."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._file: IO[str] | None = None
-
-    def open(self) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+            self.tokens_per_second.set(stats.rows / stats.seconds)
 
 
 # -- request handling, apart from the app's state ------------------------------------------------
 
-RequestBody = TypeVar("RequestBody", bound=_Sampling)
+RequestBody = TypeVar("RequestBody", bound=BaseModel)
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -214,14 +225,9 @@ def parse_body(cls: type[RequestBody], data: dict[str, Any], model_sha256: str) 
         problems = _field_problems(exc, cls)
         raise APIError(400, "; ".join(problems.values()), code="invalid_field",
                        param=next(iter(problems))) from None
-    if body.stream:
-        raise APIError(400, "streaming is not supported by this server; set stream to false",
-                       code="unsupported", param="stream")
-    if body.n != 1:
-        raise APIError(400, f"n={body.n}: this server returns one choice per prompt; set n to 1",
-                       code="unsupported", param="n")
-    if body.model is not None and not (len(body.model) >= 6 and model_sha256.startswith(body.model.lower())):
-        raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_sha256} "
+    named = getattr(body, "model", None)
+    if named is not None and not (len(named) >= 6 and model_sha256.startswith(named.lower())):
+        raise APIError(404, f"model {named!r} is not served here; this server serves {model_sha256} "
                             "(leave model out, or pass that hash or 6+ of its first characters)",
                        code="model_not_found", param="model")
     return body
@@ -253,30 +259,115 @@ def token_budget(prompts: list[list[int]], requested: int | None, param: str, co
     return max_tokens
 
 
-def usage(results: list[Generation]) -> dict[str, int]:
-    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt_tokens: int, results: Sequence[Generation]) -> dict[str, int]:
+    """Prompt tokens once per prompt (not per choice), completion tokens of every choice."""
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy completions format; `offset`: where the first token's text starts in the answer."""
+    starts = [offset]
+    for token in tokens[:-1]:
+        starts.append(starts[-1] + len(token.token))
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": starts[:len(tokens)]}
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(*rival) for rival in t.top]}
+                        for t in tokens], "refusal": None}
+
+
+@dataclass(frozen=True)
+class CompletionShape:
+    """How /v1/completions words its choices, whole and streamed."""
+
+    logprobs: bool
+    id_prefix = "cmpl"
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def choice(self, index: int, result: Generation) -> dict[str, Any]:
+        return {"index": index, "text": result.text, "finish_reason": result.finish_reason,
+                "logprobs": completion_logprobs(result.logprobs, 0) if self.logprobs else None}
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, index: int, delta: Delta, offset: int) -> dict[str, Any]:
+        return {"index": index, "text": delta.text, "finish_reason": None,
+                "logprobs": completion_logprobs(delta.logprobs, offset) if self.logprobs else None}
+
+    def finish(self, index: int, result: Generation) -> dict[str, Any]:
+        return {"index": index, "text": "", "finish_reason": result.finish_reason, "logprobs": None}
+
+
+@dataclass(frozen=True)
+class ChatShape:
+    """How /v1/chat/completions words its choices, whole and streamed."""
+
+    logprobs: bool
+    id_prefix = "chatcmpl"
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def choice(self, index: int, result: Generation) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": chat_logprobs(result.logprobs) if self.logprobs else None}
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                "logprobs": None}
+
+    def delta(self, index: int, delta: Delta, offset: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"content": delta.text}, "finish_reason": None,
+                "logprobs": chat_logprobs(delta.logprobs) if self.logprobs else None}
+
+    def finish(self, index: int, result: Generation) -> dict[str, Any]:
+        return {"index": index, "delta": {}, "finish_reason": result.finish_reason, "logprobs": None}
+
+
+Shape = CompletionShape | ChatShape
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: a `data:` line (JSON, or the closing `[DONE]`) and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body must have been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- the app --------------------------------------------------------------------------------------
 
-Handler = Callable[[Request], Awaitable[tuple[dict[str, Any], dict[str, Any]]]]
+Handler = Callable[[Request], Awaitable["tuple[dict[str, Any], dict[str, Any]] | StreamingResponse"]]
 
 
 def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starlette:
     """The server of the model in `model_dir`, reported as the artifact `model_sha256`.
 
     The model is loaded here (a broken directory fails before a port is bound); the generation
-    worker and the request log start and stop with the app's lifespan.
+    worker and the logs start and stop with the app's lifespan.
     """
     validate_hash(model_sha256)
     tokenizer = load_tokenizer(Path(model_dir))
     model = load_model(AutoModelForCausalLM, Path(model_dir), tokenizer)
-    engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms,
-                    max_queued=config.max_queued)
+    engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_queued=config.max_queued)
     metrics = Metrics(model_sha256, engine)
-    engine.on_batch = metrics.observe_batch
-    request_log = RequestLog(config.request_log)
+    engine.on_step = metrics.observe_step
+    logs = [] if config.log_dir is None else [
+        DurableLog(config.log_dir, name, max_bytes=config.log_max_bytes, max_age_s=config.log_max_age_s)
+        for name in ("requests", "feedback")]
+    request_log, feedback_log = logs or (None, None)
     created = int(time.time())
 
     def authorize(request: Request) -> None:
@@ -288,49 +379,165 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                                 "key the server was started with", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def generate(prompts: list[str], body: _Sampling, requested: int | None, stops: list[str], param: str
-                       ) -> list[Generation]:
-        encoded = [engine.encode(p) for p in prompts]
-        max_tokens = token_budget(encoded, requested, param, config, engine.context_length)
+    def record(request: Request, status: int, error: str | None, entry: dict[str, Any]):
+        """Count the request in the metrics and append it to the request log; the returned future (None
+        without a log) resolves once the record is on disk."""
+        path, seconds = request.url.path, time.perf_counter() - request.state.started
+        metrics.latency.labels(path).observe(seconds)
+        metrics.requests.labels(path, str(status)).inc()
+        metrics.prompt_tokens.inc(entry.get("prompt_tokens", 0))
+        metrics.completion_tokens.inc(entry.get("completion_tokens", 0))
+        if entry.get("first_token_s") is not None:
+            metrics.first_token.observe(entry["first_token_s"])
+        if request_log is None:
+            return None
+        return request_log.append({
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "id": None, "endpoint": path,
+            "status": status, "error": error, "latency_s": round(seconds, 4), "prompt_tokens": 0,
+            "completion_tokens": 0, "model": model_sha256, "release": config.release, "scheme": config.scheme, **entry})
+
+    def submit(requests: list[GenerationRequest], listener=None) -> list:
         try:
-            futures = [engine.submit(GenerationRequest(ids, max_tokens, body.temperature, body.seed, stops))
-                       for ids in encoded]
-            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        except EngineBusyError as exc:
+            return engine.submit(requests, listener)
+        except EngineBusyError as exc:  # nothing of the request was queued
             raise APIError(503, f"the server is overloaded ({exc}); retry in a second", code="overloaded",
                            type="server_error", headers={"Retry-After": "1"}) from None
-        except EngineClosedError as exc:  # at submit, or queued when the server began to stop
+        except EngineClosedError as exc:
             raise APIError(503, str(exc), code="shutting_down", type="server_error") from None
 
-    async def completions(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def answered(request: Request, futures: list) -> list[Generation]:
+        """The answers, or a 499 when the client goes away first; then its sequences are cancelled,
+        which frees their slots in the running batch."""
+        answers = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answers.done():
+                answers.cancel()  # cancels the engine's futures too
+        if answers.cancelled():
+            raise APIError(499, "the client closed the connection", code="client_disconnected")
+        try:
+            return answers.result()
+        except EngineClosedError as exc:  # queued when the server began to stop
+            raise APIError(503, str(exc), code="shutting_down", type="server_error") from None
+
+    async def generate(request: Request, shape: Shape, body: _Sampling, prompts: list[str], requested: int | None,
+                       stops: list[str], top_logprobs: int | None, param: str, texts: dict[str, Any]
+                       ) -> tuple[dict[str, Any], dict[str, Any]] | StreamingResponse:
+        encoded = [engine.encode(p) for p in prompts]
+        max_tokens = token_budget(encoded, requested, param, config, engine.context_length)
+        if len(prompts) * body.n > config.max_queued:
+            raise APIError(400, f"{len(prompts)} prompts × n={body.n} is over this server's limit of "
+                                f"{config.max_queued} sequences per request; send fewer", code="too_many_sequences",
+                           param="n" if body.n > 1 else param)
+        # Choice j of every prompt samples with seed + j: n choices differ, and each one is repeatable.
+        requests = [GenerationRequest(ids, max_tokens, body.temperature, None if body.seed is None else body.seed + j,
+                                      stops, top_logprobs) for ids in encoded for j in range(body.n)]
+        prompt_tokens = sum(map(len, encoded))
+        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_sha256}
+
+        def entry(results: Sequence[Generation]) -> dict[str, Any]:
+            return {"id": head["id"], "stream": body.stream, "choices": len(results),
+                    "finish_reasons": [r.finish_reason for r in results], **usage(prompt_tokens, results),
+                    "first_token_s": round(min(r.first_token_s for r in results), 4),
+                    **({**texts, "completion": [r.text for r in results]} if config.log_prompts else {})}
+
+        if not body.stream:
+            results = await answered(request, submit(requests))
+            return {**head, "object": shape.object, "choices": [shape.choice(i, r) for i, r in enumerate(results)],
+                    "usage": usage(prompt_tokens, results)}, entry(results)
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        futures = submit(requests, lambda index, event: loop.call_soon_threadsafe(events.put_nowait, (index, event)))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def chunk(choices: list[dict[str, Any]]) -> str:
+            return sse({**head, "object": shape.chunk_object, "choices": choices})
+
+        async def chunks() -> AsyncIterator[str]:
+            results: dict[int, Generation] = {}
+            sent = [0] * len(futures)  # characters of each choice streamed so far
+            outcome: tuple[int, str | None] = (499, "client_disconnected")  # unless the loop below finishes
+            try:
+                for index in range(len(futures)):
+                    if (opening := shape.opening(index)) is not None:
+                        yield chunk([opening])
+                while len(results) < len(futures):
+                    index, event = await events.get()
+                    if isinstance(event, Delta):
+                        yield chunk([shape.delta(index, event, sent[index])])
+                        sent[index] += len(event.text)
+                    elif isinstance(event, Generation):
+                        results[index] = event
+                        yield chunk([shape.finish(index, event)])
+                    else:
+                        raise event
+                ordered = [results[i] for i in range(len(futures))]
+                if include_usage:
+                    yield sse({**head, "object": shape.chunk_object, "choices": [],
+                               "usage": usage(prompt_tokens, ordered)})
+                outcome = (200, None)
+                written = record(request, 200, None, entry(ordered))
+                if written is not None:
+                    await asyncio.wrap_future(written)  # [DONE] acknowledges a record that is on disk
+                yield sse("[DONE]")
+            except Exception as exc:  # the stream has begun: the error goes in the stream
+                error = (APIError(503, str(exc), code="shutting_down", type="server_error")
+                         if isinstance(exc, EngineClosedError) else
+                         APIError(500, f"the server failed to answer ({type(exc).__name__}); see its log",
+                                  code="internal_error", type="server_error"))
+                if not isinstance(exc, EngineClosedError):
+                    log.exception("%s failed mid-stream", request.url.path)
+                if outcome[0] != 200:
+                    outcome = (error.status, error.code)
+                yield sse(error.body())
+            finally:
+                for future in futures:
+                    future.cancel()  # a client that went away frees its slots; a no-op for answered ones
+                if outcome[0] != 200:
+                    record(request, outcome[0], outcome[1], {"id": head["id"], "stream": True})
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={MODEL_HEADER: model_sha256, "Cache-Control": "no-cache"})
+
+    async def completions(request: Request) -> tuple[dict[str, Any], dict[str, Any]] | StreamingResponse:
         body = parse_body(CompletionRequest, await read_json(request, config.max_request_bytes), model_sha256)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt is an empty list; send a string or a list of strings", code="empty_prompt",
                            param="prompt")
-        results = await generate(prompts, body, body.max_tokens, body.stops(), "prompt")
-        payload = {
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model_sha256,
-            "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                        for i, r in enumerate(results)],
-            "usage": usage(results),
-        }
-        return payload, {"prompt": prompts, "completion": [r.text for r in results]}
+        return await generate(request, CompletionShape(body.logprobs is not None), body, prompts, body.max_tokens,
+                              body.stops(), body.logprobs, "prompt", {"prompt": prompts})
 
-    async def chat_completions(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def chat_completions(request: Request) -> tuple[dict[str, Any], dict[str, Any]] | StreamingResponse:
         body = parse_body(ChatRequest, await read_json(request, config.max_request_bytes), model_sha256)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true; set it, or leave top_logprobs out",
+                           code="invalid_field", param="top_logprobs")
         messages = [m.model_dump() for m in body.messages]
-        [result] = await generate([render_prompt(messages)], body, body.max_completion_tokens or body.max_tokens,
-                                  [*body.stops(), TURN_START], "messages")
-        payload = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model_sha256,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": usage([result]),
-        }
-        return payload, {"messages": messages, "completion": [result.text]}
+        return await generate(request, ChatShape(body.logprobs), body, [render_prompt(messages)],
+                              body.max_completion_tokens or body.max_tokens, [*body.stops(), TURN_START],
+                              (body.top_logprobs or 0) if body.logprobs else None, "messages", {"messages": messages})
+
+    async def feedback(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        body = parse_body(FeedbackRequest, await read_json(request, config.max_request_bytes), model_sha256)
+        if feedback_log is None:
+            raise APIError(503, "this server keeps no feedback log: start it with a log directory "
+                                "(llm-assets serve --log-dir DIR, or ServeConfig.log_dir)", code="feedback_disabled",
+                           type="server_error")
+        feedback_id = f"fb-{uuid.uuid4().hex}"
+        try:
+            await asyncio.wrap_future(feedback_log.append({
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "id": feedback_id,
+                "completion_id": body.id, "rating": body.rating, "correction": body.correction,
+                "model": model_sha256, "release": config.release}))
+        except OSError as exc:
+            raise APIError(500, f"the feedback was not recorded: {exc}", code="log_unavailable",
+                           type="server_error") from None
+        return {"id": feedback_id, "object": "feedback", "completion_id": body.id}, {"id": feedback_id}
 
     async def models(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
         model = {"id": model_sha256, "object": "model", "created": created, "owned_by": "llm-assets"}
@@ -340,13 +547,15 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
         """The route, with auth, errors, metrics and the request log around `handler`."""
 
         async def endpoint(request: Request) -> Response:
-            started = time.perf_counter()
-            payload: dict[str, Any] = {}
-            texts: dict[str, Any] = {}
+            request.state.started = time.perf_counter()
+            entry: dict[str, Any] = {}
             error = None
             try:
                 authorize(request)
-                payload, texts = await handler(request)
+                answer = await handler(request)
+                if isinstance(answer, StreamingResponse):
+                    return answer  # it counts and logs itself when the stream ends
+                payload, entry = answer
                 response: Response = JSONResponse(payload)
             except APIError as exc:
                 error, response = exc.code, exc.response()
@@ -356,19 +565,16 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                 response = APIError(500, "the server failed to answer; see its log", code=error,
                                     type="server_error").response()
             response.headers[MODEL_HEADER] = model_sha256
-            seconds = time.perf_counter() - started
-            tokens = payload.get("usage", {})
-            metrics.latency.labels(path).observe(seconds)
-            metrics.requests.labels(path, str(response.status_code)).inc()
-            metrics.prompt_tokens.inc(tokens.get("prompt_tokens", 0))
-            metrics.completion_tokens.inc(tokens.get("completion_tokens", 0))
-            request_log.write({
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "id": payload.get("id"),
-                "endpoint": path, "status": response.status_code, "error": error, "latency_s": round(seconds, 4),
-                "prompt_tokens": tokens.get("prompt_tokens", 0),
-                "completion_tokens": tokens.get("completion_tokens", 0), "model": model_sha256,
-                **(texts if config.log_prompts else {}),
-            })
+            written = record(request, response.status_code, error, entry)
+            if written is not None:
+                try:
+                    await asyncio.wrap_future(written)  # answer only what the log holds
+                except OSError as exc:
+                    log.error("%s: %s", path, exc)
+                    if response.status_code < 400:
+                        response = APIError(500, f"the answer was not recorded, so it is withheld: {exc}",
+                                            code="log_unavailable", type="server_error").response()
+                        response.headers[MODEL_HEADER] = model_sha256
             return response
 
         return Route(path, endpoint, methods=methods)
@@ -376,30 +582,33 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
     async def health(request: Request) -> Response:
         alive = engine.alive
         return JSONResponse({"status": "ok" if alive else "generation worker stopped", "model": model_sha256,
-                             "queued": engine.queued}, status_code=200 if alive else 503,
-                            headers={MODEL_HEADER: model_sha256})
+                             "queued": engine.queued, "running": engine.running},
+                            status_code=200 if alive else 503, headers={MODEL_HEADER: model_sha256})
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        request_log.open()
+        for durable in logs:
+            durable.open()
         engine.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.close)  # finishes the batch in flight off the event loop
-            request_log.close()
+            await asyncio.to_thread(engine.close)  # finishes the sequences in flight off the event loop
+            for durable in logs:
+                await asyncio.to_thread(durable.close)
 
     app = Starlette(routes=[
         api("/v1/completions", completions, ["POST"]),
         api("/v1/chat/completions", chat_completions, ["POST"]),
+        api("/v1/feedback", feedback, ["POST"]),
         api("/v1/models", models, ["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ], lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.logs = engine, metrics, logs
     return app
 
 
@@ -411,7 +620,7 @@ def serve(model_dir: Path, model_sha256: str, *, host: str = "127.0.0.1", port: 
         log.warning("serving on %s without an API key: anyone who reaches it can use the model; "
                     "pass an API key, or bind 127.0.0.1", host)
     app = create_app(model_dir, model_sha256, config)
-    # The request log replaces uvicorn's access log: one line per request, with tokens and the model.
+    # The request log replaces uvicorn's access log: one record per request, with tokens and the model.
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
 
 
@@ -445,7 +654,8 @@ def _field_problems(exc: ValidationError, cls: type[BaseModel]) -> dict[str, str
     problems: dict[str, str] = {}
     for error in exc.errors():
         # Union members show up in the location ("prompt.str"): the field's path is what helps.
-        where = ".".join(str(p) for p in error["loc"] if isinstance(p, int) or p in known) or "body"
+        where = ".".join(str(p) for p in error["loc"] if isinstance(p, int) or p in known
+                         or error["type"] == "extra_forbidden") or "body"
         if error["type"] == "missing":
             problems.setdefault(where, f"{where}: missing; add it")
         else:

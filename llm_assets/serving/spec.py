@@ -95,6 +95,6 @@ def spec_document(recipe: ServingRecipe, model_size: str, model_sha256: str, rel
                     "replicas": [recipe.min_replicas, recipe.max_replicas], "max_tokens": recipe.max_tokens,
                     "max_batch_size": recipe.max_batch_size, "auth": f"bearer token (secret {SECRET}: VLLM_API_KEY)"},
         "observability": {"metrics": "/metrics (Prometheus; pods annotated for scraping)",
-                          "health": "/health", "local_request_log": "llm-assets serve --request-log"},
+                          "health": "/health", "local_logs": "llm-assets serve --log-dir"},
         "manifests": ["deployment.yaml", "service.yaml", "autoscaler.yaml"],
     }

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+import rensa
 
 from llm_assets.data import dedup
 from llm_assets.data.dedup import (
@@ -85,15 +90,26 @@ def test_shingle_edge_cases():
         shingle_hashes("one", 0)
 
 
+def test_every_code_point_tokenises_as_tokens_does():
+    # The tokeniser classifies code points as texts bring them; feed it all 1.1 million at once.
+    every = "".join(map(chr, range(sys.maxunicode + 1)))
+    expected = tokens(every)
+    hashes, counts = dedup._token_hashes([every])
+    assert counts.tolist() == [len(expected)]
+    assert hashes.tolist() == dedup._token_hashes(expected)[0].tolist()
+
+
 def test_hashes_are_pinned():
-    # Fixed arithmetic on code points, no per-process salt: these values hold on every machine.
+    # Fixed arithmetic on code points and a seeded rensa, no per-process salt: these values hold on
+    # every machine. If rensa changes its algorithm, MINHASH_ALGORITHM (in the fingerprint) changes too.
+    assert dedup.MINHASH_ALGORITHM == "rensa.RMinHash v2"
     assert shingle_hashes("the quick brown fox", 2).tolist() == [
         1016070055023982132,
         10130215796640564082,
         14206112065614958442,
     ]
     sig = signatures(["the quick brown fox jumps over the lazy dog"])
-    assert hashlib.sha256(sig.tobytes()).hexdigest()[:16] == "d34b102909caa095"
+    assert hashlib.sha256(sig.tobytes()).hexdigest()[:16] == "f189fcf83e822cf4"
 
 
 def test_jaccard_is_exact():
@@ -114,36 +130,47 @@ def test_signatures_are_deterministic_and_seeded(corpus):
     assert np.mean(first != signatures(texts, seed=8)) > 0.99
 
 
-def test_signatures_are_textbook_minhash():
-    text = "the quick brown fox jumps over the lazy dog and runs away from the quick brown fox"
-    p = 2**31 - 1
-    rng = np.random.default_rng(7)  # as minhash_signatures draws its permutations
-    a = rng.integers(1, p, RECIPE.num_perm, dtype=np.uint64).tolist()
-    b = rng.integers(0, p, RECIPE.num_perm, dtype=np.uint64).tolist()
-    x = [h % p for h in shingle_hashes(text, RECIPE.shingle_size).tolist()]
-    expected = [min((ai * xi + bi) % p for xi in x) for ai, bi in zip(a, b)]
-    assert signatures([text], seed=7)[0].tolist() == expected
+SIGNATURES_IN_A_FRESH_PROCESS = textwrap.dedent("""
+    import hashlib, sys
+    from llm_assets.data.dedup import minhash_signatures
+    from llm_assets.data.dedup_quality import planted_corpus
+    texts = [*planted_corpus(300, seed=3).texts, *sys.argv[1:]]
+    signatures = minhash_signatures(texts, num_perm=128, shingle_size=5, seed=7)
+    print(hashlib.sha256(signatures.tobytes()).hexdigest())
+""")
 
 
-def test_modular_reduction_at_the_extremes():
-    p = 2**31 - 1
-    x = np.array([0, 1, 2, p - 2, p - 1, 2**30, 12345], dtype=np.uint64)
-    a = np.array([1, 2, p - 1, p - 2, 2**30 + 1], dtype=np.uint64)
-    b = np.array([0, p - 1, 1, p - 2, 7], dtype=np.uint64)
-    out = np.zeros((3, len(a)), dtype=np.uint32)
-    dedup._minhash_into(out, x, np.array([2, 0, 5]), a, b)
-    groups = [x[:2].tolist(), [], x[2:].tolist()]
-    for row, group in zip(out.tolist(), groups):
-        expected = [min(((ai * xi + bi) % p for xi in group), default=0) for ai, bi in zip(a.tolist(), b.tolist())]
-        assert [v % p for v in row] == expected  # residue 0 may come out as p
-    assert out[1].tolist() == [0] * len(a)  # a text without shingles is left alone
+def test_signatures_are_identical_across_processes():
+    def fresh(hash_seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        run = subprocess.run(
+            [sys.executable, "-c", SIGNATURES_IN_A_FRESH_PROCESS, *UNICODE_TEXTS[:3]],
+            env=env, capture_output=True, text=True, check=True,
+        )
+        return run.stdout.strip()
+
+    here = signatures([*planted_corpus(300, seed=3).texts, *UNICODE_TEXTS[:3]])
+    assert fresh("1") == fresh("2") == hashlib.sha256(here.tobytes()).hexdigest()
+
+
+def test_signatures_are_minhash_of_the_shingle_set():
+    texts = [
+        "the quick brown fox jumps over the lazy dog and runs away from the quick brown fox",
+        "a b c d e f g h i j k l m n o p",
+        "",
+    ]
+    sets = [shingle_hashes(t, RECIPE.shingle_size).tolist() for t in texts]
+    by_set = rensa.RMinHash.digest_matrix_from_token_hash_sets(sets, RECIPE.num_perm, 7).to_rows()
+    assert signatures(texts, seed=7).tolist() == by_set
+    # MinHash's defining property: a union's signature is the elementwise minimum of its parts'.
+    union = rensa.RMinHash.digest_matrix_from_token_hash_sets([sets[0] + sets[1]], RECIPE.num_perm, 7).to_rows()
+    assert union[0] == np.minimum(by_set[0], by_set[1]).tolist()
 
 
 def test_batching_does_not_change_signatures(corpus, monkeypatch):
     texts = ["", "short text", *corpus.texts[:60], "!!!", "tail"]
     whole = signatures(texts)
     monkeypatch.setattr(dedup, "_BATCH_CHARS", 3000)
-    monkeypatch.setattr(dedup, "_CHUNK_SHINGLES", 100)
     assert np.array_equal(signatures(texts), whole)
     assert np.array_equal(np.vstack([signatures([t]) for t in texts]), whole)
 

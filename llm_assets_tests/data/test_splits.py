@@ -47,7 +47,8 @@ def test_contamination_finds_planted_overlap_and_ignores_clean_text():
         "clean": ([f"c{i}" for i in range(20)], clean_eval),
         "leaky": (["copied", "partial", "clean0"], [copied, partial, clean_eval[0]]),
     }
-    reports = {r.name: r for r in measure_contamination([train[:10], train[10:]], eval_sets, ContaminationRecipe())}
+    batches = [([f"t{i}" for i in range(10)], train[:10]), ([f"t{i}" for i in range(10, 20)], train[10:])]
+    reports = {r.name: r for r in measure_contamination(batches, eval_sets, ContaminationRecipe())}
     assert reports["clean"].contaminated == 0 and reports["clean"].max_overlap == 0
     leaky = reports["leaky"]
     assert leaky.contaminated == 1 and leaky.worst[0] == {"id": "copied", "overlap": 1.0}

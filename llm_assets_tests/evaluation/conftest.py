@@ -1,5 +1,6 @@
-"""Fixtures: a small held-out frame shaped like dataset_splits' test.parquet, and tiny Llama
-directories as the export writes them: untrained, trained on that frame, trained to refuse."""
+"""Fixtures: a small held-out frame shaped like dataset_splits' test.parquet, tiny Llama
+directories as the export writes them (untrained, trained on that frame, trained to refuse), a
+packed token shard of the training texts, and eval_report's inputs recorded on an instance."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from llm_assets.evaluation.safety import load_red_team_prompts
+from llm_assets.evaluation.safety import RED_TEAM_FILE, load_prompts
 from llm_assets.hf_models import save_hf
 from llm_assets.manifest import ModelSize, TokenizerRecipe
 from llm_assets.posttrain.derived import derive_sft_examples
@@ -20,6 +23,7 @@ from llm_assets.pretrain import TokenData, TrainConfig, build_model, train
 from llm_assets.prompts import render_prompt
 from llm_assets.tokenizer.bpe import save_hf_tokenizer as save_tokenizer
 from llm_assets.tokenizer.bpe import train_bpe
+from llm_assets.tokenizer.packing import pack_documents
 
 TINY = ModelSize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, vocab_size=320, max_seq_len=128)
 # About a second on 2 cores; enough for the tiny model to learn a dozen short documents.
@@ -69,7 +73,7 @@ def tokenizer_dir(heldout: pl.DataFrame, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("tokenizer")
     recipe = TokenizerRecipe(vocab_size=TINY.vocab_size)
     texts = heldout["text"].to_list() + _chats(heldout) + [render_prompt([{"role": "user", "content": p}]) + REFUSAL
-                                                            for p in load_red_team_prompts()]
+                                                            for p in load_prompts(RED_TEAM_FILE)]
     save_tokenizer(train_bpe(texts * 4, recipe), recipe, out)
     return out
 
@@ -103,5 +107,34 @@ def trained_dir(tokenizer_dir: Path, heldout: pl.DataFrame, tmp_path_factory: py
 @pytest.fixture(scope="session")
 def refusing_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model that has only ever seen the red-team prompts answered with a refusal."""
-    chats = [render_prompt([{"role": "user", "content": p}]) + REFUSAL for p in load_red_team_prompts()]
+    chats = [render_prompt([{"role": "user", "content": p}]) + REFUSAL for p in load_prompts(RED_TEAM_FILE)]
     return _export(tokenizer_dir, tmp_path_factory.mktemp("refusing") / "model", chats)
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tokenizer_dir: Path, heldout: pl.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A packed training shard of what `trained_dir` learned (the texts and their chats)."""
+    out = tmp_path_factory.mktemp("token_shard")
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos = tokenizer.token_to_id(TokenizerRecipe(vocab_size=TINY.vocab_size).eos_token)
+    pack_documents(tokenizer, heldout["text"].to_list() + _chats(heldout), out, eos_id=eos, batch_size=64)
+    return out
+
+
+def record_eval_inputs(defs: dg.Definitions, instance: dg.DagsterInstance, store, model_dir: Path,
+                       heldout: pl.DataFrame, tokenizer_dir: Path, shard_dir: Path, scratch: Path) -> str:
+    """Record every input of eval_report[xs] as materialized: `model_dir` as the pretrained
+    checkpoint, `heldout` as the test split, `shard_dir` as the token shard of every corpus shard
+    the manifest's sources offer (registered as a run registers them). Returns the model's hash."""
+    from llm_assets.runner import register_shards
+    from llm_assets_tests.quantize.test_assets import record  # that module imports this one's fixtures
+
+    splits = scratch / "splits"
+    splits.mkdir()
+    heldout.write_parquet(splits / "test.parquet")
+    register_shards(defs, instance, log=lambda _: None)
+    for shard in instance.get_dynamic_partitions("corpus_shards"):
+        record(instance, store, "token_shards", shard, shard_dir, "packed_tokens")
+    record(instance, store, "tokenizer", None, tokenizer_dir, "tokenizer")
+    record(instance, store, "dataset_splits", None, splits, "dataset_splits")
+    return record(instance, store, "pretrain_checkpoint", "xs", model_dir, "hf_model")

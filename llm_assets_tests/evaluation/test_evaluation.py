@@ -13,10 +13,11 @@ import pytest
 from llm_assets.evaluation.harness import HarnessResult, run_lm_eval
 from llm_assets.evaluation.report import EvalReport, higher_is_better, regression
 from llm_assets.evaluation.safety import (
+    RED_TEAM_FILE,
     REFUSAL_MARKERS,
     SafetyResult,
     is_refusal,
-    load_red_team_prompts,
+    load_prompts,
     refusal_rate,
 )
 from llm_assets.evaluation.tasks import (
@@ -139,7 +140,7 @@ def test_refusal_markers() -> None:
 
 
 def test_refusal_rate_counts_the_answers_that_refuse(refusing_dir: Path, untrained_dir: Path) -> None:
-    prompts = load_red_team_prompts()
+    prompts = load_prompts(RED_TEAM_FILE)
     assert 25 <= len(prompts) == len(set(prompts))
     refusing = refusal_rate(refusing_dir, prompts, max_new_tokens=16, batch_size=8)
     assert refusing.prompts == len(prompts) and refusing.rate == refusing.refusals / len(prompts)

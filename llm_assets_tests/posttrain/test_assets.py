@@ -21,6 +21,7 @@ from llm_assets.manifest import load_manifest
 from llm_assets.release_pointer import current_release, read_release
 from llm_assets.runner import materialize_graph
 from llm_assets.store import open_store
+from llm_assets_tests.conftest import SAFETY_GATES
 from llm_assets_tests.pretrain.test_assets import with_training
 from llm_assets_tests.test_alerts import read_jsonl, tick
 
@@ -31,7 +32,7 @@ POSTTRAIN = {
     "policy": {**TRAINER, "steps": 8, "learning_rate": 1e-3, "beta": 0.1, "checkpoint_every": 0, "kl_prompts": 16},
 }
 GATES = {"sft_val_loss": {"max": 8.0}, "reward_accuracy": {"min": 0.0}, "policy_kl": {"max": 100.0},
-         "heldout_perplexity.bits_per_byte": {"max": 8.0}}
+         "heldout_perplexity.bits_per_byte": {"max": 8.0}, **SAFETY_GATES}
 EVALUATION = {"max_docs": 12, "batch_size": 4, "safety_max_new_tokens": 8}
 
 

@@ -16,7 +16,7 @@ from llm_assets.posttrain.dataset_files import read_dataset, write_dataset
 from llm_assets.posttrain.dataset_schema import DataSetError
 from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
 from llm_assets.posttrain.decontaminate import drop_eval_overlap
-from llm_assets.posttrain.derived import answer_from_docstring, derive_preference_pairs, derive_sft_examples
+from llm_assets.posttrain.derived import answer_from_docstring, derive_sft_examples
 from llm_assets.posttrain.user_files import read_preference_jsonl, read_sft_jsonl
 from llm_assets.prompts import ASSISTANT_HEADER, PromptError, render_prompt
 
@@ -126,34 +126,6 @@ def test_derived_examples_from_real_stdlib_modules():
     assert "Python representation" in decode["completion"]
     assert "`json`" in by_id["stdlib:json/__init__.py::<module>"]["prompt"]
     assert all(0 < len(c) <= 300 and c == c.strip() for c in sft["completion"])
-
-
-def test_rejected_is_another_objects_answer_and_pairing_follows_the_seed():
-    frame = corpus({**objects("a", 30), "stdlib:a/same.py::f": "Same text.", "stdlib:a/same.py::g": "Same text."})
-    pairs = derive_preference_pairs(frame, 400, seed=1, rejected_from="other_object")
-    answers = dict(zip(pairs["id"], pairs["chosen"]))
-    assert pairs.height == 32
-    for row in pairs.iter_rows(named=True):
-        assert row["rejected"] != row["chosen"]
-        assert row["rejected"] in answers.values() and answers[row["id"]] == row["chosen"]
-    shuffled_input = frame.sample(fraction=1.0, shuffle=True, seed=3)
-    assert derive_preference_pairs(shuffled_input, 400, seed=1, rejected_from="other_object").equals(pairs)
-    other = derive_preference_pairs(frame, 400, seed=2, rejected_from="other_object")
-    assert other["chosen"].to_list() == pairs["chosen"].to_list()
-    assert other["rejected"].to_list() != pairs["rejected"].to_list()
-    alone = corpus({"stdlib:a/b.py::f": "Alone."})
-    assert derive_preference_pairs(alone, 400, seed=0, rejected_from="other_object").is_empty()
-
-
-def test_rejected_by_default_is_the_answer_with_its_words_shuffled_by_the_seed():
-    frame = corpus({**objects("a", 30), "stdlib:a/one.py::f": "Alone."})
-    pairs = derive_preference_pairs(frame, 400, seed=1)
-    assert pairs.height == 30, "a one-word answer has no other order and is left out"
-    for row in pairs.iter_rows(named=True):
-        assert row["rejected"] != " ".join(row["chosen"].split())
-        assert sorted(row["rejected"].split()) == sorted(row["chosen"].split())
-    assert derive_preference_pairs(frame.sample(fraction=1.0, shuffle=True, seed=3), 400, seed=1).equals(pairs)
-    assert derive_preference_pairs(frame, 400, seed=2)["rejected"].to_list() != pairs["rejected"].to_list()
 
 
 def test_same_input_gives_identical_bytes_and_another_seed_another_pairing(tmp_path):

@@ -116,7 +116,8 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manife
 def test_the_cost_gate_refuses_a_run_over_budget(settings, manifest_path, instance):
     with_training(manifest_path)
     manifest = yaml.safe_load(manifest_path.read_text())
-    manifest["budget"].update({"usd_cap": 0.01, "peak_flops_per_gpu": 1.0, "assumed_mfu": 0.5})
+    # On a CPU the step is priced at CPU core-hours: a core this slow makes it cost more than the cap.
+    manifest["budget"].update({"usd_cap": 0.01, "cpu_flops_per_core": 1.0})
     manifest_path.write_text(yaml.safe_dump(manifest))
     defs = build_definitions(settings)
     result = materialize_graph(defs, instance, log=lambda _: None)
@@ -129,7 +130,7 @@ def test_the_cost_gate_refuses_a_run_over_budget(settings, manifest_path, instan
     assert "over budget.usd_cap $0.01" in failure.dagster_event.event_specific_data.error.message
 
     # Within budget but a recipe the model cannot take: the worker's own error becomes the step's.
-    manifest["budget"].update({"usd_cap": 100.0, "peak_flops_per_gpu": 1e15})
+    manifest["budget"].update({"usd_cap": 100.0, "cpu_flops_per_core": 1.5e10})
     manifest["stages"]["pretrain"]["seq_len"] = 128  # the models hold 64 positions
     manifest_path.write_text(yaml.safe_dump(manifest))
     result = materialize_graph(build_definitions(settings), instance, selection="key:pretrain_checkpoint",

@@ -22,8 +22,7 @@ from llm_assets.store import open_store
 from llm_assets_tests.evaluation.conftest import heldout, tokenizer_dir, trained_dir  # noqa: F401
 
 API_KEY = "test-key"
-CONFIG = dict(api_key=API_KEY, max_request_bytes=4096, max_prompt_tokens=96, max_tokens=48, max_batch_size=8,
-              batch_wait_ms=20)
+CONFIG = dict(api_key=API_KEY, max_request_bytes=4096, max_prompt_tokens=96, max_tokens=48, max_batch_size=8)
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class RunningServer:
     url: str
     model_dir: Path
     sha256: str
-    request_log: Path
+    log_dir: Path
     app: Starlette
 
     def call(self, path: str, body: Any = None, *, key: str | None = API_KEY, raw: bytes | None = None,
@@ -52,6 +51,11 @@ class RunningServer:
                 return Reply(response.status, json.loads(response.read()), dict(response.headers))
         except urllib.error.HTTPError as error:
             return Reply(error.code, json.loads(error.read()), dict(error.headers))
+
+    def records(self, kind: str = "requests") -> list[dict[str, Any]]:
+        """Every record of the request (or feedback) log so far, closed files and the open one."""
+        files = sorted(self.log_dir.glob(f"{kind}-*.jsonl*"))
+        return [json.loads(line) for path in files for line in path.read_text().splitlines()]
 
     def text(self, path: str) -> str:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
@@ -69,7 +73,7 @@ def model_artifact(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def server(model_artifact: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     model_dir, sha256 = model_artifact
-    log_path = tmp_path_factory.mktemp("serve") / "requests.jsonl"
-    app = create_app(model_dir, sha256, ServeConfig(**CONFIG, request_log=log_path))
+    log_dir = tmp_path_factory.mktemp("serve-logs")
+    app = create_app(model_dir, sha256, ServeConfig(**CONFIG, log_dir=log_dir, release="r" * 64))
     with running(app) as url:
-        yield RunningServer(url, model_dir, sha256, log_path, app)
+        yield RunningServer(url, model_dir, sha256, log_dir, app)

@@ -1,0 +1,115 @@
+"""OpenTelemetry traces: one trace per Dagster run, a span per step, its materialization and the
+step's heavy phases; and a span per request of the model server.
+
+Exported with the OpenTelemetry SDK over OTLP/HTTP to the endpoint of the standard variables
+(`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`; headers,
+timeout and service name from their `OTEL_*` variables too): MLflow's `/v1/traces` or any
+collector. With neither variable set, nothing is traced and nothing is imported beyond the API.
+No Dagster here (docs/tracking.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+SERVICE_NAME = "llm-assets"
+# How long the end of a step waits for its spans to leave (a slow or dead collector costs at most this).
+FLUSH_TIMEOUT_MS = 5_000
+
+Attributes = Mapping[str, str | bool | int | float]
+
+
+def enabled() -> bool:
+    return any(os.environ.get(name) for name in ENDPOINT_VARIABLES)
+
+
+def run_trace_id(run_id: str) -> int:
+    """The trace id of a Dagster run: its run id (a UUID, 128 bits like a trace id), so every step
+    process of one run (the multiprocess and k8s executors run each step in its own) lands in the
+    same trace without passing anything between them."""
+    try:
+        return uuid.UUID(run_id).int or 1
+    except ValueError:
+        return int(hashlib.sha256(run_id.encode()).hexdigest()[:32], 16) or 1
+
+
+def _provider(trace_id: int | None) -> Any:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class RunIds(RandomIdGenerator):
+        """New root spans join the run's trace; span ids stay random."""
+
+        def generate_trace_id(self) -> int:
+            return trace_id if trace_id is not None else super().generate_trace_id()
+
+    # Resource.create adds OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES over the default name.
+    provider = TracerProvider(id_generator=RunIds(), resource=Resource.create({"service.name": SERVICE_NAME}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+class StepTrace:
+    """The spans of one step: the step's own (root of its part of the run's trace) and children."""
+
+    def __init__(self, tracer: trace.Tracer, step: trace.Span):
+        self.tracer = tracer
+        self.step = step
+
+    @contextmanager
+    def span(self, name: str, attributes: Attributes | None = None) -> Iterator[trace.Span]:
+        """A child of whatever span is current (the step's, the materialization's)."""
+        with self.tracer.start_as_current_span(name, attributes=dict(attributes or {})) as span:
+            yield span
+
+
+@contextmanager
+def step_trace(run_id: str, step_key: str, attributes: Attributes | None = None) -> Iterator[StepTrace]:
+    """The span of one Dagster step in the run's trace; its spans are exported when it ends. With
+    no OTLP endpoint set, every span is a no-op."""
+    if not enabled():
+        tracer = trace.NoOpTracer()
+        with tracer.start_as_current_span(step_key) as span:
+            yield StepTrace(tracer, span)
+        return
+    provider = _provider(run_trace_id(run_id))
+    tracer = provider.get_tracer(__name__)
+    try:
+        with tracer.start_as_current_span(
+            f"step {step_key}", attributes={"dagster.run_id": run_id, "dagster.step": step_key, **(attributes or {})}
+        ) as span:
+            yield StepTrace(tracer, span)
+    finally:
+        # Exported before the step's process may end; an unreachable collector is logged by the
+        # exporter and costs at most the flush timeout.
+        provider.force_flush(FLUSH_TIMEOUT_MS)
+        provider.shutdown()
+
+
+@functools.cache
+def _server_tracer() -> trace.Tracer:
+    # One provider for the server's lifetime; the SDK flushes it at interpreter exit.
+    return _provider(None).get_tracer(__name__) if enabled() else trace.NoOpTracer()
+
+
+@contextmanager
+def request_span(route: str, attributes: Attributes | None = None) -> Iterator[trace.Span]:
+    """A server span for one request of the model server (a trace of its own), e.g.
+    ``with request_span("/v1/chat/completions", {"model": name}) as span: ...``; set figures known
+    later (tokens, latency) with ``span.set_attribute``. A no-op when no OTLP endpoint is set."""
+    with _server_tracer().start_as_current_span(
+        f"POST {route}", kind=trace.SpanKind.SERVER, attributes={"http.route": route, **(attributes or {})}
+    ) as span:
+        yield span

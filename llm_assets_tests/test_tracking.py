@@ -1,0 +1,189 @@
+"""Experiment tracking and traces against a real MLflow server (sqlite backend) on 127.0.0.1:
+runs, params, step metrics and one trace per Dagster run with a span per asset; cache hits log
+nothing; a server killed mid-run leaves the materialization green."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pytest
+import yaml
+
+from llm_assets.artifacts import META_MLFLOW_RUN_ID, META_TRACKING, artifact_asset, materialize_artifact
+from llm_assets.definitions import build_definitions
+from llm_assets.runner import materialize_graph
+from llm_assets.tracing import run_trace_id
+from llm_assets.tracking import flatten_params, step_series
+from llm_assets_tests.conftest import _free_port, stop_process_group
+from llm_assets_tests.pretrain.test_assets import with_training
+from resources.artifact_store_resource import ArtifactStoreResource
+from resources.handles import ArtifactHandle, ArtifactHandleIOManager
+from resources.pipeline import PipelineResource
+from resources.tracking import TrackingResource
+
+SERVER_START_TIMEOUT_S = 90
+PRETRAIN = "pretrain_checkpoint"
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    proc: subprocess.Popen
+
+
+def start_mlflow(root: Path) -> Server:
+    port = _free_port()
+    log = open(root / "mlflow.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return Server(url, proc)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process_group(proc)
+                raise RuntimeError(f"mlflow server did not start: {(root / 'mlflow.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Iterator[Server]:
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield server
+    finally:
+        stop_process_group(server.proc)
+
+
+def point_at(monkeypatch, url: str, experiment: str) -> str:
+    """Track and trace to the server at `url` through the standard variables; the experiment's id."""
+    experiment_id = mlflow.MlflowClient(url).create_experiment(experiment)
+    monkeypatch.setenv("LLM_ASSETS_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-mlflow-experiment-id={experiment_id}")
+    return experiment_id
+
+
+def test_params_are_flattened_and_curves_become_step_metrics() -> None:
+    assert flatten_params({"train": {"steps": 20, "lr": 0.01}, "sizes": ["xs"], "seed": 7}) == {
+        "train.steps": "20", "train.lr": "0.01", "sizes": "['xs']", "seed": "7"}
+    assert flatten_params({"files": ["x" * 100] * 100})["files"].__len__() == 6000  # MLflow's limit
+    series = step_series({
+        "loss_history": [[1, 5.5], [2, 5.0]], "val_history": [[2, 128, 5.2]],
+        "step_metrics": [{"step": 1, "loss": 5.5, "grad_norm": 1.5, "learning_rate": 0.01}, {"step": 2, "loss": 5.0}],
+    })
+    assert series == {"loss": [(1, 5.5), (2, 5.0)], "grad_norm": [(1, 1.5)], "learning_rate": [(1, 0.01)],
+                      "train_loss": [(1, 5.5), (2, 5.0)], "val_loss": [(2, 5.2)]}
+
+
+@pytest.mark.slow
+def test_a_materialized_graph_is_tracked_and_traced_on_a_real_server(
+        settings, manifest_path, monkeypatch, mlflow_server) -> None:
+    experiment_id = point_at(monkeypatch, mlflow_server.url, "graph")
+    with_training(manifest_path, steps=20, eval_every=10, checkpoint_every=10)
+    # About tracking, not the data half's gates: the tests' two stdlib packages share text across splits.
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["stages"]["contamination"] = {"max_contaminated_fraction": 1.0}
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    defs = build_definitions(settings)
+    client = mlflow.MlflowClient(mlflow_server.url)
+    with dg.DagsterInstance.local_temp() as instance:
+        first = materialize_graph(defs, instance, selection=f"+key:{PRETRAIN}", partitions=["xs"], log=lambda _: None)
+        assert first.success
+
+        [run] = client.search_runs([experiment_id])  # only the training stage is tracked here
+        tags, params = run.data.tags, run.data.params
+        mat = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(PRETRAIN), asset_partitions=["xs"]), limit=1).records[0]
+        meta = {k: v.value for k, v in mat.asset_materialization.metadata.items()}
+        assert (tags["asset"], tags["partition"], tags["attempt"]) == (PRETRAIN, "xs", "1")
+        assert tags["dagster_run_id"] == mat.run_id and tags["fingerprint"] == meta["fingerprint"]
+        assert tags["artifact_sha256"] == meta["sha256"] and tags["artifact_uri"] == meta["uri"]
+        assert tags["git_commit"] and tags["code_version"] == meta["code_version"]
+        assert params["train.steps"] == "20" and "train.learning_rate" in params
+        assert meta[META_MLFLOW_RUN_ID] == run.info.run_id and meta[META_TRACKING].startswith("logged")
+        losses = client.get_metric_history(run.info.run_id, "train_loss")
+        assert len(losses) > 1 and sorted(m.step for m in losses) == [m.step for m in losses]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [10, 20]
+        assert run.data.metrics["final_train_loss"] == meta["final_train_loss"]
+        assert run.data.metrics["tokens_per_second"] > 0 and "cost_usd" in run.data.metrics
+
+        # One trace per Dagster run, a span per materialized asset partition with its phases.
+        traces = {t.info.trace_id: t for t in client.search_traces(locations=[experiment_id], max_results=100)}
+        trace = traces[f"tr-{run_trace_id(mat.run_id):032x}"]
+        spans = {s.name: s for s in trace.data.spans}
+        span = spans[f"materialize {PRETRAIN}[xs]"]
+        assert span.attributes["fingerprint"] == meta["fingerprint"] and span.attributes["cache_hit"] is False
+        assert span.attributes["final_train_loss"] == meta["final_train_loss"]
+        assert {"verify", "build", "save"} <= {s.name for s in trace.data.spans if s.parent_id == span.span_id}
+        for dagster_run in instance.get_runs():
+            in_run = instance.get_records_for_run(dagster_run.run_id,
+                                                  of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+            if not in_run:
+                continue
+            named = [s.name for s in traces[f"tr-{run_trace_id(dagster_run.run_id):032x}"].data.spans
+                     if s.name.startswith("materialize ")]
+            assert len(named) == len(in_run) == len(set(named)), f"one span per asset partition in {dagster_run.run_id}"
+
+        # All cache hits: no new MLflow run, and the materialization names the run that built it.
+        assert materialize_graph(defs, instance, selection=f"+key:{PRETRAIN}", partitions=["xs"],
+                                 log=lambda _: None).success
+        assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run.info.run_id]
+        again = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(PRETRAIN), asset_partitions=["xs"]), limit=1).records[0]
+        again_meta = again.asset_materialization.metadata
+        assert again_meta["cache_hit"].value and again_meta[META_MLFLOW_RUN_ID].value == run.info.run_id
+        assert META_TRACKING not in again_meta
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_leaves_the_materialization_green(tmp_path, manifest_path, monkeypatch) -> None:
+    server = start_mlflow(tmp_path)
+    try:
+        point_at(monkeypatch, server.url, "killed")
+
+        @artifact_asset(name="model", group_name="pretrain")
+        def model(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                  artifact_store: ArtifactStoreResource) -> dg.Output[ArtifactHandle]:
+            def build(out: Path) -> dict:
+                os.killpg(server.proc.pid, signal.SIGKILL)  # the server dies while the model trains
+                server.proc.wait()
+                (out / "weights.bin").write_bytes(b"weights")
+                return {"final_train_loss": 2.5, "loss_history": [[1, 3.0], [2, 2.5]]}
+
+            return materialize_artifact(context, artifact_store.get_store(), kind="hf_model", config={"steps": 2},
+                                        build=build)
+
+        started, instance = time.monotonic(), dg.DagsterInstance.ephemeral()
+        result = dg.materialize([model], instance=instance, raise_on_error=False, resources={
+            "pipeline": PipelineResource(manifest_path=str(manifest_path)), "artifact_io": ArtifactHandleIOManager(),
+            "artifact_store": ArtifactStoreResource(uri=str(tmp_path / "store")), "tracking": TrackingResource()})
+        took = time.monotonic() - started
+        assert result.success
+        [mat] = result.get_asset_materialization_events()
+        meta = mat.materialization.metadata
+        assert meta[META_TRACKING].value.startswith("failed: logging the results at http://127.0.0.1")
+        assert META_MLFLOW_RUN_ID not in meta
+        logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+        assert any("experiment tracking failed, the artifact is stored all the same" in m for m in logs)
+        assert took < 60, f"a dead server held the step {took:.0f} s"
+    finally:
+        if server.proc.poll() is None:
+            stop_process_group(server.proc)
