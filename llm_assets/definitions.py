@@ -11,8 +11,8 @@ from __future__ import annotations
 import dagster as dg
 from dagster_k8s import k8s_job_executor
 
-from llm_assets.checks import build_hash_gates
 from llm_assets.base_model import assets as base_model
+from llm_assets.checks import build_hash_gates
 from llm_assets.compute import data_step_configs
 from llm_assets.data import assets as data
 from llm_assets.evaluation import assets as evaluation
@@ -68,7 +68,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     manifest = load_manifest(settings.manifest)
     lineage = with_hash_gates(dg.Definitions.merge(
-        *(stage.build_defs(manifest) for stage in (data, tokenizer, base_model, pretrain, posttrain, evaluation, quantize)),
+        *(stage.build_defs(manifest)
+          for stage in (data, tokenizer, base_model, pretrain, posttrain, evaluation, quantize)),
         dg.Definitions(resources=build_resources(settings, manifest)),
     ))
     # The release reads back the verdict of every check of its lineage: it gets that graph.

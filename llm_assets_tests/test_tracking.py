@@ -1,10 +1,14 @@
 """Experiment tracking and traces against a real MLflow server (sqlite backend) on 127.0.0.1:
 runs, params, step metrics and one trace per Dagster run with a span per asset; cache hits log
-nothing; a server killed mid-run leaves the materialization green."""
+nothing; a server killed mid-run leaves the materialization green; MLflow's UI, driven by headless
+Chromium, compares two training runs (`LLM_ASSETS_UPDATE_SCREENSHOT=1` refreshes the picture
+docs/tracking.md shows, docs/img/mlflow-compare.png)."""
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,16 +20,19 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import playwright.sync_api as playwright
 import pytest
 import yaml
 
 from llm_assets.artifacts import META_MLFLOW_RUN_ID, META_TRACKING, artifact_asset, materialize_artifact
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
+from llm_assets.settings import PROJECT_ROOT
 from llm_assets.tracing import run_trace_id
 from llm_assets.tracking import flatten_params, step_series
 from llm_assets_tests.conftest import _free_port, stop_process_group
 from llm_assets_tests.pretrain.test_assets import with_training
+from llm_assets_tests.test_ui import CHROMIUM
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, ArtifactHandleIOManager
 from resources.pipeline import PipelineResource
@@ -33,6 +40,11 @@ from resources.tracking import TrackingResource
 
 SERVER_START_TIMEOUT_S = 90
 PRETRAIN = "pretrain_checkpoint"
+COMPARE_SCREENSHOT = PROJECT_ROOT / "docs" / "img" / "mlflow-compare.png"
+# The compare page scrolls inside a panel, not the page: tall enough to hold the plot, the run
+# details, the params and the metrics in one picture.
+COMPARE_VIEWPORT = {"width": 1400, "height": 1540}
+UI_TIMEOUT_MS = 30_000  # a page's first load on a busy machine; the expect() default of 5 s is too short
 
 
 @dataclass(frozen=True)
@@ -187,3 +199,77 @@ def test_a_server_killed_mid_run_leaves_the_materialization_green(tmp_path, mani
     finally:
         if server.proc.poll() is None:
             stop_process_group(server.proc)
+
+
+class TinyPretraining(dg.Config):
+    learning_rate: float
+
+
+@artifact_asset(name=PRETRAIN, group_name="pretrain")
+def tiny_pretraining(context: dg.AssetExecutionContext, config: TinyPretraining, pipeline: PipelineResource,
+                     artifact_store: ArtifactStoreResource) -> dg.Output[ArtifactHandle]:
+    """Pretraining in miniature: the loss falls faster with a larger learning rate."""
+    def build(out: Path) -> dict:
+        (out / "weights.bin").write_bytes(f"weights trained at {config.learning_rate}".encode())
+        losses = [[step, 2.0 + 5.0 * math.exp(-6 * config.learning_rate * step)] for step in range(1, 41)]
+        return {"final_train_loss": losses[-1][1], "loss_history": losses,
+                "val_history": [[step, 4096 * step, loss + 0.2] for step, loss in losses if step % 10 == 0]}
+
+    return materialize_artifact(context, artifact_store.get_store(), kind="hf_model", build=build,
+                                config={"train": {"steps": 40, "learning_rate": config.learning_rate}})
+
+
+def test_the_mlflow_ui_compares_two_training_runs(tmp_path, manifest_path, monkeypatch, mlflow_server) -> None:
+    experiment_id = point_at(monkeypatch, mlflow_server.url, "llm-assets")
+    instance = dg.DagsterInstance.ephemeral()
+    for learning_rate in (0.01, 0.003):
+        assert dg.materialize([tiny_pretraining], instance=instance, run_config=dg.RunConfig(
+            {PRETRAIN: TinyPretraining(learning_rate=learning_rate)}), resources={
+            "pipeline": PipelineResource(manifest_path=str(manifest_path)), "artifact_io": ArtifactHandleIOManager(),
+            "artifact_store": ArtifactStoreResource(uri=str(tmp_path / "store")), "tracking": TrackingResource()},
+        ).success
+    runs = mlflow.MlflowClient(mlflow_server.url).search_runs([experiment_id])
+    assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.003", "0.01"]
+
+    with playwright.sync_playwright() as pw:
+        if not Path(CHROMIUM).exists():
+            pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/install-system-packages.sh"
+                        " (or set LLM_ASSETS_CHROMIUM)")
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            context = browser.new_context(viewport=COMPARE_VIEWPORT, device_scale_factor=2)
+            # On a first visit MLflow opens its assistant's panel over the page: mark it seen and closed.
+            context.add_init_script("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+                                    "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
+            page = context.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            # What a user does: the experiment's runs, both ticked, then Compare.
+            page.goto(f"{mlflow_server.url}/#/experiments/{experiment_id}/runs")
+            rows = page.get_by_role("row").filter(has_text=f"{PRETRAIN} #1")
+            playwright.expect(rows).to_have_count(len(runs), timeout=UI_TIMEOUT_MS)
+            for row in range(len(runs)):
+                rows.nth(row).get_by_role("checkbox").first.check()
+            page.get_by_role("button", name="Compare").click()
+
+            playwright.expect(page.get_by_text(f"Comparing {len(runs)} Runs from 1 Experiment")).to_be_visible(
+                timeout=UI_TIMEOUT_MS)
+            for run in runs:
+                playwright.expect(page.get_by_role("link", name=run.info.run_id)).to_be_visible()
+            learning_rates = page.get_by_role("row").filter(has_text="train.learning_rate")
+            playwright.expect(learning_rates).to_contain_text("0.01")
+            playwright.expect(learning_rates).to_contain_text("0.003")
+            # The parallel-coordinates plot is drawn: an axis per compared figure, each spanning both runs'
+            # values (the learning rates at the ends of the first).
+            plot = page.locator(".js-plotly-plot")
+            playwright.expect(plot).to_contain_text("train.learning_rate", timeout=UI_TIMEOUT_MS)
+            playwright.expect(plot).to_contain_text("train_loss")
+            playwright.expect(plot).to_contain_text("0.01000")
+            playwright.expect(plot).to_contain_text("0.00300")
+            page.get_by_role("button", name="Toggle sidebar").click()  # the compare tables get the whole width
+            page.wait_for_timeout(500)  # let the sidebar finish collapsing before the picture
+            shot = tmp_path / "mlflow-compare.png"
+            page.screenshot(path=str(shot))
+            if os.environ.get("LLM_ASSETS_UPDATE_SCREENSHOT") == "1":
+                shutil.copyfile(shot, COMPARE_SCREENSHOT)
+        finally:
+            browser.close()

@@ -57,8 +57,8 @@ def select_files(source: str, relpaths: Iterable[str]) -> list[str]:
         if pickled:
             raise BaseModelError(
                 f"{source}: no safetensors weights, only pickled files ({', '.join(pickled)}), which are never "
-                "loaded (unpickling runs any code the file carries); convert the weights to safetensors where you trust "
-                "them (`model.save_pretrained(dir)` writes model.safetensors) and import that directory")
+                "loaded (unpickling runs any code the file carries); convert the weights to safetensors where you "
+                "trust them (`model.save_pretrained(dir)` writes model.safetensors) and import that directory")
         raise BaseModelError(f"{source}: no *.safetensors weights; save the model with save_pretrained")
     if not any(name in TOKENIZER_FILES for name in chosen):
         raise BaseModelError(f"{source}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "

@@ -12,7 +12,7 @@ Each gate is partitioned like its asset, so the UI shows a verdict per partition
 at is decided by ``checks.scope``.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import dagster as dg
 
@@ -75,9 +75,13 @@ def _integrity_check(
 
 
 def _input_chain_check(
-    asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None, parents: Iterable[dg.AssetKey]
+    asset_key: dg.AssetKey, partitions_def: dg.PartitionsDefinition | None, parents: Iterable[dg.AssetKey],
+    parent_of: Mapping[str, set[str]] | None = None,
 ) -> dg.AssetChecksDefinition:
+    """`parent_of`: a parent that only some partitions read (a static partition mapping), with those
+    partitions; a materialization of another partition is not expected to record it."""
     parent_keys = sorted(parents, key=lambda k: k.to_user_string())
+    parent_of = parent_of or {}
 
     @dg.asset_check(
         asset=asset_key,
@@ -97,6 +101,8 @@ def _input_chain_check(
             records = input_records(mat)
             consumed = {r["asset"] for r in records}
             for missing in sorted(set(current) - consumed):
+                if missing in parent_of and mat.partition not in parent_of[missing]:
+                    continue
                 problems.append(f"{_label(mat)}: recorded no input from parent {missing}")
             for record in records:
                 parent = current.get(record["asset"], {}).get(record["partition"])
@@ -131,6 +137,18 @@ def _consumed_parents_now(
     return current
 
 
+def _static_parents(assets_def: dg.AssetsDefinition, parents: Iterable[dg.AssetKey]) -> dict[str, set[str]]:
+    """The parents read through a static partition mapping, with the partitions that read them."""
+    mapped = {}
+    for parent in parents:
+        mapping = assets_def.get_partition_mapping_for_dep(parent)
+        if isinstance(mapping, dg.StaticPartitionMapping):
+            mapped[parent.to_user_string()] = {
+                key for keys in mapping.downstream_partition_keys_by_upstream_partition_key.values()
+                for key in ([keys] if isinstance(keys, str) else keys)}
+    return mapped
+
+
 def build_hash_gates(assets: Iterable[dg.AssetsDefinition]) -> list[dg.AssetChecksDefinition]:
     """Integrity gates for every asset, input-chain gates for every asset that has parents."""
     checks = []
@@ -146,5 +164,5 @@ def _gates_for(assets_def: dg.AssetsDefinition) -> list[dg.AssetChecksDefinition
         checks.append(_integrity_check(key, partitions_def))
         parents = assets_def.asset_deps.get(key, set())
         if parents:
-            checks.append(_input_chain_check(key, partitions_def, parents))
+            checks.append(_input_chain_check(key, partitions_def, parents, _static_parents(assets_def, parents)))
     return checks

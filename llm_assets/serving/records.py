@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from llm_assets.store import fsync_path
+
 OPEN_SUFFIX = ".jsonl.open"
 CLOSED_SUFFIX = ".jsonl"
 
@@ -118,7 +120,7 @@ class DurableLog:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         self._path = self.directory / f"{self.prefix}-{stamp}{OPEN_SUFFIX}"
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
-        _sync_directory(self.directory)  # the new name itself survives a crash
+        fsync_path(self.directory)  # the new name itself survives a crash
         self._opened, self._size = time.monotonic(), 0
 
     def _rotate(self) -> None:
@@ -140,13 +142,6 @@ def _close_file(path: Path) -> Path:
         os.fsync(file.fileno())
     closed = path.with_name(path.name.removesuffix(OPEN_SUFFIX) + CLOSED_SUFFIX)
     path.rename(closed)
-    _sync_directory(path.parent)
+    fsync_path(path.parent)
     return closed
 
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -59,6 +59,7 @@ from llm_assets.serving.engine import (
 )
 from llm_assets.serving.records import DurableLog
 from llm_assets.store import validate_hash
+from llm_assets.tracing import request_span
 
 log = logging.getLogger(__name__)
 
@@ -547,6 +548,14 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
         """The route, with auth, errors, metrics and the request log around `handler`."""
 
         async def endpoint(request: Request) -> Response:
+            # A server span per request, exported when an OTLP endpoint is set (llm_assets/tracing.py);
+            # a streamed answer's span ends when its first chunk is ready.
+            with request_span(path, {"llm.model_sha256": model_sha256}) as span:
+                response = await answer_of(request)
+                span.set_attribute("http.response.status_code", response.status_code)
+                return response
+
+        async def answer_of(request: Request) -> Response:
             request.state.started = time.perf_counter()
             entry: dict[str, Any] = {}
             error = None

@@ -190,8 +190,6 @@ def test_a_manifest_mixing_a_pretrained_and_a_base_size_plans_both_paths(tmp_pat
     assert [row.split()[1] for row in out.splitlines() if row.strip().startswith("pretrain ")] == ["small"]
 
 
-@pytest.mark.xfail(strict=True, reason="the input_chain gate expects every parent of sft_model, base_model and "
-                   "pretrain_checkpoint both; it must honour static partition mappings (docs/fine-tuning.md)")
 def test_sft_starts_from_the_imported_base_model_with_its_own_tokenizer(settings, tmp_path, qwen_dir):
     """A mixed manifest: the base size's SFT reads base_model[qwen] (no pretraining, no project
     tokenizer), while the pretrained size still reads its pretrain_checkpoint."""
