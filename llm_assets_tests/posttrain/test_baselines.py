@@ -29,8 +29,12 @@ def test_an_sft_model_no_better_than_its_base_fails(tmp_path) -> None:
 
 def test_a_reward_model_no_better_than_its_untrained_head_fails(tmp_path) -> None:
     read = metric_reader(REWARD_ACCURACY_GATE, "accuracy", {"untrained": "accuracy_before_training"})
-    manifest = manifest_with_gates(GATES)
-    # The default graph's tiny-0.4m: 0.91 against 0.57 before training.
+    # The shipped thresholds as a real model's manifest keeps them: without the default's
+    # `blocking: false` (its tiny models cannot learn the hard negatives).
+    shipped = dict(GATES[REWARD_ACCURACY_GATE])
+    assert shipped.pop("blocking") is False
+    manifest = manifest_with_gates({**GATES, REWARD_ACCURACY_GATE: shipped})
+    # A reward model that learned: 0.91 against 0.57 before training (shuffled-word pairs).
     assert run_gate_check(tmp_path / "store", manifest, {"accuracy": 0.91, "accuracy_before_training": 0.57},
                           [REWARD_ACCURACY_GATE], read).passed
     # Above chance, because the untrained head already was.
@@ -38,3 +42,8 @@ def test_a_reward_model_no_better_than_its_untrained_head_fails(tmp_path) -> Non
                                [REWARD_ACCURACY_GATE], read)
     assert not unlearned.passed and not unlearned.downstream_ran
     assert "xs: reward_accuracy 0.76 < untrained baseline 0.74 + min_delta 0.1" in unlearned.description
+    # The default manifest as shipped: the same failure warns and holds nothing.
+    warned = run_gate_check(tmp_path / "store-default", manifest_with_gates(GATES | {REWARD_ACCURACY_GATE: {
+        **shipped, "blocking": False}}), {"accuracy": 0.54, "accuracy_before_training": 0.54},
+        [REWARD_ACCURACY_GATE], read)
+    assert not warned.passed and warned.downstream_ran

@@ -13,6 +13,7 @@ import yaml
 from llm_assets.cli import main
 from llm_assets.release_pointer import current_release
 from llm_assets.store import open_store
+from llm_assets_tests.conftest import SAFETY_GATES
 from llm_assets_tests.posttrain.test_assets import EVALUATION, POSTTRAIN
 from llm_assets_tests.pretrain.test_assets import with_training
 from resources.handles import latest_materializations
@@ -26,7 +27,8 @@ def with_sft_and_release(manifest_path: Path) -> dict:
     manifest["model_sizes"] = {"xs": manifest["model_sizes"]["xs"]}
     manifest["stages"].update(sft={**POSTTRAIN["sft"], "steps": 12}, posttrain_data={"max_answer_chars": 160},
                               evaluation=EVALUATION, serving={"smoke_prompts": ["def parse(text):"]})
-    manifest["gates"].update({"sft_val_loss": {"max": 8.0}, "heldout_perplexity.bits_per_byte": {"max": 8.0}})
+    manifest["gates"].update({"sft_val_loss": {"max": 8.0}, "heldout_perplexity.bits_per_byte": {"max": 8.0},
+                              **SAFETY_GATES})
     manifest_path.write_text(yaml.safe_dump(manifest))
     return manifest
 
