@@ -49,18 +49,18 @@ def launch_command(spec_path: Path, processes: int) -> list[str]:
 
 def _training_figures(mat: dg.AssetMaterialization) -> Figures:
     """The val loss for its gate, with the untrained and unigram models' val losses on the same
-    windows as the baselines it may be measured from; a non-finite loss, or one that did not
-    fall, fails it too."""
+    windows as the baselines it may be measured from; a loss that did not fall fails it too, and a
+    non-finite loss makes the checkpoint unusable whatever a reviewer says (no override covers it)."""
     meta = {k: mat.metadata[k].value for k in ("initial_loss", "final_train_loss", "final_val_loss")}
     baselines = {kind: float(mat.metadata[f"{kind}_val_loss"].value) for kind in VAL_LOSS_BASELINES
                  if f"{kind}_val_loss" in mat.metadata}
-    problems = []
+    broken, problems = [], []
     if not all(math.isfinite(v) for v in meta.values()):
-        problems.append(f"{mat.partition}: a loss is not finite ({meta})")
+        broken.append(f"{mat.partition}: a loss is not finite ({meta})")
     elif meta["final_train_loss"] >= meta["initial_loss"]:
         problems.append(f"{mat.partition}: loss did not fall ({meta['initial_loss']} -> {meta['final_train_loss']})")
     return Figures(values={VAL_LOSS_GATE: meta["final_val_loss"]}, problems={VAL_LOSS_GATE: problems},
-                   baselines={VAL_LOSS_GATE: baselines},
+                   broken=broken, baselines={VAL_LOSS_GATE: baselines},
                    metadata={**meta, **{f"{kind}_val_loss": loss for kind, loss in baselines.items()}},
                    summary="losses finite, falling, within the gate")
 

@@ -9,12 +9,14 @@ import math
 import pytest
 import torch
 
+from llm_assets.checks.gates import record_override
 from llm_assets.pretrain import build_model, train
 from llm_assets.pretrain.assets import VAL_LOSS_GATE, _training_figures
 from llm_assets.pretrain.data import TokenBatches
 from llm_assets.pretrain.job import summary
 from llm_assets.pretrain.loop import unigram_val_loss
-from llm_assets_tests.checks.test_gates import manifest_with_gates, run_gate_check
+from llm_assets.store import open_store
+from llm_assets_tests.checks.test_gates import SHA256, manifest_with_gates, run_gate_check
 from llm_assets_tests.pretrain.tiny import BASE, TINY, UNIFORM_LOSS
 
 # The default manifest's rule: below a uniform guess, and 0.3 nats below the unigram model.
@@ -62,3 +64,17 @@ def test_a_model_that_did_not_learn_fails_training_sane(corpus, reference, did_n
                                _training_figures, "training_sane")
     assert not untrained.passed and not untrained.downstream_ran
     assert f"> unigram baseline {result.baseline_val_losses['unigram']:.4g} + max_delta -0.3" in untrained.description
+
+
+def test_no_override_passes_a_checkpoint_whose_loss_is_not_finite(tmp_path) -> None:
+    """A reviewer may override a val loss over its gate, never a run that diverged to NaN."""
+    manifest = manifest_with_gates(GATES)
+    store = tmp_path / "store"
+    record_override(open_store(str(store)), VAL_LOSS_GATE, "model", "xs", SHA256, "ana", "reviewed the curves")
+    over = {"initial_loss": 8.3, "final_train_loss": 6.0, "final_val_loss": 9.0, "unigram_val_loss": 6.6}
+    assert run_gate_check(store, manifest, over, [VAL_LOSS_GATE], _training_figures).passed  # overridden
+    diverged = run_gate_check(store, manifest, {**over, "final_train_loss": math.nan}, [VAL_LOSS_GATE],
+                              _training_figures)
+    assert not diverged.passed and not diverged.downstream_ran
+    assert "a loss is not finite" in diverged.description
+
