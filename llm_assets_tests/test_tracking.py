@@ -32,7 +32,7 @@ from llm_assets.tracing import run_trace_id
 from llm_assets.tracking import flatten_params, step_series
 from llm_assets_tests.conftest import _free_port, stop_process_group
 from llm_assets_tests.pretrain.test_assets import with_training
-from llm_assets_tests.test_ui import CHROMIUM
+from llm_assets_tests.test_ui import headless_chromium
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, ArtifactHandleIOManager
 from resources.pipeline import PipelineResource
@@ -232,10 +232,7 @@ def test_the_mlflow_ui_compares_two_training_runs(tmp_path, manifest_path, monke
     assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.003", "0.01"]
 
     with playwright.sync_playwright() as pw:
-        if not Path(CHROMIUM).exists():
-            pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/install-system-packages.sh"
-                        " (or set LLM_ASSETS_CHROMIUM)")
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        browser = headless_chromium(pw)
         try:
             context = browser.new_context(viewport=COMPARE_VIEWPORT, device_scale_factor=2)
             # On a first visit MLflow opens its assistant's panel over the page: mark it seen and closed.

@@ -31,6 +31,13 @@ from llm_assets_tests.conftest import stop_process_group
 README_SCREENSHOT = PROJECT_ROOT / "docs" / "img" / "asset-graph.png"
 # Debian's chromium: `playwright install` would download browsers, and there is no network for it.
 CHROMIUM = os.environ.get("LLM_ASSETS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def headless_chromium(pw: playwright.Playwright) -> playwright.Browser:
+    """Debian's chromium, headless; a clear failure when the system packages are missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/install-system-packages.sh (or set LLM_ASSETS_CHROMIUM)")
+    return pw.chromium.launch(executable_path=CHROMIUM, headless=True)
 # The README image: the whole graph legible at GitHub's width, drawn at twice the pixel density.
 VIEWPORT = {"width": 1600, "height": 1000}
 SERVER_START_TIMEOUT_S = 90.0
@@ -154,10 +161,7 @@ def test_ui_shows_every_asset_and_check_of_the_lifecycle(ui: UI, tmp_path: Path)
             for n in served} == expected
 
     with playwright.sync_playwright() as pw:
-        if not Path(CHROMIUM).exists():
-            pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/install-system-packages.sh"
-                        " (or set LLM_ASSETS_CHROMIUM)")
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        browser = headless_chromium(pw)
         try:
             page = browser.new_page(viewport=VIEWPORT, device_scale_factor=2)
             page.set_default_timeout(UI_TIMEOUT_MS)
