@@ -29,6 +29,7 @@ from llm_assets.data.sources import (
 )
 from llm_assets.killed_drivers import DRIVER_PROCESS_TAG, driver_process
 from llm_assets.sensors import DRIVER_ALERTS, DRIVER_ALERTS_TAG, send_run_alerts
+from llm_assets.unchanged import record_green_run, unchanged_partitions, world_digest
 from resources.alert_sinks import AlertSinksResource
 from resources.handles import current_materializations
 from resources.pipeline import PipelineResource
@@ -131,6 +132,7 @@ class ShardRegistration:
     new: list[str]  # partitions added
     problems: list[SourceProblem]  # sources that could not be listed (skipped: on_source_error: skip)
     skipped: set[str]  # existing partitions of those sources: they sit out this drive
+    signatures: dict[str, str] = field(default_factory=dict)  # each listed shard's listing (files, sizes, versions)
 
 
 def register_shards(
@@ -159,7 +161,7 @@ def register_shards(
         named = ", ".join(p.key for p in stale[:5]) + (", ..." if len(stale) > 5 else "")
         log(f"{len(stale)} corpus_shards partition(s) that no source produces any more ({named}): their runs "
             f"will fail; remove them with `{PRUNE_COMMAND}`")
-    return ShardRegistration(new, found.problems, set(unlisted))
+    return ShardRegistration(new, found.problems, set(unlisted), {s.key: s.signature for s in found.shards})
 
 
 def _family(node: dg.AssetsDefinition | object) -> str:
@@ -279,10 +281,15 @@ def materialize_graph(
     console_log_level: str = "WARNING",
     partitions: Sequence[str] | None = None,
     alert_sinks: AlertSinksResource | None = None,
+    skip_unchanged: bool = True,
 ) -> DriveResult:
     """Materialize the selection (default: everything) wave by wave; `partitions` restricts the
     waves partitioned by those keys (e.g. one model size) to them. With `alert_sinks`, each run's
-    alerts are sent as soon as it ends (and the alert sensor leaves that run alone)."""
+    alerts are sent as soon as it ends (and the alert sensor leaves that run alone).
+
+    A wave partition whose every asset is unchanged since its last green run launches no run
+    (`llm_assets.unchanged`): it is reported as a cache hit of what it holds. `skip_unchanged=False`
+    launches every run (what a benchmark compares against)."""
     started = time.perf_counter()
     asset_graph = defs.resolve_asset_graph()
     selected = (
@@ -299,10 +306,16 @@ def materialize_graph(
     outcomes: list[StepOutcome] = []
     failed: list[str] = []
     problems: list[CheckProblem] = []
+    world = world_digest(defs, defs.resources["pipeline"].load(), shards.signatures) if skip_unchanged else None
+    store, verified = defs.resources["artifact_store"].get_store(), set()
     for wave in plan_waves(asset_graph, selected):
         names = ", ".join(k.to_user_string() for k in wave)
         keys = [k for k in _partition_keys(asset_graph, instance, wave, partitions) if k not in shards.skipped]
-        log(f"wave [{names}]: {len(keys)} run(s)")
+        unchanged = unchanged_partitions(instance, store, asset_graph, wave, keys, world, verified)
+        outcomes.extend(StepOutcome(u.asset, u.partition, u.sha256, True, 0.0) for held in unchanged.values()
+                        for u in held)
+        keys = [k for k in keys if k not in unchanged]
+        log(f"wave [{names}]: {len(keys)} run(s)" + (f", {len(unchanged)} unchanged" if unchanged else ""))
         for partition in keys:
             result = dg.materialize(
                 [*assets, *checks],
@@ -329,6 +342,9 @@ def materialize_graph(
                     cache_hit=bool(value.get("cache_hit", False)),
                     seconds=float(value.get("wall_seconds", 0.0)),
                 ))
+            # A WARN failure informs and holds nothing: the same artifacts would be judged the same.
+            if result.success and all(p.severity == "WARN" for p in run_problems):
+                record_green_run(instance, asset_graph, result, world)
             if not result.success:
                 failed.append(result.run_id)
                 log(f"  run {result.run_id} for {partition or 'all'} FAILED; see it in the UI")

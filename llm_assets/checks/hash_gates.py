@@ -1,7 +1,8 @@
 """Hash gates, generated for every artifact asset rather than written by hand.
 
 - ``artifact_integrity``: re-hash the stored object of each materialization under check and
-  compare with its manifest. A flipped byte fails it and names the file.
+  compare with its manifest. A flipped byte fails it and names the file. An object that already
+  verified in the same run (the cache hit that reused it) is not re-hashed (``verify_once``).
 - ``input_chain`` (assets with parents only): the input hashes a materialization recorded are
   the parents' current hashes. A downstream artifact built from a parent that has since
   changed fails it and names the parent.
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import dagster as dg
 
+from llm_assets.artifacts import verify_once
 from llm_assets.checks.scope import materializations_under_check
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, current_handles, input_records
@@ -67,7 +69,7 @@ def _integrity_check(
         problems = []
         for mat in checked:
             handle = ArtifactHandle.from_materialization(mat)
-            report = store.verify(handle.sha256)
+            report = verify_once(store, context.run.run_id, handle.sha256)
             problems.extend(f"{_label(mat)} ({handle.sha256[:12]}): {p}" for p in report.problems)
         return _result(checked, problems, "artifact(s)")
 

@@ -2,9 +2,9 @@
 blocking check that its quality on held-out text stays within the manifest's gates.
 
 The asset picks the texts (GPTQ calibration from the training split, the held-out set from the
-test split), writes them with a spec, and starts the worker in the quantization environment
-through Dagster Pipes (see `llm_assets/quantize/__init__.py`); the worker's figures become the
-materialization's metadata, and the check reads them.
+test split), writes them with a spec, and hands it to the quantization environment's long-lived
+worker (see `llm_assets/quantize/__init__.py` and `resources.quantize_environment`); the worker's
+figures become the materialization's metadata, and the check reads them.
 """
 
 import hashlib
@@ -21,7 +21,6 @@ from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.assets import evaluated_stage
-from llm_assets.launch import run_worker
 from llm_assets.manifest import QUANTIZE_GATES, PipelineManifest
 from llm_assets.quantize.worker import QuantizeSpec
 from resources.artifact_store_resource import ArtifactStoreResource
@@ -107,7 +106,6 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         pipeline: PipelineResource,
         artifact_store: ArtifactStoreResource,
         quantize_environment: QuantizeEnvironmentResource,
-        pipes_subprocess_client: dg.PipesSubprocessClient,
         model: ArtifactHandle,
         dataset_splits: ArtifactHandle,
     ) -> dg.Output[ArtifactHandle]:
@@ -147,9 +145,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 spec_path.write_text(spec.model_dump_json(indent=1))
                 context.log.info(f"quantizing {model_asset}[{size}] {model.sha256[:12]} ({scheme}) in "
                                  f"{quantize_environment.python}")
-                reported = run_worker(context, pipes_subprocess_client, quantize_environment.command(spec_path),
-                                      error_file=work / "error.txt",
-                                      what=f"quantizing {model_asset}[{size}] ({scheme})")
+                reported = quantize_environment.quantize(spec_path, context.log.info, error_file=work / "error.txt",
+                                                         what=f"quantizing {model_asset}[{size}] ({scheme})")
             return {**reported, "model_sha256": model.sha256,
                     "comparison": comparison_table(reported, scheme),
                     "libraries": dg.MetadataValue.json(reported["libraries"])}

@@ -8,6 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 import pytest
 import torch
@@ -23,6 +24,7 @@ from llm_assets.quantize.worker import (
     read_texts,
     token_sequences,
 )
+from resources.quantize_environment import _WORKERS, QuantizeEnvironmentResource
 
 LINEAR_LAYERS = 14  # 2 decoder layers × (q, k, v, o, gate, up, down)
 
@@ -106,6 +108,33 @@ def test_quantization_is_deterministic(scheme, gptq, quantize_python, trained_di
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(tree_hashes(root / "out"))
     assert runs[0] == runs[1]
+
+
+def test_one_long_lived_worker_writes_the_same_bytes_and_survives_a_failure(quantize_python, trained_dir, heldout,
+                                                                           tmp_path):
+    """What the asset uses: one worker for every partition. A failed spec is answered with its
+    error and the worker goes on; the next spec's result is the same bytes as a fresh process's."""
+    environment = QuantizeEnvironmentResource(python=quantize_python)
+    (tmp_path / "bad").mkdir()
+    bad = spec_for(tmp_path / "bad", tmp_path / "no-model", heldout, "int8", "out")
+    (tmp_path / "bad.json").write_text(bad.model_dump_json())
+    with pytest.raises(dg.Failure, match=r"^quantizing bad failed: FileNotFoundError: .*no-model"):
+        environment.quantize(tmp_path / "bad.json", print, Path(bad.error_file), "quantizing bad")
+    worker = _WORKERS[quantize_python]
+
+    served, fresh = tmp_path / "served", tmp_path / "fresh"
+    for root in (served, fresh):
+        root.mkdir()
+    spec = spec_for(served, trained_dir, heldout, "int8", "out")
+    (served / "spec.json").write_text(spec.model_dump_json())
+    figures = environment.quantize(served / "spec.json", print, served / "error.txt", "quantizing int8")
+    done, expected = run_worker(quantize_python, spec_for(fresh, trained_dir, heldout, "int8", "out"), fresh)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tree_hashes(served / "out") == tree_hashes(fresh / "out")
+    assert figures["quantized_layers"] == LINEAR_LAYERS and figures["libraries"] == expected["libraries"]["raw_value"]
+    assert {k: v for k, v in figures.items() if k not in ("libraries", "quantize_seconds")} == \
+        {k: v for k, v in expected.items() if k not in ("libraries", "quantize_seconds")}
+    assert _WORKERS[quantize_python] is worker and worker.poll() is None, "one worker served both specs"
 
 
 def test_a_spec_with_relative_paths_and_a_bad_text_file_fails_naming_the_line(quantize_python, trained_dir,
