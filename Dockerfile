@@ -1,9 +1,11 @@
 # The llm-assets image: the asset code, its pinned dependencies and the default manifest. One
 # image serves as the code server (the CMD below), the run pods and the step pods.
 #
-# This is the CPU image. A GPU image starts from a CUDA base instead (an nvidia/cuda runtime image
-# with Python 3.11 added) and installs torch's CUDA wheel from the matching index
-# (https://download.pytorch.org/whl/cu12x) in place of the CPU one; the rest stays the same.
+# Two variants, chosen by a build argument (docs/deployment.md):
+#   docker build .                                 CPU torch (the default)
+#   docker build --build-arg TORCH_VARIANT=cuda .  CUDA torch, for the GPU node pools
+# PyTorch's CUDA wheels carry their CUDA libraries, so both variants start from the same base: a
+# GPU node only needs its NVIDIA driver and device plugin.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -23,16 +25,29 @@ ENV LLM_ASSETS_MANIFEST=/opt/llm-assets/pipeline.yaml \
 
 WORKDIR /opt/llm-assets
 
-# torch first, pinned, from the CPU index: installed afterwards as a dependency, pip would take
-# the default wheel from PyPI, which drags in several GB of CUDA libraries. Its own layer, so a
-# code change does not re-download it.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# cpu or cuda. The CUDA index names the CUDA version of torch's wheel: pick one that the GPU
+# nodes' driver supports (--build-arg TORCH_CUDA_INDEX=...).
+ARG TORCH_VARIANT=cpu
+ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu130
+# The variant's wheel index, written once for both environments below; any other variant stops the build.
+RUN case "$TORCH_VARIANT" in \
+        cpu) echo https://download.pytorch.org/whl/cpu ;; \
+        cuda) echo "$TORCH_CUDA_INDEX" ;; \
+        *) echo "TORCH_VARIANT must be cpu or cuda, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
+    esac > /opt/torch-index
+# The CUDA runtime of the NVIDIA container toolkit: compute (and nvidia-smi) only.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# torch first, pinned, from the variant's index: installed afterwards as a dependency, pip would
+# take the default wheel from PyPI, whichever CUDA it was built for. Its own layer, so a code
+# change does not re-download it.
+RUN pip install --index-url "$(cat /opt/torch-index)" torch==2.13.0
 
 # The quantization environment (llm_assets/quantize): gptqmodel requires protobuf >= 7.34 and
 # Dagster protobuf < 7, so quantized_model's worker runs in a venv of its own, with the same torch.
 COPY requirements-quantize.txt ./
 RUN python -m venv /opt/venv-quant \
-    && /opt/venv-quant/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && /opt/venv-quant/bin/pip install --index-url "$(cat /opt/torch-index)" torch==2.13.0 \
     && /opt/venv-quant/bin/pip install -r requirements-quantize.txt
 ENV LLM_ASSETS_QUANTIZE_PYTHON=/opt/venv-quant/bin/python
 

@@ -1,11 +1,13 @@
-"""Kubernetes placement of steps: the `dagster-k8s/config` tag built from the manifest's compute."""
+"""Kubernetes placement of steps: the `dagster-k8s/config` tag built from the manifest's compute,
+and the indexed Job a training step spanning several machines runs as."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from llm_assets.manifest import StageCompute
+from llm_assets.manifest import StageCompute, TrainingCompute
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -75,3 +77,68 @@ def render_step_job(
     rendered = kubernetes.client.ApiClient().sanitize_for_serialization(job)
     rendered["metadata"]["namespace"] = namespace
     return rendered
+
+
+RENDEZVOUS_PORT = 29500
+
+
+def _dns_label(text: str) -> str:
+    """`text` as a Kubernetes DNS-1123 label: lower case, [a-z0-9-], at most 63 characters."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
+    if not label:
+        raise ValueError(f"{text!r} has no character a Kubernetes name can use")
+    return label
+
+
+def render_multinode_job(
+    name: str, compute: TrainingCompute, entry: Sequence[str], *, image: str, namespace: str = "dagster"
+) -> list[dict[str, Any]]:
+    """One training step spanning `compute.nodes` machines: a headless Service and an indexed Job of
+    that many pods, rendered offline as dicts.
+
+    Pod i of the Job runs `torchrun --nnodes=N --node-rank=i` with `entry` (e.g. `-m llm_assets.pretrain
+    --spec ...`) and `compute.processes(gpus)` ranks; the rendezvous is pod 0, which the Service gives
+    a stable DNS name (`<job>-0.<service>`). Every pod has the step's resources, node selector and
+    GPU toleration (`k8s_config`). The Job fails as a whole: one lost pod stops the rendezvous, and
+    the step resumes from its last committed checkpoint.
+    """
+    if compute.nodes < 2:
+        raise ValueError(f"compute.training.nodes is {compute.nodes}: a single-node step runs in its own step pod "
+                         f"(render_step_job); a multi-node Job needs nodes >= 2")
+    job_name = _dns_label(name)
+    labels = {"app.kubernetes.io/name": "llm-assets", "app.kubernetes.io/component": "training",
+              "llm-assets/training-job": job_name}
+    config = k8s_config(compute)
+    rank_env = {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
+    master = f"{job_name}-0.{job_name}.{namespace}.svc.cluster.local"
+    command = ["python", "-m", "torch.distributed.run", f"--nnodes={compute.nodes}",
+               f"--nproc_per_node={compute.processes(compute.gpus)}", "--node_rank=$(NODE_RANK)",
+               "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)", *entry]
+    container = {
+        "name": "train", "image": image, "command": command,
+        "env": [rank_env, {"name": "MASTER_ADDR", "value": master},
+                {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)}],
+        "ports": [{"containerPort": RENDEZVOUS_PORT, "name": "rendezvous"}],
+        "resources": config["container_config"]["resources"],
+    }
+    pod_spec: dict[str, Any] = {"subdomain": job_name, "restartPolicy": "Never", "containers": [container]}
+    placement = config.get("pod_spec_config", {})
+    if "node_selector" in placement:
+        pod_spec["nodeSelector"] = placement["node_selector"]
+    if "tolerations" in placement:
+        pod_spec["tolerations"] = placement["tolerations"]
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": job_name, "namespace": namespace, "labels": labels},
+        # Headless, and published before the pods are ready: the ranks resolve pod 0 while starting.
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels,
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}]},
+    }
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name, "namespace": namespace, "labels": labels},
+        "spec": {"completionMode": "Indexed", "completions": compute.nodes, "parallelism": compute.nodes,
+                 "backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
+    }
+    return [service, job]

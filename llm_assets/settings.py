@@ -20,6 +20,9 @@ class Settings:
     alert_webhook_url: str | None
     s3_endpoint_url: str | None
     executor: str = "in_process"  # or "k8s": each step in its own pod, with its op tags' resources
+    # The code location runs are submitted against under the k8s executor (llm_assets/submit.py):
+    # workspace.yaml's name; the Helm chart's is its user deployment's.
+    code_location: str = "llm_assets.definitions"
     quantize_python: str = str(PROJECT_ROOT / ".venv-quant" / "bin" / "python")  # see llm_assets/quantize
     # Where an S3 store's objects are cached for local reading; None: a per-user folder
     # ($XDG_CACHE_HOME or ~/.cache, then llm-assets/<bucket>/<prefix>; see llm_assets/store/cache.py).
@@ -35,6 +38,7 @@ class Settings:
             alert_webhook_url=env("LLM_ASSETS_ALERT_WEBHOOK_URL") or None,
             s3_endpoint_url=env("LLM_ASSETS_S3_ENDPOINT_URL") or None,
             executor=env("LLM_ASSETS_EXECUTOR") or "in_process",
+            code_location=env("LLM_ASSETS_CODE_LOCATION") or cls.code_location,
             quantize_python=env("LLM_ASSETS_QUANTIZE_PYTHON") or cls.quantize_python,
             cache_dir=env("LLM_ASSETS_CACHE_DIR") or None,
         )

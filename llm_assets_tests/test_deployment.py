@@ -228,6 +228,9 @@ def test_helm_kubernetes_fragments_validate():
 # --- Dockerfile -----------------------------------------------------------------------------------
 
 
+TORCH_INDEX_FILE = "/opt/torch-index"  # where the Dockerfile writes the torch variant's wheel index
+
+
 def pyproject() -> dict[str, Any]:
     return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 
@@ -261,7 +264,7 @@ def test_dockerfile_builds_the_quantization_environment_the_settings_name():
     venv = python.removesuffix("/bin/python")
     steps = [cmd.strip() for keyword, args in instructions if keyword == "RUN" for cmd in args.split("&&")]
     order = [steps.index(f"python -m venv {venv}"),
-             steps.index(f"{venv}/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0"),
+             steps.index(f'{venv}/bin/pip install --index-url "$(cat {TORCH_INDEX_FILE})" torch==2.13.0'),
              steps.index(f"{venv}/bin/pip install -r requirements-quantize.txt"),
              steps.index(f"{venv}/bin/pip install --no-deps .")]
     assert order == sorted(order)
@@ -271,16 +274,41 @@ def test_dockerfile_builds_the_quantization_environment_the_settings_name():
     assert "\ndagster==" not in requirements and "torch==2.13.0" in requirements
 
 
-def test_dockerfile_pins_cpu_torch_before_the_project():
+def test_dockerfile_pins_torch_of_the_variant_before_the_project():
     instructions = dockerfile_instructions()
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = [args for keyword, args in instructions if keyword == "RUN"]
     torch_pin = next(d for d in pyproject()["project"]["dependencies"] if d.startswith("torch=="))
     torch_steps = [i for i, args in enumerate(runs) if torch_pin in shlex.split(args)]
     project_steps = [i for i, args in enumerate(runs) if "pip install ." in args]
+    index_steps = [i for i, args in enumerate(runs) if args.endswith(f"> {TORCH_INDEX_FILE}")]
     assert torch_steps and project_steps, f"the Dockerfile must RUN pip install {torch_pin}, then pip install ."
-    assert torch_steps[0] < project_steps[0], "install torch (CPU wheel) before the project pulls the CUDA one"
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_steps[0]]
+    assert index_steps[0] < torch_steps[0] < project_steps[0], (
+        "choose the index, then install torch from it, before the project pulls PyPI's default wheel")
+    assert f'--index-url "$(cat {TORCH_INDEX_FILE})"' in runs[torch_steps[0]]
+
+
+def _torch_index(variant: str | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The Dockerfile's index-choosing RUN, run by sh with the build arguments as docker passes them."""
+    instructions = dockerfile_instructions()
+    args = dict(arg.split("=", 1) for keyword, arg in instructions if keyword == "ARG" and "=" in arg)
+    script = next(arg for keyword, arg in instructions if keyword == "RUN" and arg.endswith(f"> {TORCH_INDEX_FILE}"))
+    env = {**args, **({"TORCH_VARIANT": variant} if variant is not None else {}), "PATH": os.environ["PATH"]}
+    return subprocess.run(["sh", "-c", script.replace(TORCH_INDEX_FILE, str(tmp_path / "index"))],
+                          env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(("variant", "index"), [(None, "https://download.pytorch.org/whl/cpu"),
+                                                 ("cuda", "https://download.pytorch.org/whl/cu13")])
+def test_dockerfile_variants_install_torch_from_their_index(variant, index, tmp_path):
+    done = _torch_index(variant, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "index").read_text().strip().startswith(index)
+
+
+def test_dockerfile_refuses_an_unknown_torch_variant(tmp_path):
+    done = _torch_index("gpu", tmp_path)
+    assert done.returncode != 0 and "TORCH_VARIANT must be cpu or cuda, not 'gpu'" in done.stderr
 
 
 def test_dockerfile_copies_what_the_build_and_the_settings_need():

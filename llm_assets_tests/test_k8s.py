@@ -10,9 +10,15 @@ import kubernetes_validate
 import pytest
 from dagster_k8s import k8s_job_executor
 
-from llm_assets.compute import K8S_CONFIG_TAG, data_step_configs, k8s_op_tags, render_step_job
+from llm_assets.compute import (
+    K8S_CONFIG_TAG,
+    data_step_configs,
+    k8s_op_tags,
+    render_multinode_job,
+    render_step_job,
+)
 from llm_assets.definitions import build_definitions
-from llm_assets.manifest import StageCompute
+from llm_assets.manifest import StageCompute, TrainingCompute
 from llm_assets_tests.quantize.test_assets import with_quantization
 
 K8S_VERSION = "1.31"
@@ -96,3 +102,46 @@ def test_training_steps_keep_their_gpu_tags(settings, manifest_path):
         # Dagster keeps op tag values as JSON strings.
         resources = json.loads(assets[name].node_def.tags[K8S_CONFIG_TAG])["container_config"]["resources"]
         assert resources["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_a_multi_node_training_step_is_an_indexed_job_with_a_rendezvous():
+    compute = TrainingCompute(gpus=8, cpu="64", memory="512Gi", nodes=4, node_selector={"pool": "h100"})
+    entry = ["-m", "llm_assets.pretrain", "--spec", "/shared/spec.json"]
+    service, job = render_multinode_job("pretrain_checkpoint[7B]", compute, entry, image="llm-assets:1",
+                                        namespace="llm")
+    validate(service)
+    validate(job)
+    name = job["metadata"]["name"]
+    assert name == service["metadata"]["name"] == "pretrain-checkpoint-7b"
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    pod = spec["template"]["spec"]
+    # Pod i is <job>-i.<service>: the headless Service, selecting the Job's pods, names pod 0 for every rank.
+    assert pod["subdomain"] == name and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MASTER_ADDR"]["value"] == f"{name}-0.{name}.llm.svc.cluster.local"
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "torch.distributed.run"] and command[-4:] == entry
+    assert {"--nnodes=4", "--nproc_per_node=8", "--node_rank=$(NODE_RANK)", "--master_addr=$(MASTER_ADDR)",
+            "--master_port=$(MASTER_PORT)"} <= set(command)
+    assert env["MASTER_PORT"]["value"] == str(service["spec"]["ports"][0]["port"])
+    # Every node is a full training pod: GPUs, node pool, GPU toleration.
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_a_single_node_step_is_not_rendered_as_a_multi_node_job():
+    with pytest.raises(ValueError, match="nodes is 1.*needs nodes >= 2"):
+        render_multinode_job("pretrain_checkpoint", TrainingCompute(gpus=8), ["-m", "x"], image="i")
+
+
+def test_a_misplaced_field_in_the_rendered_job_is_caught():
+    # The schema check the rendering is validated with does catch a field the API does not know.
+    _, job = render_multinode_job("p", TrainingCompute(gpus=1, nodes=2), ["-m", "x"], image="i")
+    job["spec"]["template"]["spec"]["completionMode"] = "Indexed"  # belongs to the Job spec, not the pod
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(job)
