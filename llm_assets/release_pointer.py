@@ -5,6 +5,11 @@ and every gate verdict). Promoting it or rolling back to an earlier one only mov
 pointer, `releases/p=<size>/current.json`; every move is also appended to
 `releases/p=<size>/history/`, so each release ever promoted stays addressable by its hash. The
 pointer lives in the store, next to the artifacts, so servers and every instance agree on it.
+
+With a canary (`stages.serving.canary`), a new release is first proposed: `releases/p=<size>/candidate.json`
+names it while the server answers a fraction of the traffic with it, and the canary's gate then
+promotes it (the current pointer moves) or rejects it (the current pointer stays). Proposals and
+rejections are moves of the history too, so `llm-assets releases` shows the whole chain.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ class ReleaseError(LookupError):
 @dataclass(frozen=True)
 class ReleaseMove:
     partition: str
-    sha256: str  # the release artifact now current
-    previous: str | None  # the one it replaced
-    action: Literal["promote", "rollback"]
+    sha256: str  # the release artifact now current (candidate, reject: the candidate proposed, or turned down)
+    previous: str | None  # the one it replaced (candidate, reject: the current release, which stays)
+    action: Literal["promote", "rollback", "candidate", "reject"]
     by: str  # the run that promoted, or who rolled back
     moved_at: str  # ISO 8601, UTC, microseconds: history sorts by it
 
@@ -49,16 +54,72 @@ def current_release(store: ArtifactStore, partition: str) -> str | None:
 def move_release(store: ArtifactStore, partition: str, sha256: str,
                  action: Literal["promote", "rollback"], by: str) -> ReleaseMove:
     """Point the model size's current release at `sha256` (which must be a stored release)."""
+    moved = _record_move(store, partition, sha256, action, by)
+    store.backend.write_key(f"{_prefix(partition)}/current.json", _body(moved))
+    if candidate_release(store, partition) == sha256:  # a promoted candidate is no longer one
+        store.backend.write_key(f"{_prefix(partition)}/candidate.json", _body(moved))
+    return moved
+
+
+def candidate_release(store: ArtifactStore, partition: str) -> str | None:
+    """The hash of the release proposed as this model size's canary and not yet decided, if any."""
+    data = store.backend.read_key(f"{_prefix(partition)}/candidate.json")
+    move = ReleaseMove(**json.loads(data)) if data is not None else None
+    return move.sha256 if move is not None and move.action == "candidate" else None
+
+
+def propose_release(store: ArtifactStore, partition: str, sha256: str, by: str) -> ReleaseMove:
+    """Name `sha256` the model size's candidate: served next to the current release, not yet promoted."""
+    moved = _record_move(store, partition, sha256, "candidate", by)
+    store.backend.write_key(f"{_prefix(partition)}/candidate.json", _body(moved))
+    return moved
+
+
+def reject_candidate(store: ArtifactStore, partition: str, sha256: str, by: str) -> ReleaseMove:
+    """Turn the candidate `sha256` down: the current release stays, the candidate is no longer served."""
+    if candidate_release(store, partition) != sha256:
+        raise ReleaseError(f"release {sha256[:12]} is not the candidate of {partition} "
+                           f"(the candidate is {candidate_release(store, partition) or 'none'})")
+    moved = _record_move(store, partition, sha256, "reject", by)
+    store.backend.write_key(f"{_prefix(partition)}/candidate.json", _body(moved))
+    return moved
+
+
+def promote_or_propose(store: ArtifactStore, partition: str, sha256: str, canary: bool, by: str) -> str:
+    """What the release step does with a release it stored: promote it, or, with a canary and a
+    current release to compare it with, propose it as the candidate (a candidate its canary turned
+    down is not proposed again). Says what it did."""
+    current = current_release(store, partition)
+    if current == sha256:
+        return f"release[{partition}]: {sha256[:12]} is already current"
+    if not canary or current is None:
+        move_release(store, partition, sha256, "promote", by=by)
+        return f"release[{partition}]: promoted {sha256[:12]} (was {current[:12] if current else 'none'})"
+    if candidate_release(store, partition) == sha256:
+        return f"release[{partition}]: {sha256[:12]} is already the candidate; canary_report decides on it"
+    rejected = [m for m in release_history(store, partition) if m.action == "reject" and m.sha256 == sha256]
+    if rejected:
+        return (f"release[{partition}]: {sha256[:12]} was rolled back by its canary ({rejected[-1].moved_at}, "
+                f"{rejected[-1].by}); not proposed again: change what it is made of, or promote it by hand")
+    propose_release(store, partition, sha256, by=by)
+    return (f"release[{partition}]: {sha256[:12]} is the candidate next to {current[:12]}; serve both "
+            f"(llm-assets serve --candidate {sha256[:12]}) and materialize canary_report to promote or roll it back")
+
+
+def _record_move(store: ArtifactStore, partition: str, sha256: str, action: str, by: str) -> ReleaseMove:
+    """Append a move to the size's history (before any pointer names it: a pointer never names a
+    move the history lacks)."""
     if not store.exists(sha256):
         raise ReleaseError(f"release {sha256[:12]} is not in the artifact store")
     moved = ReleaseMove(partition, sha256, current_release(store, partition), action, by,
                         datetime.now(UTC).isoformat(timespec="microseconds"))
-    body = json.dumps(asdict(moved), sort_keys=True).encode()
-    # History first: a pointer never names a move the history lacks.
     stamp = moved.moved_at.replace(":", "").replace("+0000", "Z")
-    store.backend.write_key(f"{_prefix(partition)}/history/{stamp}-{sha256[:12]}.json", body)
-    store.backend.write_key(f"{_prefix(partition)}/current.json", body)
+    store.backend.write_key(f"{_prefix(partition)}/history/{stamp}-{sha256[:12]}.json", _body(moved))
     return moved
+
+
+def _body(move: ReleaseMove) -> bytes:
+    return json.dumps(asdict(move), sort_keys=True).encode()
 
 
 def release_history(store: ArtifactStore, partition: str | None = None) -> list[ReleaseMove]:

@@ -8,15 +8,17 @@ smoke test runs the real server on 127.0.0.1 with the released model.
 from pathlib import Path
 
 import dagster as dg
+import jsonschema
 import kubernetes_validate
 import yaml
 
 from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
+from llm_assets.release_pointer import RELEASE_JSON, candidate_release, current_release, read_release
+from llm_assets.serving.httproute import validate_route
 from llm_assets.serving.smoke import smoke_test
-from llm_assets.serving.spec import render_manifests, spec_document
+from llm_assets.serving.spec import CANARY_FILES, render_canary, render_manifests, spec_document
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 from resources.pipeline import PipelineResource
@@ -51,11 +53,24 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         verify_inputs(store, step, [InputRead(model["asset"], model["partition"], model_sha, ())])
         model_uri = store.ref(model_sha).uri
         store_uri = artifact_store.uri
+        # With a canary, the candidate the release step proposed is rendered next to it.
+        candidate = candidate_release(store, context.partition_key) if recipe.canary is not None else None
+        if candidate is not None:
+            verify_inputs(store, step, [InputRead("release", context.partition_key, candidate, (RELEASE_JSON,))])
+            candidate_model = read_release(store, candidate)["model"]
+            verify_inputs(store, step, [InputRead(candidate_model["asset"], candidate_model["partition"],
+                                                  candidate_model["sha256"], ())])
 
         def build(out: Path) -> dict:
             spec = spec_document(recipe, context.partition_key, model_sha, current, model_uri)
-            (out / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
             manifests = render_manifests(recipe, context.partition_key, model_sha, FETCH_IMAGE, store_uri)
+            if candidate is not None:
+                spec["canary"] = {"release": candidate, "model_sha256": candidate_model["sha256"],
+                                  "fraction": recipe.canary.fraction, "route": "httproute.yaml"}
+                spec["manifests"] += CANARY_FILES
+                manifests += render_canary(recipe, context.partition_key, candidate_model["sha256"], FETCH_IMAGE,
+                                           store_uri)
+            (out / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
             for filename, resource in zip(spec["manifests"], manifests, strict=True):
                 (out / filename).write_text(yaml.safe_dump(resource, sort_keys=False))
             return {"endpoint": spec["endpoint"], "model_sha256": model_sha, "release": current,
@@ -64,13 +79,14 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                         for name, doc in zip(spec["manifests"], manifests, strict=True)))}
 
         return materialize_artifact(context, store, kind="server_spec", build=build,
-                                    config={"recipe": recipe, "store": store_uri, "release": current},
+                                    config={"recipe": recipe, "store": store_uri, "release": current,
+                                            **({"candidate": candidate} if candidate else {})},
                                     inputs={"release": release},
                                     input_files={"release": ()})  # read above, the current release's
 
     @dg.asset_check(asset=server_spec, blocking=True, partitions_def=model_sizes,
                     description=f"Every rendered manifest validates against the Kubernetes {K8S_VERSION} "
-                                "schemas (strict).")
+                                "schemas (strict); a canary's HTTPRoute against the Gateway API's.")
     def manifests_validate(context: dg.AssetCheckExecutionContext,
                            artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
         store, problems, checked = artifact_store.get_store(), [], 0
@@ -79,9 +95,12 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             for filename in spec["manifests"]:
                 resource = yaml.safe_load(store.read_bytes(handle.sha256, filename))
                 try:
-                    kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
+                    if resource.get("kind") == "HTTPRoute":  # a CRD: not in the bundled Kubernetes schemas
+                        validate_route(resource)
+                    else:
+                        kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
                     checked += 1
-                except kubernetes_validate.ValidationError as exc:
+                except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
                     problems.append(f"{handle.label} {filename}: {exc}")
         return dg.AssetCheckResult(passed=checked > 0 and not problems, severity=dg.AssetCheckSeverity.ERROR,
                                    description="; ".join(problems) or f"{checked} manifest(s) valid",

@@ -12,6 +12,9 @@ fsync, then rename to `requests-<start>.jsonl`. A closed file is never written a
 takes `<prefix>-*.jsonl` (closed, immutable) and leaves `*.jsonl.open` alone. Opening a log closes
 the open files a killed server left behind, cutting off a torn last line (a record that was never
 acknowledged: it was not fully written, so it was not synced).
+
+`read_log` reads a log as it stands, the open file included (its whole lines), for a reader that
+must see the latest traffic (the canary's report) rather than wait for a file to close.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,3 +149,30 @@ def _close_file(path: Path) -> Path:
     fsync_path(path.parent)
     return closed
 
+
+
+class LogRecordError(ValueError):
+    """A line of a closed log file, or a whole line of an open one, that is not a JSON object."""
+
+
+def read_log(directory: Path, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every record of the `prefix` log in `directory` so far, oldest file first, with where it is
+    (`file:line`). An open file is read up to its last newline: a torn last line was never
+    acknowledged. A line that is not a JSON object raises LogRecordError naming it."""
+    paths = (p for p in sorted(Path(directory).glob(f"{prefix}-*{CLOSED_SUFFIX}*"))
+             if p.name.endswith((CLOSED_SUFFIX, OPEN_SUFFIX)))
+    for path in paths:
+        data = path.read_bytes()
+        if path.name.endswith(OPEN_SUFFIX):
+            data = data[:data.rfind(b"\n") + 1]
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                record, problem = None, exc.msg
+            else:
+                problem = f"a JSON {type(record).__name__}, not an object"
+            if not isinstance(record, dict):
+                raise LogRecordError(f"{path}:{number}: not a log record ({problem}); the server writes one JSON "
+                                     "object per line: move the file out of the log directory or repair the line")
+            yield f"{path.name}:{number}", record

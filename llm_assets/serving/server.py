@@ -4,8 +4,9 @@
 
     POST /v1/completions       {"prompt": str | [str], "max_tokens", "temperature", "seed", "stop", "n",
                                 "logprobs", "stream", "stream_options"}
-    POST /v1/chat/completions  {"messages": [{"role", "content"}], ...}, rendered by `render_prompt`,
-                               the format the SFT stage trained on; the answer ends at the next turn
+    POST /v1/chat/completions  {"messages": [{"role", "content"}], ...}, rendered by `prompts.chat_renderer`
+                               as the SFT stage trained on: the tokenizer's chat template when it has one,
+                               else the project's format, where the answer also ends at the next turn
     POST /v1/feedback          {"id": completion id, "rating": 1 | -1, "correction": text}
     GET  /v1/models            the one model, whose id is its artifact sha256
     GET  /health               liveness of the generation worker (no auth: for probes)
@@ -16,12 +17,20 @@ client can tell which artifact answered. Errors are OpenAI-shaped, `{"error": {"
 "param", "code"}}`, and the message says what to change. With a `log_dir`, each /v1 request
 appends one record to the durable request log and each feedback one to the feedback log
 (`records.py`); a request is answered (a stream's `[DONE]` sent) only once its record is on disk.
+
+A canary: given a candidate model (`create_app(..., candidate=...)`, `llm-assets serve --candidate`),
+the server answers `canary_fraction` of the requests with the candidate release and the rest with the
+current one. The draw is a hash of the request's `x-request-id` header (a random id without one), so
+a client that sends the same id lands on the same release; a request whose `model` names one of the
+two models is answered by it. Each log record and each response (`model`, `x-model-sha256`,
+`x-release-sha256`) names the release that answered, which `canary_report` compares.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -30,6 +39,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,7 +56,7 @@ from starlette.routing import Route
 from transformers import AutoModelForCausalLM
 
 from llm_assets.hf_models import load_model, load_tokenizer
-from llm_assets.prompts import render_prompt
+from llm_assets.prompts import PromptError, chat_renderer, has_chat_template
 from llm_assets.serving.engine import (
     Delta,
     Engine,
@@ -59,7 +69,7 @@ from llm_assets.serving.engine import (
 )
 from llm_assets.serving.records import DurableLog
 from llm_assets.store import validate_hash
-from llm_assets.tracing import request_span
+from llm_assets.tracing import RequestTracer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,8 @@ log = logging.getLogger(__name__)
 # as the evaluation's answers do.
 TURN_START = "\n### "
 MODEL_HEADER = "x-model-sha256"
+RELEASE_HEADER = "x-release-sha256"
+REQUEST_ID_HEADER = "x-request-id"  # the canary's routing key
 COMPLETION_ID = r"^(cmpl|chatcmpl)-[0-9a-f]{32}$"
 
 
@@ -88,6 +100,9 @@ class ServeConfig(BaseModel):
     release: str | None = Field(None, description="the release served, named in every log record")
     scheme: str | None = Field(None, description="the quantization scheme of the model served (None: full "
                                                  "precision), named in every log record")
+    candidate_release: str | None = Field(None, description="the candidate release served next to `release` "
+                                                            "(with create_app's candidate model)")
+    canary_fraction: float = Field(0.1, gt=0, lt=1, description="share of requests the candidate answers")
 
 
 class APIError(Exception):
@@ -161,7 +176,7 @@ class FeedbackRequest(BaseModel):
 class Metrics:
     """The server's Prometheus instruments, in a registry of its own (one per app)."""
 
-    def __init__(self, model_sha256: str, engine: Engine):
+    def __init__(self, served: Sequence[Served]):
         self.registry = registry = CollectorRegistry()
         self.latency = Histogram("llm_request_duration_seconds", "Request latency, auth to the last byte",
                                  ["endpoint"], registry=registry,
@@ -178,11 +193,12 @@ class Metrics:
         self.tokens_per_second = Gauge("llm_tokens_per_second", "Generation throughput of the last decoding step",
                                        registry=registry)
         Gauge("llm_queued_requests", "Sequences waiting for a slot in the running batch", registry=registry
-              ).set_function(lambda: engine.queued)
+              ).set_function(lambda: sum(s.engine.queued for s in served))
         Gauge("llm_running_requests", "Sequences in the running batch", registry=registry
-              ).set_function(lambda: engine.running)
-        Gauge("llm_model_info", "The model served, by artifact hash", ["sha256"], registry=registry).labels(
-            model_sha256).set(1)
+              ).set_function(lambda: sum(s.engine.running for s in served))
+        info = Gauge("llm_model_info", "The models served, by artifact hash", ["sha256"], registry=registry)
+        for arm in served:
+            info.labels(arm.model_sha256).set(1)
 
     def observe_step(self, stats: StepStats) -> None:
         self.batch_size.observe(stats.rows)
@@ -218,7 +234,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def parse_body(cls: type[RequestBody], data: dict[str, Any], model_sha256: str) -> RequestBody:
+def parse_body(cls: type[RequestBody], data: dict[str, Any], models: Sequence[str]) -> RequestBody:
     """The request body as `cls`, refusing what this server does not do."""
     try:
         body = cls.model_validate(data)
@@ -227,8 +243,8 @@ def parse_body(cls: type[RequestBody], data: dict[str, Any], model_sha256: str) 
         raise APIError(400, "; ".join(problems.values()), code="invalid_field",
                        param=next(iter(problems))) from None
     named = getattr(body, "model", None)
-    if named is not None and not (len(named) >= 6 and model_sha256.startswith(named.lower())):
-        raise APIError(404, f"model {named!r} is not served here; this server serves {model_sha256} "
+    if named is not None and not (len(named) >= 6 and any(m.startswith(named.lower()) for m in models)):
+        raise APIError(404, f"model {named!r} is not served here; this server serves {' and '.join(models)} "
                             "(leave model out, or pass that hash or 6+ of its first characters)",
                        code="model_not_found", param="model")
     return body
@@ -348,23 +364,67 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
+# -- the releases served --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model the server answers with, and the release it is the model of."""
+
+    role: Literal["current", "candidate"]
+    model_sha256: str
+    release: str | None
+    scheme: str | None
+    engine: Engine
+    render_chat: Callable[[list[dict[str, str]]], str]
+    turn_stops: list[str]  # where an answer ends besides the request's stops
+
+
+def load_served(role: Literal["current", "candidate"], model_dir: Path, model_sha256: str, release: str | None,
+                scheme: str | None, config: ServeConfig) -> Served:
+    """Load a model directory for serving (a broken one fails here, before a port is bound)."""
+    validate_hash(model_sha256)
+    tokenizer = load_tokenizer(Path(model_dir))
+    model = load_model(AutoModelForCausalLM, Path(model_dir), tokenizer)
+    render_chat = chat_renderer(tokenizer)  # before the engine's thread uses the tokenizer
+    # The project's format has no end-of-turn token: a turn ends where the next header starts.
+    turn_stops = [] if has_chat_template(tokenizer) else [TURN_START]
+    engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_queued=config.max_queued)
+    return Served(role, model_sha256, release, scheme, engine, render_chat, turn_stops)
+
+
+def routes_to_candidate(key: str, fraction: float) -> bool:
+    """Whether the request with routing key `key` goes to the candidate: the key's hash, read as a
+    number uniform in [0, 1), is below `fraction`. The same key always lands on the same release."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
 # -- the app --------------------------------------------------------------------------------------
 
 Handler = Callable[[Request], Awaitable["tuple[dict[str, Any], dict[str, Any]] | StreamingResponse"]]
 
 
-def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starlette:
-    """The server of the model in `model_dir`, reported as the artifact `model_sha256`.
+def create_app(model_dir: Path, model_sha256: str, config: ServeConfig,
+               candidate: tuple[Path, str] | None = None) -> Starlette:
+    """The server of the model in `model_dir`, reported as the artifact `model_sha256`; with a
+    `candidate` (model directory, artifact hash) of `config.candidate_release`, a canary of it.
 
-    The model is loaded here (a broken directory fails before a port is bound); the generation
-    worker and the logs start and stop with the app's lifespan.
+    The models are loaded here (a broken directory fails before a port is bound); the generation
+    workers and the logs start and stop with the app's lifespan.
     """
-    validate_hash(model_sha256)
-    tokenizer = load_tokenizer(Path(model_dir))
-    model = load_model(AutoModelForCausalLM, Path(model_dir), tokenizer)
-    engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_queued=config.max_queued)
-    metrics = Metrics(model_sha256, engine)
-    engine.on_step = metrics.observe_step
+    if (candidate is None) != (config.candidate_release is None):
+        raise ValueError("a canary needs both the candidate's model (create_app's candidate) and its release "
+                         "(ServeConfig.candidate_release); give both or neither")
+    current = load_served("current", model_dir, model_sha256, config.release, config.scheme, config)
+    served = [current] if candidate is None else [
+        current, load_served("candidate", *candidate, config.candidate_release, None, config)]
+    engine, served_models = current.engine, [arm.model_sha256 for arm in served]
+    # Which release answered each recent completion, for the feedback on it (bounded: the oldest go).
+    answered_by: OrderedDict[str, Served] = OrderedDict()
+    tracer = RequestTracer()  # its spans are exported as they end, the last ones when the app stops
+    metrics = Metrics(served)
+    for arm in served:
+        arm.engine.on_step = metrics.observe_step
     logs = [] if config.log_dir is None else [
         DurableLog(config.log_dir, name, max_bytes=config.log_max_bytes, max_age_s=config.log_max_age_s)
         for name in ("requests", "feedback")]
@@ -380,6 +440,24 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                                 "key the server was started with", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
+    def route(request: Request) -> Served:
+        """The release that answers this request (the canary's draw); kept on the request."""
+        key = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request.state.served = served[-1] if len(served) > 1 and routes_to_candidate(
+            key, config.canary_fraction) else current
+        return request.state.served
+
+    def named(request: Request, body: BaseModel) -> Served:
+        """The release that answers: the one whose model the body names (parse_body checked it is
+        served), else the one the draw picked."""
+        model_name = getattr(body, "model", None)
+        if model_name is not None and not request.state.served.model_sha256.startswith(model_name.lower()):
+            request.state.served = next(s for s in served if s.model_sha256.startswith(model_name.lower()))
+        return request.state.served
+
+    def headers_of(arm: Served) -> dict[str, str]:
+        return {MODEL_HEADER: arm.model_sha256, **({RELEASE_HEADER: arm.release} if arm.release else {})}
+
     def record(request: Request, status: int, error: str | None, entry: dict[str, Any]):
         """Count the request in the metrics and append it to the request log; the returned future (None
         without a log) resolves once the record is on disk."""
@@ -392,14 +470,16 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
             metrics.first_token.observe(entry["first_token_s"])
         if request_log is None:
             return None
+        arm = request.state.served
         return request_log.append({
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "id": None, "endpoint": path,
             "status": status, "error": error, "latency_s": round(seconds, 4), "prompt_tokens": 0,
-            "completion_tokens": 0, "model": model_sha256, "release": config.release, "scheme": config.scheme, **entry})
+            "completion_tokens": 0, "model": arm.model_sha256, "release": arm.release, "scheme": arm.scheme,
+            **({"canary": arm.role} if len(served) > 1 else {}), **entry})
 
-    def submit(requests: list[GenerationRequest], listener=None) -> list:
+    def submit(arm: Served, requests: list[GenerationRequest], listener=None) -> list:
         try:
-            return engine.submit(requests, listener)
+            return arm.engine.submit(requests, listener)
         except EngineBusyError as exc:  # nothing of the request was queued
             raise APIError(503, f"the server is overloaded ({exc}); retry in a second", code="overloaded",
                            type="server_error", headers={"Retry-After": "1"}) from None
@@ -427,8 +507,9 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
     async def generate(request: Request, shape: Shape, body: _Sampling, prompts: list[str], requested: int | None,
                        stops: list[str], top_logprobs: int | None, param: str, texts: dict[str, Any]
                        ) -> tuple[dict[str, Any], dict[str, Any]] | StreamingResponse:
-        encoded = [engine.encode(p) for p in prompts]
-        max_tokens = token_budget(encoded, requested, param, config, engine.context_length)
+        arm = named(request, body)
+        encoded = [arm.engine.encode(p) for p in prompts]
+        max_tokens = token_budget(encoded, requested, param, config, arm.engine.context_length)
         if len(prompts) * body.n > config.max_queued:
             raise APIError(400, f"{len(prompts)} prompts × n={body.n} is over this server's limit of "
                                 f"{config.max_queued} sequences per request; send fewer", code="too_many_sequences",
@@ -437,7 +518,10 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
         requests = [GenerationRequest(ids, max_tokens, body.temperature, None if body.seed is None else body.seed + j,
                                       stops, top_logprobs) for ids in encoded for j in range(body.n)]
         prompt_tokens = sum(map(len, encoded))
-        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_sha256}
+        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": arm.model_sha256}
+        answered_by[head["id"]] = arm
+        while len(answered_by) > 100_000:
+            answered_by.popitem(last=False)
 
         def entry(results: Sequence[Generation]) -> dict[str, Any]:
             return {"id": head["id"], "stream": body.stream, "choices": len(results),
@@ -446,13 +530,14 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                     **({**texts, "completion": [r.text for r in results]} if config.log_prompts else {})}
 
         if not body.stream:
-            results = await answered(request, submit(requests))
+            results = await answered(request, submit(arm, requests))
             return {**head, "object": shape.object, "choices": [shape.choice(i, r) for i, r in enumerate(results)],
                     "usage": usage(prompt_tokens, results)}, entry(results)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        futures = submit(requests, lambda index, event: loop.call_soon_threadsafe(events.put_nowait, (index, event)))
+        futures = submit(arm, requests,
+                         lambda index, event: loop.call_soon_threadsafe(events.put_nowait, (index, event)))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def chunk(choices: list[dict[str, Any]]) -> str:
@@ -502,10 +587,10 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                     record(request, outcome[0], outcome[1], {"id": head["id"], "stream": True})
 
         return StreamingResponse(chunks(), media_type="text/event-stream",
-                                 headers={MODEL_HEADER: model_sha256, "Cache-Control": "no-cache"})
+                                 headers={**headers_of(arm), "Cache-Control": "no-cache"})
 
     async def completions(request: Request) -> tuple[dict[str, Any], dict[str, Any]] | StreamingResponse:
-        body = parse_body(CompletionRequest, await read_json(request, config.max_request_bytes), model_sha256)
+        body = parse_body(CompletionRequest, await read_json(request, config.max_request_bytes), served_models)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt is an empty list; send a string or a list of strings", code="empty_prompt",
@@ -514,35 +599,43 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                               body.stops(), body.logprobs, "prompt", {"prompt": prompts})
 
     async def chat_completions(request: Request) -> tuple[dict[str, Any], dict[str, Any]] | StreamingResponse:
-        body = parse_body(ChatRequest, await read_json(request, config.max_request_bytes), model_sha256)
+        body = parse_body(ChatRequest, await read_json(request, config.max_request_bytes), served_models)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true; set it, or leave top_logprobs out",
                            code="invalid_field", param="top_logprobs")
         messages = [m.model_dump() for m in body.messages]
-        return await generate(request, ChatShape(body.logprobs), body, [render_prompt(messages)],
-                              body.max_completion_tokens or body.max_tokens, [*body.stops(), TURN_START],
+        arm = named(request, body)
+        try:
+            prompt = arm.render_chat(messages)
+        except PromptError as exc:
+            raise APIError(400, str(exc), code="invalid_field", param="messages") from None
+        return await generate(request, ChatShape(body.logprobs), body, [prompt],
+                              body.max_completion_tokens or body.max_tokens, [*body.stops(), *arm.turn_stops],
                               (body.top_logprobs or 0) if body.logprobs else None, "messages", {"messages": messages})
 
     async def feedback(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
-        body = parse_body(FeedbackRequest, await read_json(request, config.max_request_bytes), model_sha256)
+        body = parse_body(FeedbackRequest, await read_json(request, config.max_request_bytes), served_models)
         if feedback_log is None:
             raise APIError(503, "this server keeps no feedback log: start it with a log directory "
                                 "(llm-assets serve --log-dir DIR, or ServeConfig.log_dir)", code="feedback_disabled",
                            type="server_error")
         feedback_id = f"fb-{uuid.uuid4().hex}"
+        # The release that answered the completion rated; one this server no longer remembers is
+        # named only when there is a single release it can have been.
+        rated = answered_by.get(body.id, current if len(served) == 1 else None)
         try:
             await asyncio.wrap_future(feedback_log.append({
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "id": feedback_id,
                 "completion_id": body.id, "rating": body.rating, "correction": body.correction,
-                "model": model_sha256, "release": config.release}))
+                "model": rated and rated.model_sha256, "release": rated and rated.release}))
         except OSError as exc:
             raise APIError(500, f"the feedback was not recorded: {exc}", code="log_unavailable",
                            type="server_error") from None
         return {"id": feedback_id, "object": "feedback", "completion_id": body.id}, {"id": feedback_id}
 
     async def models(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
-        model = {"id": model_sha256, "object": "model", "created": created, "owned_by": "llm-assets"}
-        return {"object": "list", "data": [model]}, {}
+        return {"object": "list", "data": [{"id": arm.model_sha256, "object": "model", "created": created,
+                                            "owned_by": "llm-assets"} for arm in served]}, {}
 
     def api(path: str, handler: Handler, methods: list[str]) -> Route:
         """The route, with auth, errors, metrics and the request log around `handler`."""
@@ -550,7 +643,7 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
         async def endpoint(request: Request) -> Response:
             # A server span per request, exported when an OTLP endpoint is set (llm_assets/tracing.py);
             # a streamed answer's span ends when its first chunk is ready.
-            with request_span(path, {"llm.model_sha256": model_sha256}) as span:
+            with tracer.request_span(request.method, path, {"llm.model_sha256": route(request).model_sha256}) as span:
                 response = await answer_of(request)
                 span.set_attribute("http.response.status_code", response.status_code)
                 return response
@@ -573,7 +666,7 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                 error = "internal_error"
                 response = APIError(500, "the server failed to answer; see its log", code=error,
                                     type="server_error").response()
-            response.headers[MODEL_HEADER] = model_sha256
+            response.headers.update(headers_of(request.state.served))
             written = record(request, response.status_code, error, entry)
             if written is not None:
                 try:
@@ -583,15 +676,17 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
                     if response.status_code < 400:
                         response = APIError(500, f"the answer was not recorded, so it is withheld: {exc}",
                                             code="log_unavailable", type="server_error").response()
-                        response.headers[MODEL_HEADER] = model_sha256
+                        response.headers.update(headers_of(request.state.served))
             return response
 
         return Route(path, endpoint, methods=methods)
 
     async def health(request: Request) -> Response:
-        alive = engine.alive
+        alive = all(arm.engine.alive for arm in served)
         return JSONResponse({"status": "ok" if alive else "generation worker stopped", "model": model_sha256,
-                             "queued": engine.queued, "running": engine.running},
+                             **({"candidate": served[-1].model_sha256} if len(served) > 1 else {}),
+                             "queued": sum(arm.engine.queued for arm in served),
+                             "running": sum(arm.engine.running for arm in served)},
                             status_code=200 if alive else 503, headers={MODEL_HEADER: model_sha256})
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -601,13 +696,16 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for durable in logs:
             durable.open()
-        engine.start()
+        for arm in served:
+            arm.engine.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.close)  # finishes the sequences in flight off the event loop
+            for arm in served:  # each finishes the sequences in flight, off the event loop
+                await asyncio.to_thread(arm.engine.close)
             for durable in logs:
                 await asyncio.to_thread(durable.close)
+            await asyncio.to_thread(tracer.close)
 
     app = Starlette(routes=[
         api("/v1/completions", completions, ["POST"]),
@@ -617,18 +715,18 @@ def create_app(model_dir: Path, model_sha256: str, config: ServeConfig) -> Starl
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ], lifespan=lifespan)
-    app.state.engine, app.state.metrics, app.state.logs = engine, metrics, logs
+    app.state.engine, app.state.served, app.state.metrics, app.state.logs = engine, served, metrics, logs
     return app
 
 
 def serve(model_dir: Path, model_sha256: str, *, host: str = "127.0.0.1", port: int = 8000,
-          config: ServeConfig | None = None) -> None:
+          config: ServeConfig | None = None, candidate: tuple[Path, str] | None = None) -> None:
     """Serve the model until interrupted (Ctrl-C or SIGTERM finish the requests in flight)."""
     config = config or ServeConfig()
     if config.api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who reaches it can use the model; "
                     "pass an API key, or bind 127.0.0.1", host)
-    app = create_app(model_dir, model_sha256, config)
+    app = create_app(model_dir, model_sha256, config, candidate)
     # The request log replaces uvicorn's access log: one record per request, with tokens and the model.
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
 

@@ -4,6 +4,10 @@ The manifests run vLLM's OpenAI-compatible server (the same API as `llm-assets s
 released model. An init container fetches the model from the artifact store by its hash with
 our own image (`python -m llm_assets.serving.fetch`), which verifies every file against the
 artifact's manifest: a pod never serves bytes other than the ones the release recorded.
+
+With a canary (`stages.serving.canary` and a proposed candidate), the candidate release gets its
+own Deployment, Service and autoscaler (`<name>-candidate`) and a Gateway API HTTPRoute splits the
+endpoint's requests between the two Services by weight (llm_assets/serving/httproute.py).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from typing import Any
 
 from llm_assets.compute import GPU_RESOURCE, GPU_TOLERATION
 from llm_assets.manifest import ServingRecipe
+from llm_assets.serving.httproute import render_route
 
 PORT = 8000
 SECRET = "llm-serving-secrets"  # API key (VLLM_API_KEY) and the store's credentials, made with kubectl
 MODEL_DIR = "/model"
+CANARY_FILES = ["candidate-deployment.yaml", "candidate-service.yaml", "candidate-autoscaler.yaml", "httproute.yaml"]
 
 
 def resource_name(model_size: str) -> str:
@@ -25,11 +31,12 @@ def resource_name(model_size: str) -> str:
 
 
 def render_manifests(recipe: ServingRecipe, model_size: str, model_sha256: str, fetch_image: str,
-                     store_uri: str) -> list[dict[str, Any]]:
-    """Deployment (vLLM on GPUs, the model fetched and verified by hash), Service, autoscaler."""
-    name = resource_name(model_size)
+                     store_uri: str, candidate: bool = False) -> list[dict[str, Any]]:
+    """Deployment (vLLM on GPUs, the model fetched and verified by hash), Service, autoscaler; of
+    the canary's candidate release (`<name>-candidate`) when `candidate`."""
+    name = resource_name(model_size) + ("-candidate" if candidate else "")
     labels = {"app.kubernetes.io/name": "llm-server", "app.kubernetes.io/instance": name,
-              "llm-assets/model": model_sha256[:12]}
+              "llm-assets/model": model_sha256[:12], **({"llm-assets/canary": "candidate"} if candidate else {})}
     metadata = {"name": name, "namespace": recipe.namespace, "labels": labels,
                 "annotations": {"llm-assets/model-sha256": model_sha256}}
     volume = {"name": "model", "mountPath": MODEL_DIR}
@@ -79,6 +86,20 @@ def render_manifests(recipe: ServingRecipe, model_size: str, model_sha256: str, 
         },
     }
     return [deployment, service, autoscaler]
+
+
+def render_canary(recipe: ServingRecipe, model_size: str, candidate_sha256: str, fetch_image: str,
+                  store_uri: str) -> list[dict[str, Any]]:
+    """The candidate's Deployment, Service and autoscaler, and the HTTPRoute that sends
+    `recipe.canary.fraction` of the endpoint's requests to it (weights in parts per 1000)."""
+    if recipe.canary is None:
+        raise ValueError("render_canary needs stages.serving.canary")
+    name = resource_name(model_size)
+    candidate = render_manifests(recipe, model_size, candidate_sha256, fetch_image, store_uri, candidate=True)
+    share = min(max(round(recipe.canary.fraction * 1000), 1), 999)  # both releases keep some traffic
+    route = render_route(name, recipe.namespace, recipe.host, recipe.canary.gateway,
+                         [(name, 1000 - share), (f"{name}-candidate", share)])
+    return [*candidate, route]
 
 
 def spec_document(recipe: ServingRecipe, model_size: str, model_sha256: str, release_sha256: str,
