@@ -1,5 +1,5 @@
-"""OpenTelemetry traces: one trace per Dagster run, a span per step, its materialization and the
-step's heavy phases; and a span per request of the model server.
+"""OpenTelemetry traces: one trace per Dagster run, a span per step, its materialization (or gate
+verdict) and the step's heavy phases; and a span per request of the model server.
 
 Exported with the OpenTelemetry SDK over OTLP/HTTP to the endpoint of the standard variables
 (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`; headers,
@@ -10,7 +10,6 @@ No Dagster here (docs/tracking.md).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import uuid
@@ -98,18 +97,25 @@ def step_trace(run_id: str, step_key: str, attributes: Attributes | None = None)
         provider.shutdown()
 
 
-@functools.cache
-def _server_tracer() -> trace.Tracer:
-    # One provider for the server's lifetime; the SDK flushes it at interpreter exit.
-    return _provider(None).get_tracer(__name__) if enabled() else trace.NoOpTracer()
+class RequestTracer:
+    """The server spans of one model server, from its start to its stop: ``close`` (at the end of
+    the app's lifespan) exports what is left. A no-op when no OTLP endpoint is set at its start."""
 
+    def __init__(self) -> None:
+        self._provider = _provider(None) if enabled() else None
+        self._tracer = self._provider.get_tracer(__name__) if self._provider is not None else trace.NoOpTracer()
 
-@contextmanager
-def request_span(route: str, attributes: Attributes | None = None) -> Iterator[trace.Span]:
-    """A server span for one request of the model server (a trace of its own), e.g.
-    ``with request_span("/v1/chat/completions", {"model": name}) as span: ...``; set figures known
-    later (tokens, latency) with ``span.set_attribute``. A no-op when no OTLP endpoint is set."""
-    with _server_tracer().start_as_current_span(
-        f"POST {route}", kind=trace.SpanKind.SERVER, attributes={"http.route": route, **(attributes or {})}
-    ) as span:
-        yield span
+    @contextmanager
+    def request_span(self, method: str, route: str, attributes: Attributes | None = None) -> Iterator[trace.Span]:
+        """A server span for one request (a trace of its own), named as OpenTelemetry's HTTP
+        conventions name it, e.g. ``with tracer.request_span("POST", "/v1/completions") as span:``;
+        set figures known later (status, tokens) with ``span.set_attribute``."""
+        with self._tracer.start_as_current_span(f"{method} {route}", kind=trace.SpanKind.SERVER, attributes={
+            "http.request.method": method, "http.route": route, **(attributes or {})}) as span:
+            yield span
+
+    def close(self) -> None:
+        """Export the spans still queued (waits at most the flush timeout on a dead collector)."""
+        if self._provider is not None:
+            self._provider.force_flush(FLUSH_TIMEOUT_MS)
+            self._provider.shutdown()
