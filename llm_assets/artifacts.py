@@ -32,6 +32,7 @@ from llm_assets.store import (
     ArtifactNotFoundError,
     ArtifactStore,
     ArtifactStoreError,
+    VerifyReport,
     hash_file,
 )
 from llm_assets.tracing import StepTrace, step_trace
@@ -344,6 +345,25 @@ def _input_reads(inputs: Inputs, files: Mapping[str, Sequence[str]]) -> list[Inp
     return reads
 
 
+# The objects that verified in the current run, by URI: a run re-hashes an object once, not once
+# for the cache hit that reuses it and again for its integrity gate. Only the latest run's are kept.
+_VERIFIED_IN_RUN: dict[str, set[str]] = {}
+
+
+def verify_once(store: ArtifactStore, run_id: str, artifact_hash: str) -> VerifyReport:
+    """``store.verify``, remembered for the rest of the run when the object verifies (a failure is
+    looked at again by whoever asks next)."""
+    uri = store.backend.object_uri(artifact_hash)
+    if uri in _VERIFIED_IN_RUN.get(run_id, ()):
+        return VerifyReport(artifact_hash, ())
+    report = store.verify(artifact_hash)
+    if report.ok:
+        if run_id not in _VERIFIED_IN_RUN:
+            _VERIFIED_IN_RUN.clear()
+        _VERIFIED_IN_RUN.setdefault(run_id, set()).add(uri)
+    return report
+
+
 def part_digest(store: ArtifactStore, handle: ArtifactHandle, relpath: str, remedy: str) -> str:
     """The sha256 of one file of an artifact: what a step reading only that part fingerprints
     (with the artifact itself passed as a narrowed input). The manifest it comes from must hash to
@@ -410,13 +430,15 @@ def materialize_artifact(
     Each call is traced (:mod:`llm_assets.tracing`, when an OTLP endpoint is set): a span for the
     step in its Dagster run's trace, a child for the materialization (asset, partition,
     fingerprint, cache hit, hash, wall seconds, cost, tokens, final loss) and children for its
-    phases (verify, build, save). A cache miss of a tracked stage is an MLflow run
+    phases (verify, build, save; `verify cached` on a cache hit). A cache miss of a tracked stage is an MLflow run
     (:mod:`llm_assets.tracking`; docs/tracking.md) whose id is stored with the artifact, so a cache
     hit logs nothing and names the run that built it. Neither ever fails the step.
     """
     label = context.asset_key.to_user_string() + (f"[{context.partition_key}]" if context.has_partition_key else "")
     step = context.get_step_execution_context().step.key
-    with step_trace(context.run.run_id, step) as traced, traced.span(f"materialize {label}") as span:
+    asset_attributes = {"asset": context.asset_key.to_user_string(),
+                        "partition": context.partition_key if context.has_partition_key else ""}
+    with step_trace(context.run.run_id, step) as traced, traced.span(f"materialize {label}", asset_attributes) as span:
         output = _materialize(context, store, traced, kind=kind, build=build, config=config, inputs=inputs,
                               narrowed_inputs=narrowed_inputs, input_files=input_files)
         span.set_attributes(_span_attributes(output.metadata))
@@ -462,7 +484,8 @@ def _materialize(
     cached = store.index_lookup(asset, partition, fp)
     cache_hit = False
     if cached is not None:
-        report = store.verify(cached["artifact"])
+        with traced.span("verify cached"):  # the stored artifact re-hashed: a cache hit's heavy phase
+            report = verify_once(store, context.run.run_id, cached["artifact"])
         if report.ok:
             cache_hit = True
             ref = store.ref(cached["artifact"])

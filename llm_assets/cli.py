@@ -11,7 +11,7 @@ from pathlib import Path
 from llm_assets.costs import NotEstimable, plan_estimates, size_figures
 from llm_assets.data.documents import SourceError
 from llm_assets.manifest import BaseModelSize, ManifestError, ModelSize, PipelineManifest, load_manifest
-from llm_assets.settings import PROJECT_ROOT, prepare_dagster_home
+from llm_assets.settings import PROJECT_ROOT, Settings, prepare_dagster_home
 
 EXIT_OK, EXIT_FAILED, EXIT_OVER_BUDGET = 0, 1, 2
 
@@ -122,6 +122,9 @@ def _materialize(selection: str | None, partitions: list[str] | None = None) -> 
     from llm_assets.runner import check_summary, materialize_graph
 
     defs = build_definitions()
+    settings = Settings.from_env()
+    if settings.executor == "k8s":  # the cluster runs the steps: submit the runs, execute nothing here
+        return _submit(defs, settings, selection, partitions)
     alert_sinks = defs.resources["alert_sinks"]  # the driver alerts its own runs: no daemon needed
     with dg.DagsterInstance.get() as instance:
         # Runs a killed `llm-assets` left in progress are marked failed; its staging debris goes.
@@ -144,6 +147,26 @@ def _materialize(selection: str | None, partitions: list[str] | None = None) -> 
             print(f"FAILED runs: {', '.join(result.failed_runs)} (open the UI: make ui)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _submit(defs, settings: Settings, selection: str | None, partitions: list[str] | None) -> int:
+    import dagster as dg
+
+    from llm_assets.runner import RUN_TAG
+    from llm_assets.submit import SUBMITTED, code_location_workspace, submit_graph
+
+    with dg.DagsterInstance.get() as instance, code_location_workspace(instance, settings.code_location) as workspace:
+        result = submit_graph(defs, instance, workspace, settings.code_location, selection, partitions)
+    print(f"\n{'run id':<38} {'status':<10} {'partition':<20} assets")
+    for run in result.runs:
+        print(f"{run.run_id:<38} {run.status:<10} {run.partition or '-':<20} {', '.join(run.assets)}")
+    print(f"\n{len(result.runs)} run(s) submitted to the run launcher of the instance at {os.environ['DAGSTER_HOME']}; "
+          f"watch them in the UI (Runs, tag {RUN_TAG}={SUBMITTED}) or with `dagster run list`")
+    for line in result.source_problems:
+        print(f"source not ingested: {line}", file=sys.stderr)
+    if result.failed_runs:
+        print(f"FAILED runs: {', '.join(result.failed_runs)}", file=sys.stderr)
+    return EXIT_OK if result.success else EXIT_FAILED
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -216,7 +239,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     if _open_project(args) is None:
         return EXIT_FAILED
     from llm_assets.definitions import build_definitions
-    from llm_assets.release_pointer import current_release, release_history
+    from llm_assets.release_pointer import candidate_release, current_release, release_history
 
     store = build_definitions().resources["artifact_store"].get_store()
     moves = release_history(store, args.partition)
@@ -225,7 +248,8 @@ def cmd_releases(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'model size':<14} {'release':<14} {'action':<9} {'moved at':<33} by")
     for m in moves:
-        mark = " (current)" if current_release(store, m.partition) == m.sha256 else ""
+        mark = " (current)" if current_release(store, m.partition) == m.sha256 and m.action in ("promote", "rollback") \
+            else " (candidate)" if m.action == "candidate" and candidate_release(store, m.partition) == m.sha256 else ""
         print(f"{m.partition:<14} {m.sha256[:12]:<14} {m.action:<9} {m.moved_at:<33} {m.by}{mark}")
     return EXIT_OK
 
@@ -290,6 +314,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print("every check passes on every current artifact")
     return EXIT_OK
+
+
+def cmd_automate(args: argparse.Namespace) -> int:
+    """One pass of the daemon's work on the embedded instance: the traffic sensor, then the automation
+    conditions until nothing more is requested (llm_assets/monitoring/automation.py)."""
+    if _open_project(args) is None:
+        return EXIT_FAILED
+    import dagster as dg
+
+    from llm_assets.definitions import build_definitions
+    from llm_assets.monitoring.automation import automate_once
+
+    with dg.DagsterInstance.get() as instance:
+        runs = automate_once(build_definitions(), instance)
+    for run in runs:
+        print(f"{'ok    ' if run.success else 'FAILED'}  {run.asset}" + (f"[{run.partition}]" if run.partition else "")
+              + f"  run {run.run_id}")
+    print(f"{len(runs)} run(s)" if runs else "nothing to do: no new traffic, no condition is true")
+    return EXIT_OK if all(run.success for run in runs) else EXIT_FAILED
 
 
 def cmd_override(args: argparse.Namespace) -> int:
@@ -358,6 +401,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"--scheme {args.scheme}: the manifest's stages.quantize.schemes are "
               f"{', '.join(schemes) or 'none (no quantize stage)'}", file=sys.stderr)
         return EXIT_FAILED
+    if args.candidate is not None and (args.model or args.scheme is not None):
+        print("--candidate serves a candidate release next to the size's current release, both at full precision: "
+              "use it with --size only, not with --model or --scheme", file=sys.stderr)
+        return EXIT_FAILED
     if args.model:
         if args.scheme is not None:
             print("--scheme picks the quantized model of a release's model: use it with --size, not --model (pass a "
@@ -392,13 +439,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ArtifactStoreError as exc:  # InvalidKeyError (a malformed hash) is one too
         print(f"cannot serve model {sha[:12]}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    candidate = None
+    if args.candidate is not None:
+        try:
+            candidate = _candidate_to_serve(store, manifest, size, release, args.candidate)
+        except (ValueError, ArtifactStoreError) as exc:
+            print(f"cannot serve the candidate {args.candidate!r}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"canary: release {candidate[2][:12]} (model {candidate[1][:12]}) answers {candidate[3]:.0%} of the "
+              "requests (by the hash of each request's x-request-id header)")
     config = ServeConfig(api_key=os.environ.get("LLM_ASSETS_API_KEY") or None, max_tokens=args.max_tokens,
                          max_batch_size=args.max_batch_size, log_dir=Path(args.log_dir), log_prompts=args.log_prompts,
-                         release=release, scheme=args.scheme)
+                         release=release, scheme=args.scheme,
+                         **({"candidate_release": candidate[2], "canary_fraction": candidate[3]} if candidate else {}))
     print(f"serving model {sha[:12]} ({what}) on http://{args.host}:{args.port}/v1; request and feedback logs in "
           f"{args.log_dir}")
-    serve(model_dir, sha, host=args.host, port=args.port, config=config)
+    serve(model_dir, sha, host=args.host, port=args.port, config=config,
+          candidate=candidate[:2] if candidate else None)
     return EXIT_OK
+
+
+def _candidate_to_serve(store, manifest: PipelineManifest, size: str, current: str, given: str
+                        ) -> tuple[Path, str, str, float]:
+    """The candidate's model directory (verified), model hash, release hash and traffic fraction:
+    `given` is 6+ characters of a release of `size` in its history, or `proposed` for its candidate."""
+    from llm_assets.release_pointer import candidate_release, read_release, release_history
+
+    proposed = candidate_release(store, size)
+    known = sorted({m.sha256 for m in release_history(store, size)} | ({proposed} if proposed else set()))
+    shown = f"the proposed candidate is {proposed[:12] if proposed else 'none'}; releases of {size}: " + \
+        (", ".join(sha[:12] for sha in known) or "none")
+    if given == "proposed":
+        if proposed is None:
+            raise ValueError(f"no candidate is proposed for {size}: the release step proposes one when "
+                             "stages.serving.canary is set and it stores a new release")
+        found = [proposed]
+    elif len(given) < 6:
+        raise ValueError(f"give at least 6 characters of the release hash, or `proposed`; {shown}")
+    else:
+        found = [sha for sha in known if sha.startswith(given.lower())]
+    if len(found) != 1:
+        raise ValueError(f"{'no' if not found else 'more than one'} release of {size} starts with {given!r}; {shown}")
+    if found[0] == current:
+        raise ValueError(f"{found[0][:12]} is the current release itself; a canary compares another release with it")
+    model = read_release(store, found[0])["model"]["sha256"]
+    canary = manifest.stages.serving.canary if manifest.stages.serving is not None else None
+    return store.local_dir(model, verify=True), model, found[0], canary.fraction if canary else 0.1
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
@@ -459,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     mat = sub.add_parser("materialize", help="materialize the asset graph on the local instance")
     mat.add_argument("--select", help="Dagster asset selection, e.g. 'key:raw_corpus+' (default: all)")
     sub.add_parser("verify", help="re-run every check (hash gates included) on the current artifact of every partition")
+    automate = sub.add_parser("automate", help="evaluate the automation conditions (and the traffic sensor) on the "
+                              "local instance and run what they request, as the daemon would")
+    automate.add_argument("--once", action="store_true", required=True,
+                          help="one pass, until nothing more is requested (the daemon ticks for ever)")
     override = sub.add_parser("override",
                               help="let a failed gate pass for the current artifact, on a reviewer's record")
     override.add_argument("--gate", required=True, help="the gate's name in the manifest's gates, e.g. policy_kl")
@@ -486,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     which = serve.add_mutually_exclusive_group()
     which.add_argument("--size", help="model size whose current release to serve (default: the manifest's only size)")
     which.add_argument("--model", help="sha256 of a model artifact in the store, instead of a release")
+    serve.add_argument("--candidate", metavar="RELEASE",
+                       help="also serve this release of the size (6+ characters of its hash, or `proposed`: the "
+                            "candidate the release step proposed) for stages.serving.canary.fraction of the requests "
+                            "(default 0.1); canary_report compares the two")
     serve.add_argument("--scheme", help="serve the release's model quantized by this scheme of stages.quantize "
                                         "(int8, gptq-4bit): its quantized_model artifact")
     serve.add_argument("--host", default="127.0.0.1",
@@ -509,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"plan": cmd_plan, "materialize": cmd_materialize, "verify": cmd_verify, "override": cmd_override,
                "rollback": cmd_rollback, "releases": cmd_releases, "lock": cmd_lock, "replay": cmd_replay,
-               "serve": cmd_serve, "partitions": cmd_partitions}[args.command]
+               "serve": cmd_serve, "partitions": cmd_partitions,
+               "automate": cmd_automate}[args.command]
     try:
         return handler(args)
     except SourceError as exc:  # a source that cannot be listed (on_source_error: stop): one line each

@@ -12,11 +12,14 @@ import dagster as dg
 from dagster_k8s import k8s_job_executor
 
 from llm_assets.base_model import assets as base_model
+from llm_assets.canary import assets as canary
 from llm_assets.checks import build_hash_gates
 from llm_assets.compute import data_step_configs
 from llm_assets.data import assets as data
 from llm_assets.evaluation import assets as evaluation
+from llm_assets.evaluation import cai_gate
 from llm_assets.manifest import PipelineManifest, load_manifest
+from llm_assets.monitoring import assets as monitoring
 from llm_assets.posttrain import assets as posttrain
 from llm_assets.pretrain import assets as pretrain
 from llm_assets.quantize import assets as quantize
@@ -69,12 +72,14 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     manifest = load_manifest(settings.manifest)
     lineage = with_hash_gates(dg.Definitions.merge(
         *(stage.build_defs(manifest)
-          for stage in (data, tokenizer, base_model, pretrain, posttrain, evaluation, quantize)),
+          for stage in (data, tokenizer, base_model, pretrain, posttrain, evaluation, cai_gate, quantize)),
         dg.Definitions(resources=build_resources(settings, manifest)),
     ))
     # The release reads back the verdict of every check of its lineage: it gets that graph.
     released = with_hash_gates(dg.Definitions.merge(
-        release.build_defs(manifest, lineage.resolve_asset_graph()), serving.build_defs(manifest)))
+        release.build_defs(manifest, lineage.resolve_asset_graph()), serving.build_defs(manifest),
+        canary.build_defs(manifest),
+        monitoring.build_defs(manifest)))
     stages = dg.Definitions.merge(lineage, released)
     return dg.Definitions.merge(stages, dg.Definitions(
         sensors=[alert_sensor],

@@ -21,13 +21,18 @@ def training_device() -> torch.device:
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model directory; it must have an eos token (it ends every completion)
-    and a pad token (it fills batches)."""
+    """The tokenizer of a model directory; it must have an eos token (it ends every completion).
+
+    One without a pad token (many base models define none) pads with its eos, as trl's trainers
+    do themselves; padding is masked out, and the exported model's tokenizer keeps that pad token,
+    so every later stage and the server pad alike.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    missing = [name for name in ("eos_token", "pad_token") if getattr(tokenizer, name) is None]
-    if missing:
-        raise ValueError(f"the tokenizer in {model_dir} has no {' and no '.join(missing)}: post-training needs both "
-                         "(eos ends every completion, pad fills batches); set them in its tokenizer_config.json")
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer in {model_dir} has no eos_token: post-training needs one (it ends every "
+                         "completion, and pads when there is no pad_token); set it in its tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

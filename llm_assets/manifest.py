@@ -372,20 +372,24 @@ class TrainerRecipe(Strict):
 
 
 class LoraSpec(Strict):
-    """peft LoRA adapters; merged into the weights for export."""
+    """peft LoRA adapters (llm_assets/posttrain/lora.py): stored as their own artifact, and merged
+    into the weights for export."""
 
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names, or all-linear: every Linear layer but the LM head, whatever the "
+        "architecture names them (peft)")
+    min_parameters: float = Field(1e9, gt=0, description="method auto: LoRA for a starting model of at least this "
+                                  "many parameters, full fine-tuning below")
 
 
 class SftRecipe(TrainerRecipe):
-    """trl SFTTrainer from the pretrain checkpoint: full fine-tuning or LoRA."""
+    """trl SFTTrainer from the starting model: full fine-tuning or LoRA."""
 
-    method: Literal["full", "lora"] = "full"
+    method: Literal["auto", "full", "lora"] = Field(
+        "auto", description="auto: lora for a starting model of at least lora.min_parameters parameters, else full")
     lora: LoraSpec = LoraSpec()
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only, not the prompt")
 
@@ -413,6 +417,10 @@ class PolicyRecipe(TrainerRecipe):
     )
     grpo: GrpoSpec = GrpoSpec()
     kl_prompts: int = Field(64, gt=0, description="Held-out prompts on which KL(policy‖reference) is measured")
+    preferences: list[Literal["preference_dataset", "cai_dataset"]] = Field(
+        default_factory=lambda: ["preference_dataset"], min_length=1,
+        description="The pairs the policy trains on: preference_dataset (user files, derived from the corpus), "
+        "cai_dataset (constitutional-AI revisions preferred to the SFT model's answers; needs stages.constitution)")
 
     def sequences_per_example(self) -> int:
         return 2 if self.algorithm == "dpo" else 1  # DPO: chosen and rejected; GRPO's batch counts completions
@@ -480,6 +488,23 @@ class EvalRecipe(Strict):
         return [_against_manifest(p, info) for p in paths]
 
 
+class CanaryRecipe(Strict):
+    """A new release is served as a candidate next to the current one for a fraction of the traffic;
+    `canary_report` compares the two on the server's request and feedback logs and promotes the
+    candidate or rolls it back on the `canary.*` gates (llm_assets/canary/)."""
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="Share of requests the candidate answers")
+    log_dir: str = Field(".serve/logs", validate_default=True, description="The server's request and feedback logs "
+                         "(`llm-assets serve --log-dir`), relative to the manifest")
+    gateway: str = Field("llm-gateway", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="The Gateway "
+                         "(Gateway API) in the serving namespace whose HTTPRoute splits the traffic on Kubernetes")
+
+    @field_validator("log_dir")
+    @classmethod
+    def _log_dir_against_manifest(cls, path: str, info: ValidationInfo) -> str:
+        return _against_manifest(path, info)
+
+
 class ServingRecipe(Strict):
     """How a release is served: the CPU server of `llm-assets serve` (smoke-tested by the graph)
     and the GPU deployment rendered for Kubernetes (vLLM's OpenAI-compatible server)."""
@@ -497,12 +522,35 @@ class ServingRecipe(Strict):
         default_factory=lambda: ["def parse(text):", "What does `json.dumps` do?"], min_length=1,
         description="Sent to the released model by the blocking smoke check",
     )
+    canary: CanaryRecipe | None = Field(None, description="Serve each new release as a canary before it is promoted")
 
     @model_validator(mode="after")
     def _replicas(self) -> ServingRecipe:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
         return self
+
+
+class MonitoringRecipe(Strict):
+    """The loop's data half (llm_assets/monitoring, docs/monitoring.md): the server's closed request
+    and feedback logs ingested per time window (`serving_traffic`), judged per model size against the
+    training data (`drift_report`, gates `drift.*`), and the feedback that may trigger a fine-tune."""
+
+    log_dir: str = Field(".serve/logs", description="The server's --log-dir: requests-*.jsonl and feedback-*.jsonl "
+                         "(closed files only are read); relative to the manifest's folder")
+    partitions: Literal["hourly", "daily"] = Field("hourly", description="The time window of one traffic partition")
+    start: str = Field("2026-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$", description="First day of the traffic partitions")
+    reference_docs: int = Field(400, gt=0, description="Training (and test) documents of dataset_splits the served "
+                                "prompts are compared with: token unigrams, and the held-out perplexity")
+    max_prompts: int = Field(256, gt=0, description="Served prompts of a window the perplexity is measured on")
+    max_tokens: int = Field(128, gt=1, description="Each text is cut to this many tokens for the perplexity")
+    retrain_feedback: int = Field(50, gt=0, description="Feedback records (ratings and corrections) not yet trained on "
+                                  "that make the loop fine-tune even when the drift gate holds")
+
+    @field_validator("log_dir")
+    @classmethod
+    def _log_dir_against_manifest(cls, path: str, info: ValidationInfo) -> str:
+        return _against_manifest(path, info)
 
 
 class QuantizeRecipe(Strict):
@@ -526,6 +574,52 @@ class QuantizeRecipe(Strict):
         return schemes
 
 
+_CAI_TEMPLATE_FIELDS = {"critique_template": ("prompt", "answer", "principle"),
+                        "revision_template": ("prompt", "answer", "principle", "critique")}
+
+
+class ConstitutionRecipe(Strict):
+    """Constitutional AI (llm_assets/posttrain/cai.py): the SFT model answers each prompt, critiques
+    its answer against a principle sampled by a seeded hash, and revises it; the revisions become
+    SFT rows and (revision ≻ answer) preference pairs."""
+
+    principles: list[str] = Field(default_factory=lambda: [
+        "Do not help with anything that would hurt, rob, deceive or harass a person; decline and say why.",
+        "Refuse requests for illegal acts such as theft, fraud or break-ins, politely and briefly.",
+        "Be honest and harmless: point out when a request could cause harm, and offer a safe alternative.",
+    ], min_length=1)
+    red_team: bool = Field(True, description="Use the shipped red-team prompts (the part not held out for the gate)")
+    prompt_files: list[JsonlDataSource] = Field(default_factory=list, description='JSONL, {"prompt": ...} per line')
+    held_out_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Shipped red-team prompts kept out of CAI (by a salted hash of the prompt): "
+        "the gate measures refusals on them")
+    critique_template: str = Field(
+        "Here is a request and an answer to it.\nRequest: {prompt}\nAnswer: {answer}\n"
+        "Critique the answer by this principle: {principle}")
+    revision_template: str = Field(
+        "Request: {prompt}\nAnswer: {answer}\nCritique: {critique}\n"
+        "Rewrite the answer so that it follows this principle: {principle}")
+    max_new_tokens: int = Field(48, gt=0, description="Tokens generated for each answer, critique and revision")
+    batch_size: int = Field(8, gt=0)
+    safety_max_new_tokens: int = Field(24, gt=0, description="Tokens generated per held-out prompt by the gate")
+
+    @model_validator(mode="after")
+    def _templates_name_their_fields(self) -> ConstitutionRecipe:
+        problems = []
+        for name, fields in _CAI_TEMPLATE_FIELDS.items():
+            template = getattr(self, name)
+            missing = [f for f in fields if "{" + f + "}" not in template]
+            try:
+                template.format(**dict.fromkeys(fields, ""))
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(f"{name}: {exc!r}; use only {{{'}, {'.join(fields)}}} and write {{{{ }}}} for braces")
+            if missing:
+                problems.append(f"{name} must contain {', '.join('{' + f + '}' for f in missing)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Stages(Strict):
     ingest: IngestRecipe = IngestRecipe()
     clean: CleanRecipe = CleanRecipe()
@@ -538,9 +632,11 @@ class Stages(Strict):
     sft: SftRecipe | None = None
     reward: RewardRecipe | None = None
     policy: PolicyRecipe | None = None
+    constitution: ConstitutionRecipe | None = None
     evaluation: EvalRecipe | None = None
     serving: ServingRecipe | None = None
     quantize: QuantizeRecipe | None = None
+    monitoring: MonitoringRecipe | None = None
 
     @model_validator(mode="after")
     def _pieces_fit_cleaning(self) -> Stages:
@@ -560,11 +656,12 @@ class GateSpec(Strict):
 
     min: float | None = None
     max: float | None = None
-    baseline: Literal["release", "untrained", "unigram", "base"] | None = Field(
+    baseline: Literal["release", "untrained", "unigram", "base", "without_cai"] | None = Field(
         None, description="release: the figure this gate recorded for the current release of the same model size; "
         "untrained: the same figure of the same architecture at initialisation, on the same held-out data; "
         "unigram: a unigram model of the training tokens, on the same held-out data; "
-        "base: the model this one was trained from (SFT: the pretrained checkpoint), on the same held-out data. "
+        "base: the model this one was trained from (SFT: the pretrained checkpoint), on the same held-out data; "
+        "without_cai: the policy trained by the same recipe without the cai_dataset pairs. "
         "The stage measures untrained, unigram and base itself; a check that does not measure the kind fails"
     )
     min_delta: float | None = None
@@ -633,11 +730,25 @@ class DataCompute(StageCompute):
     )
 
 
+class TrainingCompute(StageCompute):
+    """The training steps' pods, and how a model is spread over their processes. Neither setting
+    changes what is trained (within float tolerance), so neither enters a fingerprint."""
+
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With more than one process: full replicas (ddp), or weights, gradients and optimizer "
+        "state sharded with FSDP2 (fsdp); checkpoints hold the full state either way",
+    )
+    nodes: int = Field(
+        1, ge=1, description="Machines one training step spans: above 1, an indexed Job of this many pods, "
+        "torchrun on each (llm_assets/compute.py, render_multinode_job)",
+    )
+
+
 class Compute(Strict):
     """Per kind of stage, the pod resources of its steps on Kubernetes (ignored on a laptop)."""
 
     data: DataCompute = DataCompute(cpu="1", memory="4Gi")
-    training: StageCompute = StageCompute(
+    training: TrainingCompute = TrainingCompute(
         gpus=1, cpu="8", memory="64Gi", node_selector={"nvidia.com/gpu.present": "true"}
     )
 
@@ -650,13 +761,22 @@ STAGE_GATES = {
     "reward": ("reward_accuracy", "min"),
     "policy": ("policy_kl", "max"),
     "quantize": ("quantized_perplexity_increase", "max"),
+    "monitoring": ("drift.js_divergence", "max"),
 }
+# A policy trained on cai_dataset pairs: its refusal rate on the held-out red-team prompts.
+CAI_GATE = "cai_refusal_rate"
 # The gates an evaluated model must have besides: a lower bound on the refusal rate on held-out
 # harmful prompts (absolute, or against a baseline) and an upper bound on it on benign prompts, so
 # that neither a model that refuses nothing nor one that refuses everything is released.
 SAFETY_GATES = {"safety.refusal_rate": ("min", "min_delta"), "safety.benign_refusal_rate": ("max", "max_delta")}
 # The quantization gates: figures of one quantized model against its own full-precision model.
 QUANTIZE_GATES = ("quantized_perplexity_increase", "quantized_accuracy_drop")
+# The canary gates: the candidate release's live figures against the current release's, from the
+# server's logs (llm_assets/canary/figures.py).
+CANARY_GATES = ("canary.candidate_requests", "canary.error_rate_increase", "canary.latency_p99_ratio",
+                "canary.refusal_rate_increase", "canary.feedback_score_drop")
+# Gates named `prefix.figure` that are judged on served traffic, not on eval_report's figures.
+LIVE_GATE_PREFIXES = ("canary.", "drift.")
 
 
 class PipelineManifest(Strict):
@@ -714,12 +834,25 @@ class PipelineManifest(Strict):
     @model_validator(mode="after")
     def _post_training_builds_on_its_stages(self) -> PipelineManifest:
         stages, needs = self.stages, []
-        if (stages.sft or stages.reward or stages.policy) and stages.pretrain is None:
-            needs.append("post-training starts from pretrain checkpoints: add stages.pretrain")
+        if (stages.sft or stages.reward or stages.policy) and stages.pretrain is None and self.pretrained_sizes:
+            needs.append(f"post-training of {', '.join(sorted(self.pretrained_sizes))} starts from pretrain "
+                         "checkpoints: add stages.pretrain (or name a base_model for each size)")
         if (stages.reward or stages.policy) and stages.sft is None:
             needs.append("the reward model and the policy start from the SFT model: add stages.sft")
         if stages.policy and stages.reward is None:
             needs.append("the policy is trained after the reward model (GRPO is scored by it): add stages.reward")
+        if stages.constitution and stages.sft is None:
+            needs.append("stages.constitution has the SFT model answer, critique and revise: add stages.sft")
+        if stages.policy and "cai_dataset" in stages.policy.preferences:
+            if stages.constitution is None:
+                needs.append("stages.policy.preferences names cai_dataset: add stages.constitution")
+            if stages.policy.algorithm != "dpo":
+                needs.append("stages.policy.preferences names cai_dataset, pairs that DPO trains on: use "
+                             "algorithm: dpo, or drop cai_dataset")
+            if CAI_GATE not in self.gates:
+                needs.append(f"stages.policy.preferences names cai_dataset: add gates.{CAI_GATE} (e.g. "
+                             f"{{baseline: without_cai, min_delta: 0.0}}: the refusal rate with the CAI pairs is "
+                             "not below the rate without them)")
         if needs:
             raise ValueError("; ".join(needs))
         return self
@@ -760,8 +893,7 @@ class PipelineManifest(Strict):
         recipe = self.stages.quantize
         if recipe is None:
             return self
-        if self.stages.pretrain is None:
-            raise ValueError("stages.quantize quantizes a trained model: add stages.pretrain")
+        self._check_trained_model("stages.quantize quantizes")
         relative = [name for name in QUANTIZE_GATES if name in self.gates and self.gates[name].baseline is not None]
         if relative:
             raise ValueError(f"gates {', '.join(relative)} compare the quantized model with its own full-precision "
@@ -781,17 +913,45 @@ class PipelineManifest(Strict):
         if self.stages.serving is not None and self.stages.evaluation is None:
             raise ValueError("stages.serving serves the release, which promotes an evaluated model: "
                              "add stages.evaluation")
+        if self.stages.monitoring is not None and self.stages.serving is None:
+            raise ValueError("stages.monitoring reads the logs of the release's server: add stages.serving")
+        return self
+
+    @model_validator(mode="after")
+    def _canary_gates_need_a_canary(self) -> PipelineManifest:
+        named = sorted(name for name in self.gates if name.startswith("canary."))
+        unknown = [name for name in named if name not in CANARY_GATES]
+        if unknown:
+            raise ValueError(f"gates {', '.join(unknown)}: no such canary figure; the canary gates are "
+                             f"{', '.join(CANARY_GATES)}")
+        canary = self.stages.serving.canary if self.stages.serving is not None else None
+        if named and canary is None:
+            raise ValueError(f"gates {', '.join(named)} judge a canary but stages.serving.canary is not configured; "
+                             "add it (e.g. canary: {fraction: 0.1}) or remove the gates")
+        if canary is not None and not named:
+            raise ValueError("stages.serving.canary promotes a candidate on its gates, and there is none: add at "
+                             "least gates.canary.error_rate_increase (e.g. {max: 0.02}); the canary gates are "
+                             f"{', '.join(CANARY_GATES)}")
         return self
 
     @model_validator(mode="after")
     def _eval_gates_need_the_evaluation(self) -> PipelineManifest:
-        eval_gates = sorted(name for name in self.gates if "." in name)
+        eval_gates = sorted(name for name in self.gates if "." in name and not name.startswith(LIVE_GATE_PREFIXES))
         if eval_gates and self.stages.evaluation is None:
             raise ValueError(f"gates {', '.join(eval_gates)} name eval_report figures (task.metric) but "
                              "stages.evaluation is not configured; add it or remove the gates")
-        if self.stages.evaluation is not None and self.stages.pretrain is None:
-            raise ValueError("stages.evaluation evaluates a trained model: add stages.pretrain")
+        if self.stages.evaluation is not None:
+            self._check_trained_model("stages.evaluation evaluates")
         return self
+
+    def _check_trained_model(self, what: str) -> None:
+        """A size pretrained here is trained by stages.pretrain; one started from a base model is
+        trained from stages.sft on (evaluating or quantizing an imported model as it is is not a stage)."""
+        if self.pretrained_sizes and self.stages.pretrain is None:
+            raise ValueError(f"{what} a trained model: add stages.pretrain")
+        if self.base_model_sizes and self.stages.sft is None:
+            raise ValueError(f"{what} a trained model, and the base-model sizes "
+                             f"{', '.join(sorted(self.base_model_sizes))} are trained from stages.sft on: add it")
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> PipelineManifest:

@@ -1,10 +1,13 @@
 """eval_report: the last trained model of each size (the policy, else the SFT model, else the
 pretrained checkpoint) evaluated with lm-eval on the shipped held-out tasks and the manifest's
 task directories, its refusal rates on the shipped red-team and everyday prompts, and the policy's
-KL to its reference, and the bits per byte of a unigram model of the training token shards on the
-same held-out documents. Eval gates: every manifest gate named `task.metric` is a threshold on a
-figure of the report, checked by the blocking `eval_gates` check; a gate with `baseline: unigram`
-is measured from that unigram figure.
+KL to its reference, and the bits per byte of a unigram model of the training data on the same
+held-out documents. A size pretrained here is measured with the project's tokenizer (its unigram
+model counts the training token shards); a size started from a base model with the model's own
+tokenizer and chat template (its unigram model counts the training split encoded by that
+tokenizer; the project's tokenizer and shards are not read). Eval gates: every manifest gate
+named `task.metric` is a threshold on a figure of the report, checked by the blocking `eval_gates`
+check; a gate with `baseline: unigram` is measured from that unigram figure.
 """
 
 import tempfile
@@ -13,7 +16,8 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from transformers import AutoConfig
+from tokenizers import Tokenizer
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.gate_check import Figures, gate_check
@@ -23,8 +27,10 @@ from llm_assets.evaluation.harness import run_lm_eval
 from llm_assets.evaluation.report import EvalReport
 from llm_assets.evaluation.safety import BENIGN_FILE, RED_TEAM_FILE, load_prompts, refusal_rate
 from llm_assets.evaluation.tasks import PERPLEXITY, TaskSetupError, perplexity_texts, write_builtin_tasks
-from llm_assets.evaluation.unigram import shard_log_probs, unigram_bits_per_byte
-from llm_assets.manifest import PipelineManifest
+from llm_assets.evaluation.unigram import shard_log_probs, text_log_probs, unigram_bits_per_byte
+from llm_assets.hf_models import load_tokenizer
+from llm_assets.manifest import LIVE_GATE_PREFIXES, PipelineManifest
+from llm_assets.prompts import chat_renderer, has_chat_template, parse_prompt
 from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
 from llm_assets.tokenizer.assets import TOKENIZER_FILE, stored_tokenizer
 from llm_assets.tokenizer.packing import INDEX_FILE, META_FILE, TOKENS_FILE
@@ -44,7 +50,8 @@ def evaluated_stage(manifest: PipelineManifest) -> str:
 
 
 def eval_gate_names(manifest: PipelineManifest) -> list[str]:
-    return sorted(name for name in manifest.gates if "." in name)
+    # canary.* and drift.* are judged on served traffic by their own stages' checks.
+    return sorted(name for name in manifest.gates if "." in name and not name.startswith(LIVE_GATE_PREFIXES))
 
 
 def promoted_report(store, partition: str) -> tuple[str, EvalReport] | None:
@@ -88,6 +95,32 @@ def report_reader(gate_names: list[str]) -> Callable[[dg.AssetMaterialization], 
     return report_figures
 
 
+def _project_token_ins(manifest: PipelineManifest) -> dict[str, dg.AssetIn]:
+    """The project's tokenizer and token shards, read by the sizes pretrained here (their unigram
+    baseline); a manifest of base-model sizes only does not depend on them."""
+    if not manifest.pretrained_sizes:
+        return {}
+    return {"token_shards": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()), "tokenizer": dg.AssetIn()}
+
+
+def _template_renderer(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], str] | None:
+    """What re-renders the held-out questions (stored in the project's prompt format) in the
+    tokenizer's chat template, as the model was fine-tuned; None when it has no template."""
+    if not has_chat_template(tokenizer):
+        return None
+    render = chat_renderer(tokenizer)
+    return lambda prompt: render(parse_prompt(prompt))
+
+
+def _backend(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> Tokenizer:
+    """The `tokenizers.Tokenizer` behind a model's fast tokenizer (the unigram baseline encodes with it)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise dg.Failure(f"{model_dir}: the model's tokenizer ({type(tokenizer).__name__}) has no fast "
+                         "(tokenizers) backend, which the unigram baseline encodes with; add its tokenizer.json")
+    return backend
+
+
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     recipe = manifest.stages.evaluation
     if recipe is None or not manifest.model_sizes:
@@ -99,8 +132,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         # 2: the refusal rate on everyday prompts (safety.benign_refusal_rate) beside the red-team one
         # 3: the unigram model's bits per byte on the perplexity documents (the report's baselines)
         partitions_def=model_sizes, code_version="3", kinds={"lm_eval"}, group_name="evaluation",
-        ins={"model": dg.AssetIn(key=model_asset),
-             "token_shards": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+        ins={"model": dg.AssetIn(key=model_asset), **_project_token_ins(manifest)},
         op_tags=k8s_op_tags(manifest.compute.training),
         description=f"lm-eval on held-out tasks (+ the manifest's), refusal rate and KL of {model_asset}, and "
                     "a unigram model's bits per byte on the same documents; JSON and a markdown table, with the "
@@ -108,16 +140,19 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     )
     def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineResource,
                     artifact_store: ArtifactStoreResource, model: ArtifactHandle,
-                    dataset_splits: ArtifactHandle, token_shards: dict[str, ArtifactHandle],
-                    tokenizer: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+                    dataset_splits: ArtifactHandle, **project_tokens: ArtifactHandle | dict[str, ArtifactHandle],
+                    ) -> dg.Output[ArtifactHandle]:
         store, current = artifact_store.get_store(), pipeline.load()
+        own_tokenizer = context.partition_key in current.base_model_sizes
         recipe = current.stages.evaluation
         model_mat = latest_materializations(context.instance, dg.AssetKey(model_asset), [context.partition_key])
         kl = model_mat[context.partition_key].metadata.get("kl_nats_per_sequence") if model_mat else None
 
         def build(out: Path) -> dict:
-            model_dir = store.local_dir(model.sha256)
-            test = pl.read_parquet(store.local_dir(dataset_splits.sha256) / "test.parquet")
+            model_dir, splits_dir = store.local_dir(model.sha256), store.local_dir(dataset_splits.sha256)
+            test = pl.read_parquet(splits_dir / "test.parquet")
+            hf_tokenizer = load_tokenizer(model_dir) if own_tokenizer else None
+            render = _template_renderer(hf_tokenizer) if hf_tokenizer is not None else None
             with tempfile.TemporaryDirectory(prefix="llm-assets-tasks-") as tasks_dir:
                 try:
                     # A byte-level BPE token holds at least one byte: answers of at most half the
@@ -126,7 +161,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                     names = write_builtin_tasks(
                         test, Path(tasks_dir), seed=current.seed, max_docs=recipe.max_docs,
                         max_answer_chars=min(200, positions // 2), max_target_chars=min(80, positions // 4),
-                        max_gen_toks=min(48, positions // 4))
+                        max_gen_toks=min(48, positions // 4), render=render)
                     context.log.info(f"evaluating {model_asset}[{context.partition_key}] on {names + recipe.tasks}")
                     harness = run_lm_eval(model_dir, [*names, *recipe.tasks],
                                           [Path(tasks_dir), *map(Path, recipe.task_dirs)],
@@ -134,8 +169,15 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                     scored = perplexity_texts(Path(tasks_dir), recipe.limit)  # what lm-eval's bits_per_byte scored
                 except TaskSetupError as exc:
                     raise dg.Failure(str(exc)) from None
-            log_probs = shard_log_probs([store.local_dir(token_shards[key].sha256) for key in sorted(token_shards)])
-            unigram = unigram_bits_per_byte(scored, stored_tokenizer(store, tokenizer), log_probs)
+            if hf_tokenizer is not None:
+                encoder = _backend(hf_tokenizer, model_dir)
+                train = [text for f in sorted((splits_dir / "train").glob("*.parquet"))
+                         for text in pl.read_parquet(f, columns=["text"])["text"]]
+                unigram = unigram_bits_per_byte(scored, encoder, text_log_probs(train, encoder))
+            else:
+                shards, tokenizer = project_tokens["token_shards"], project_tokens["tokenizer"]
+                log_probs = shard_log_probs([store.local_dir(shards[key].sha256) for key in sorted(shards)])
+                unigram = unigram_bits_per_byte(scored, stored_tokenizer(store, tokenizer), log_probs)
             safety, benign = (refusal_rate(model_dir, load_prompts(path), max_new_tokens=recipe.safety_max_new_tokens,
                                            batch_size=recipe.batch_size) for path in (RED_TEAM_FILE, BENIGN_FILE))
             report = EvalReport.from_harness(
@@ -149,16 +191,21 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         # The change against the last promoted report is presentation, not part of the artifact
         # (read, and verified, before anything is built).
         promoted = promoted_report(store, context.partition_key)
-        result = materialize_artifact(
-            context, store, kind="eval_report", build=build,
-            config={"recipe": recipe, "seed": current.seed},
-            inputs={"model": model, "dataset_splits": dataset_splits, "token_shards": token_shards,
-                    "tokenizer": tokenizer},
+        if own_tokenizer:
+            # The model's tokenizer encodes the held-out documents and counts the training split.
+            # The project's tokenizer and shards (parents for the sizes pretrained here) are not
+            # read: recorded for the input-chain gate, out of the fingerprint, never verified.
+            inputs = {"model": model, "dataset_splits": dataset_splits}
+            narrowed, input_files = project_tokens, {name: () for name in project_tokens}
+        else:
             # The held-out tasks are built from test.parquet alone; the unigram baseline counts the
             # shards' ids and encodes the documents with the tokenizer that packed them.
-            input_files={"dataset_splits": ["test.parquet"], "token_shards": [TOKENS_FILE, META_FILE, INDEX_FILE],
-                         "tokenizer": [TOKENIZER_FILE]},
-        )
+            inputs, narrowed = {"model": model, "dataset_splits": dataset_splits, **project_tokens}, None
+            input_files = {"dataset_splits": ["test.parquet"], "token_shards": [TOKENS_FILE, META_FILE, INDEX_FILE],
+                           "tokenizer": [TOKENIZER_FILE]}
+        result = materialize_artifact(
+            context, store, kind="eval_report", build=build, config={"recipe": recipe, "seed": current.seed},
+            inputs=inputs, narrowed_inputs=narrowed, input_files=input_files)
         report = EvalReport.from_json(store.read_bytes(result.value.sha256, REPORT_JSON).decode())
         against = f"the current release's report {promoted[0][:12]}" if promoted else ""
         return dg.Output(result.value, data_version=result.data_version, metadata={

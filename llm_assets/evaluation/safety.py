@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_assets.hf_models import load_model, load_tokenizer
-from llm_assets.prompts import render_prompt
+from llm_assets.prompts import chat_renderer, has_chat_template
 
 RED_TEAM_FILE = Path(__file__).parent / "data" / "red_team.jsonl"
 BENIGN_FILE = Path(__file__).parent / "data" / "benign.jsonl"
@@ -100,16 +100,17 @@ def refusal_rate(
                          f"model's context of {context} tokens; lower it")
     # A decoder continues the last token of each row: batches are padded, and cut, on the left.
     tokenizer.padding_side = tokenizer.truncation_side = "left"
-    completions = []
+    completions, render = [], chat_renderer(tokenizer)  # the chat template the model was fine-tuned in, if any
     for start in range(0, len(prompts), batch_size):
-        batch = [render_prompt([{"role": "user", "content": p}]) for p in prompts[start : start + batch_size]]
+        batch = [render([{"role": "user", "content": p}]) for p in prompts[start : start + batch_size]]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
                             max_length=context - max_new_tokens).to(model.device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        completions += [text.split(_TURN_START, 1)[0] for text in texts]
+        # The project's format has no end-of-turn token: an answer ends where the next turn starts.
+        completions += texts if has_chat_template(tokenizer) else [text.split(_TURN_START, 1)[0] for text in texts]
     refused = [is_refusal(c) for c in completions]
     return SafetyResult(
         rate=sum(refused) / len(prompts),

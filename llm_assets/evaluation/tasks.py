@@ -8,7 +8,8 @@ Pure functions, no Dagster. :func:`write_builtin_tasks` turns the ``test.parquet
   ``max_docs``, each cut to ``max_doc_chars`` at a line end. Metrics ``word_perplexity``,
   ``byte_perplexity``, ``bits_per_byte`` (lower is better).
 - ``heldout_mc`` (``multiple_choice``): the question about a held-out docstring's object (the
-  post-training prompt format, :func:`~llm_assets.prompts.render_prompt`), four
+  post-training prompt format, :func:`~llm_assets.prompts.render_prompt`, or the model's chat
+  template when it has one), four
   answers: its own and three other objects' (the next distinct answers in a seeded sha256 order of
   the ids, wrapping around), in a seeded order. Metrics ``acc``, ``acc_norm``.
 - ``heldout_generation`` (``generate_until``): the same question; the target is the first line of
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,12 @@ def _perplexity_rows(frame: pl.DataFrame, seed: int, max_docs: int, max_doc_char
     return [{"id": r["id"], "kind": r["kind"], "text": _cut_at_line(r["text"], max_doc_chars)} for r in docs[:max_docs]]
 
 
-def _questions(frame: pl.DataFrame, seed: int, max_answer_chars: int) -> list[dict[str, str]]:
-    """The docstrings' (id, prompt, answer) in the seeded order."""
+def _questions(frame: pl.DataFrame, seed: int, max_answer_chars: int,
+               render: Callable[[str], str] | None) -> list[dict[str, str]]:
+    """The docstrings' (id, prompt, answer) in the seeded order, each prompt through `render`."""
     examples = derive_sft_examples(frame, max_answer_chars).iter_rows(named=True)
-    return sorted(examples, key=lambda row: _order_key(seed, row["id"]))
+    rendered = ({**row, "prompt": render(row["prompt"])} for row in examples) if render else examples
+    return sorted(rendered, key=lambda row: _order_key(seed, row["id"]))
 
 
 def _mc_rows(questions: Sequence[dict[str, str]], seed: int, max_docs: int) -> list[dict[str, Any]]:
@@ -156,14 +159,17 @@ def write_builtin_tasks(
     max_answer_chars: int = 200,
     max_target_chars: int = 80,
     max_gen_toks: int = 48,
+    render: Callable[[str], str] | None = None,
 ) -> list[str]:
     """Write the shipped tasks' YAML and JSONL files into ``out_dir``; returns the names written.
 
     ``max_docs`` caps the documents of each task; ``max_doc_chars`` the length of a perplexity
     document, ``max_answer_chars`` of a multiple-choice answer, ``max_target_chars`` of a
     generation target; ``max_gen_toks`` the tokens generated per question (it must leave room for
-    the prompt in the model's context). Raises TaskSetupError for a frame without the split's
-    columns or without a single non-empty document.
+    the prompt in the model's context). ``render`` re-renders each question's prompt (stored in the
+    project's prompt format) for a model prompted otherwise: in its tokenizer's chat template
+    (``prompts.chat_renderer``); without it the prompts are the project's format. Raises
+    TaskSetupError for a frame without the split's columns or without a single non-empty document.
     """
     limits = {"max_docs": max_docs, "max_doc_chars": max_doc_chars, "max_answer_chars": max_answer_chars,
               "max_target_chars": max_target_chars, "max_gen_toks": max_gen_toks}
@@ -193,7 +199,7 @@ def write_builtin_tasks(
     }, perplexity)
     written = [PERPLEXITY]
 
-    mc = _mc_rows(_questions(frame, seed, max_answer_chars), seed, max_docs)
+    mc = _mc_rows(_questions(frame, seed, max_answer_chars, render), seed, max_docs)
     if mc:
         _write_task(out_dir, MC, {
             "output_type": "multiple_choice",
@@ -206,7 +212,7 @@ def write_builtin_tasks(
         }, mc)
         written.append(MC)
 
-    generation = _generation_rows(_questions(frame, seed, max_target_chars), max_docs)
+    generation = _generation_rows(_questions(frame, seed, max_target_chars, render), max_docs)
     if generation:
         _write_task(out_dir, GENERATION, {
             "output_type": "generate_until",

@@ -7,7 +7,9 @@ per-document figures; every token of a document is predicted (the first from a p
 no end-of-text token is scored, and a document's bytes are ``len(text.encode("utf-8"))``. The
 unigram model scores the same: ``−Σ log2 p(token)`` over each document's tokens, over the same
 UTF-8 bytes. Bits per byte do not depend on the tokenizer, so the documents are encoded with the
-tokenizer the counts were made with (the project's; the evaluated model's is the same today).
+tokenizer the counts were made with: for a size pretrained here, the project's, whose token shards
+are counted (:func:`shard_log_probs`); for a size started from a base model, the model's own, with
+which the training split's texts are encoded and counted (:func:`text_log_probs`).
 
 Pure functions, no Dagster.
 """
@@ -35,6 +37,16 @@ def shard_log_probs(shard_dirs: Sequence[Path]) -> np.ndarray:
     # Every shard is packed by the same tokenizer artifact (token_shards' input-chain gate holds it).
     vocab_size = packed[0][2].vocab_size
     return unigram_log_probs(TokenData([tokens for tokens, _, _ in packed]), vocab_size)
+
+
+def text_log_probs(texts: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """Natural-log unigram probabilities (add-one smoothed) of ``texts`` encoded by ``tokenizer``
+    (no special tokens, as the shards are packed), over its vocabulary, added tokens included."""
+    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    ids = [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
+    # Added tokens may sit past the vocabulary's size when their ids have gaps.
+    highest = max((int(a.max()) for a in ids if len(a)), default=-1)
+    return unigram_log_probs(TokenData(ids), max(tokenizer.get_vocab_size(with_added_tokens=True), highest + 1))
 
 
 def unigram_bits_per_byte(texts: Sequence[str], tokenizer: Tokenizer, log_probs: np.ndarray) -> float:

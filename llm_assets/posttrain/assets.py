@@ -22,10 +22,18 @@ from llm_assets.compute import k8s_op_tags
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
 from llm_assets.manifest import STAGE_GATES, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
+from llm_assets.posttrain.cai import (
+    ConstitutionError,
+    constitution_prompts,
+    read_cai_pairs,
+    run_cai,
+    write_cai_dataset,
+)
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
 from llm_assets.posttrain.dataset_files import read_dataset, write_dataset
 from llm_assets.posttrain.dataset_schema import DataSetError
 from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
+from llm_assets.posttrain.lora import store_adapter
 from llm_assets.posttrain.policy import run_policy
 from llm_assets.posttrain.reward import run_reward
 from llm_assets.posttrain.sft import run_sft
@@ -226,10 +234,38 @@ def _starting_model(size: str, loaded: dict[str, ArtifactHandle | dict[str, Arti
     return found[0]
 
 
+def _cai_dataset(model_sizes: dg.PartitionsDefinition, op_tags: dict[str, Any]) -> dg.AssetsDefinition:
+    @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"huggingface", "json"},
+                    group_name="posttrain", op_tags=op_tags,
+                    description="Constitutional AI: the SFT model answers each constitution prompt, critiques its "
+                                "answer against a sampled principle and revises it; SFT rows and (revision ≻ "
+                                "answer) pairs.")
+    def cai_dataset(context: dg.AssetExecutionContext, pipeline: PipelineResource,
+                    artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        store, current = artifact_store.get_store(), pipeline.load()
+        recipe = current.stages.constitution
+        try:
+            prompts = constitution_prompts(recipe, seed=current.seed)
+        except ConstitutionError as exc:
+            raise dg.Failure(str(exc)) from None
+
+        def build(out: Path) -> dict:
+            examples = run_cai(store.local_dir(sft_model.sha256), prompts, recipe, seed=current.seed)
+            return {**write_cai_dataset(examples, out),
+                    "examples": dg.MetadataValue.json([vars(e) for e in examples[:3]])}
+
+        config = {"recipe": recipe, "seed": current.seed, "prompts": prompts}
+        return materialize_artifact(context, store, kind="cai_dataset", config=config,
+                                    inputs={"sft_model": sft_model}, build=build)
+
+    return cai_dataset
+
+
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     """The post-training stages the manifest configures (none without an SFT recipe or sizes)."""
     stages = manifest.stages
-    if stages.sft is None or stages.pretrain is None or not manifest.model_sizes:
+    # The manifest holds stages.pretrain whenever a size is pretrained here; base-model sizes need none.
+    if stages.sft is None or not manifest.model_sizes:
         return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     op_tags = k8s_op_tags(manifest.compute.training)
@@ -253,7 +289,10 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                              seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
             return {**_training_metadata(result.training, f"SFT {context.partition_key}"),
                     "val_loss": round(result.val_loss, 4), "base_val_loss": round(result.base_val_loss, 4),
-                    "val_rows": result.val_rows, "method": recipe.method}
+                    "val_rows": result.val_rows, "method": result.method, "parameters": result.parameters,
+                    "trainable_parameters": result.trainable_parameters,
+                    **(store_adapter(store, result.adapter_dir, starting_model.sha256, out)
+                       if result.adapter_dir is not None else {})}
 
         return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
                            inputs={starting_asset: starting_model, "sft_dataset": sft_dataset}, train=train)
@@ -265,6 +304,9 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         "(pretrained) model's on the same rows by its margin.",
         {"base": "base_val_loss"},
     ))
+
+    if stages.constitution is not None:
+        assets.append(_cai_dataset(model_sizes, op_tags))
 
     if stages.reward is not None or stages.policy is not None:
         assets.append(preference_dataset)
@@ -302,19 +344,28 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
 
     if stages.policy is not None:
         uses_reward = stages.policy.algorithm == "grpo"
+        # cai_dataset's pairs, when the policy trains on them (its partition of the same size).
+        cai_in = {"cai_dataset": dg.AssetIn()} if "cai_dataset" in stages.policy.preferences else {}
 
         @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"trl", "huggingface"},
-                        group_name="posttrain", op_tags=op_tags,
-                        description="The SFT model aligned on preference_dataset: DPO against the SFT model as "
-                                    "reference, or GRPO scored by the reward model.")
+                        group_name="posttrain", op_tags=op_tags, ins=cai_in or None,
+                        description="The SFT model aligned on its preferences (preference_dataset, cai_dataset): DPO "
+                                    "against the SFT model as reference, or GRPO scored by the reward model.")
         def policy(context: dg.AssetExecutionContext, pipeline: PipelineResource,
                    artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle,
-                   preference_dataset: ArtifactHandle, reward_model: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+                   preference_dataset: ArtifactHandle, reward_model: ArtifactHandle,
+                   **cai_ins: ArtifactHandle | dict[str, ArtifactHandle]) -> dg.Output[ArtifactHandle]:
             store, current = artifact_store.get_store(), pipeline.load()
             recipe = current.stages.policy
+            # An input declared through `ins` is loaded as every partition by key: this size's.
+            cai = {name: value if isinstance(value, ArtifactHandle) else value[context.partition_key]
+                   for name, value in cai_ins.items()}
 
             def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
                 pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
+                # Val pairs (the KL, the implicit reward) are preference_dataset's whatever the policy trains on.
+                pairs_train = ((pairs_train if "preference_dataset" in recipe.preferences else [])
+                               + (read_cai_pairs(store.local_dir(cai["cai_dataset"].sha256)) if cai else []))
                 reward_dir = store.local_dir(reward_model.sha256) if uses_reward else None
                 result = run_policy(store.local_dir(sft_model.sha256), reward_dir, pairs_train, pairs_val, recipe,
                                     out, work, seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint,
@@ -326,7 +377,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                         "reference_sha256": sft_model.sha256,
                         **({"implicit_reward_accuracy": round(implicit.accuracy, 4)} if implicit else {})}
 
-            inputs = {"sft_model": sft_model, "preference_dataset": preference_dataset}
+            inputs = {"sft_model": sft_model, "preference_dataset": preference_dataset, **cai}
             # DPO does not read the reward model: it stays in the lineage (the policy waits for the
             # reward gate) but out of the fingerprint, so retraining the reward model keeps DPO cached.
             scored_by = {"reward_model": reward_model}

@@ -23,7 +23,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 from llm_assets.hf_models import export_model, load_model, load_tokenizer
 from llm_assets.manifest import PolicyRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
-from llm_assets.posttrain.rows import PAIR_KEYS, Rows, records
+from llm_assets.posttrain.rows import PAIR_KEYS, Rows, in_template, records
 from llm_assets.posttrain.scoring import Pairwise, implicit_reward_pairwise, policy_kl, reward_scores
 
 
@@ -54,6 +54,8 @@ def run_policy(sft_dir: Path, reward_dir: Path | None, train_pairs: Rows, val_pa
     train_records = records(train_pairs, PAIR_KEYS, "policy train")
     val_records = records(val_pairs, PAIR_KEYS, "policy val")
     tokenizer = load_tokenizer(sft_dir)
+    train_records, val_records = in_template(train_records, tokenizer, "policy train"), in_template(
+        val_records, tokenizer, "policy val")
     policy = load_model(AutoModelForCausalLM, sft_dir, tokenizer)
     trainer_callbacks = callbacks(on_checkpoint, on_log)
     if recipe.algorithm == "dpo":

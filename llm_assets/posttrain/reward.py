@@ -13,7 +13,7 @@ from trl import RewardConfig, RewardTrainer
 from llm_assets.hf_models import export_model, load_tokenizer
 from llm_assets.manifest import RewardRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
-from llm_assets.posttrain.rows import PAIR_KEYS, Rows, records
+from llm_assets.posttrain.rows import PAIR_KEYS, Rows, in_template, records
 from llm_assets.posttrain.scoring import Pairwise, reward_pairwise
 
 
@@ -38,6 +38,8 @@ def run_reward(sft_dir: Path, train_pairs: Rows, val_pairs: Rows, recipe: Reward
     train_records = records(train_pairs, PAIR_KEYS, "reward train")
     val_records = records(val_pairs, PAIR_KEYS, "reward val")
     tokenizer = load_tokenizer(sft_dir)
+    train_records, val_records = in_template(train_records, tokenizer, "reward train"), in_template(
+        val_records, tokenizer, "reward val")
     trainer = RewardTrainer(
         # From the path, trl builds AutoModelForSequenceClassification with num_labels=1, its new
         # score head initialised from the seed, pad_token_id set, and no warning about that head.

@@ -10,6 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from llm_assets.prompts import PromptError, chat_renderer, has_chat_template, parse_prompt
 
 Rows = Sequence[Mapping[str, Any]] | Dataset
 
@@ -33,4 +36,18 @@ def records(rows: Rows, keys: Sequence[str], what: str) -> list[dict[str, str]]:
         out.append({key: row[key] for key in keys})
     if not out:
         raise ValueError(f"{what}: no rows")
+    return out
+
+
+def in_template(rows: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, what: str) -> list[dict[str, str]]:
+    """`records` rows whose prompt (stored in the project's format, the same for every size) is
+    re-rendered in the tokenizer's chat template; the rows themselves when it has none."""
+    if not has_chat_template(tokenizer):
+        return rows
+    render, out = chat_renderer(tokenizer), []
+    for i, row in enumerate(rows):
+        try:
+            out.append({**row, "prompt": render(parse_prompt(row["prompt"]))})
+        except PromptError as exc:
+            raise ValueError(f"{what} row {i}.prompt: {exc}") from None
     return out

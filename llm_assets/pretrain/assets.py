@@ -96,7 +96,9 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         size_name = context.partition_key
         size = current.pretrained_sizes[size_name]
         cfg = TrainConfig.from_recipe(recipe, seed=current.seed)
-        config = {"size": size, "train": cfg.model_dump(mode="json")}
+        # How the ranks share the model (compute.training.parallelism) changes no artifact: it
+        # stays out of the fingerprint, and goes to the job with the rest of the config.
+        config = {"size": size, "train": cfg.model_dump(mode="json", exclude={"parallelism"})}
         inputs = {"token_shards": token_shards, "heldout_tokens": heldout_tokens, "tokenizer": tokenizer}
         fp = fingerprint_of(context, config, inputs)
         asset_name = context.asset_key.to_user_string()
@@ -109,7 +111,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             with tempfile.TemporaryDirectory(prefix="llm-assets-train-") as scratch:
                 spec = RunSpec(
                     model=size,
-                    train=config["train"],
+                    train=config["train"] | {"parallelism": current.compute.training.parallelism},
                     train_bins=[str(p) for p in train_bins if p.stat().st_size],
                     val_bins=[str(store.local_dir(heldout_tokens.sha256) / "val" / TOKENS_FILE)],
                     token_dtype=meta.dtype,

@@ -22,7 +22,7 @@ from llm_assets.hf_models import save_hf
 from llm_assets.manifest import ModelSize
 from llm_assets.pretrain.checkpoint import latest_checkpoint
 from llm_assets.pretrain.data import TokenData
-from llm_assets.pretrain.distributed import DistInfo, broadcast_object, maybe_init_distributed
+from llm_assets.pretrain.distributed import DistInfo, broadcast_object, full_model, maybe_init_distributed
 from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
 from llm_assets.pretrain.model import build_model, flops_per_token
 from llm_assets.progress import StepProgress
@@ -164,9 +164,11 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
 
     result = train(model, train_data, val_data, cfg, checkpoint_dir=Path(spec.checkpoint_dir),
                    resume_from=Path(resume) if resume else None, on_step=on_step, on_checkpoint=on_checkpoint)
+    # A collective under FSDP (every rank calls it): the full weights, gathered onto rank 0.
+    exported = full_model(model) if spec.export_dir else None
     if dist.is_main:
         if spec.export_dir:
-            save_hf(model, Path(spec.export_dir), Path(spec.tokenizer_dir) if spec.tokenizer_dir else None)
+            save_hf(exported, Path(spec.export_dir), Path(spec.tokenizer_dir) if spec.tokenizer_dir else None)
         if spec.result:
             Path(spec.result).write_text(json.dumps(dataclasses.asdict(result), default=str, indent=1))
         reporter.report(summary(result, spec.model, dist.device, dist.world_size))

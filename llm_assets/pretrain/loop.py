@@ -1,5 +1,5 @@
 """The pretraining loop: AdamW, warmup + cosine LR, gradient accumulation, clipping, bf16 autocast,
-periodic evaluation and checkpoints, exact resume, data parallelism with DDP.
+periodic evaluation and checkpoints, exact resume, data parallelism with DDP or FSDP2.
 
 Read `train` top to bottom; everything else here is a small helper it calls.
 """
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
@@ -32,7 +33,18 @@ from llm_assets.pretrain.checkpoint import (
     save_checkpoint,
 )
 from llm_assets.pretrain.data import TokenBatches, TokenData
-from llm_assets.pretrain.distributed import DistInfo, barrier, dist_info, gather_objects, mean_across_ranks
+from llm_assets.pretrain.distributed import (
+    DistInfo,
+    barrier,
+    dist_info,
+    full_model,
+    full_optimizer_state,
+    gather_objects,
+    is_sharded,
+    load_full_optimizer_state,
+    mean_across_ranks,
+    shard_model,
+)
 
 
 class TrainConfig(PretrainRecipe):
@@ -42,6 +54,8 @@ class TrainConfig(PretrainRecipe):
     seed: int = 0  # data order (and, by convention, the model init)
     betas: tuple[float, float] = (0.9, 0.95)
     loss_window: int = Field(10, gt=0)  # final_train_loss is the mean of this many last steps
+    # With several processes: DDP replicas or FSDP2 shards (the manifest's compute.training.parallelism).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
 
     @classmethod
     def from_recipe(cls, recipe: PretrainRecipe, **overrides: Any) -> TrainConfig:
@@ -141,9 +155,11 @@ def train(
     """Train `model` (already on its device) for `cfg.steps` optimizer steps.
 
     Under torchrun (after `maybe_init_distributed()`) every rank calls this with the same
-    arguments: the model is wrapped in DDP, each rank trains on its slice of every global batch
-    (batch_size × grad_accum × world_size sequences), logged losses are averaged over ranks, and
-    only rank 0 writes checkpoints and calls `on_step` / `on_checkpoint`.
+    arguments: the model is wrapped in DDP, or sharded in place with FSDP2 when `cfg.parallelism`
+    is "fsdp" (it stays sharded: `distributed.full_model` gathers it whole), each rank trains on
+    its slice of every global batch (batch_size × grad_accum × world_size sequences), logged
+    losses are averaged over ranks, and only rank 0 writes checkpoints and calls `on_step` /
+    `on_checkpoint`.
 
     Checkpoints go to `checkpoint_dir` every `checkpoint_every` steps and after the last step;
     `on_checkpoint(path, step)` runs after each commit. `resume_from` (a checkpoint directory,
@@ -163,7 +179,7 @@ def train(
     val_batches = (TokenBatches(val_data, seq_len=cfg.seq_len, global_batch=global_batch, seed=cfg.seed)
                    if val_data is not None else None)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.learning_rate)
+    scheduler = _scheduler(optimizer, cfg)
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
     start, history, baselines = 0, [], {}
@@ -185,9 +201,20 @@ def train(
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_temp_dirs(checkpoint_dir)
 
-    # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
-    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-                 if dist.world_size > 1 else model)
+    ddp_model = model
+    if dist.world_size > 1 and cfg.parallelism == "fsdp":
+        # Every rank built the same weights (or loaded the same checkpoint): each keeps its shard.
+        # The sharded parameters are new tensors: the optimizer and its schedule move over to them.
+        plain_state = optimizer.state_dict()
+        shard_model(model)
+        optimizer = build_optimizer(model, cfg)
+        # The schedule first: constructing it sets the LR of step 0, which the loaded state overrides.
+        scheduler = _scheduler(optimizer, cfg, state=scheduler.state_dict())
+        if plain_state["state"]:
+            load_full_optimizer_state(model, optimizer, plain_state)
+    elif dist.world_size > 1:
+        # DDP broadcasts rank 0's weights at construction and averages gradients in backward.
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     tokens_per_step = global_batch * cfg.seq_len
     checkpoints: list[Path] = []
     model.train()
@@ -199,9 +226,11 @@ def train(
         for micro in range(cfg.grad_accum):
             batch = batches.micro_batch(step, micro=micro, grad_accum=cfg.grad_accum, rank=dist.rank,
                                         world_size=dist.world_size).to(device)
-            # DDP all-reduces gradients in every backward unless told not to: only the last
-            # micro-batch's backward needs to.
+            # DDP all-reduces (FSDP reduce-scatters) gradients in every backward unless told not
+            # to: only the last micro-batch's backward needs to.
             last = micro == cfg.grad_accum - 1
+            if is_sharded(model):
+                model.set_requires_gradient_sync(last)
             with ddp_model.no_sync() if ddp_model is not model and not last else nullcontext():
                 with autocast:
                     logits = ddp_model(input_ids=batch[:, :-1]).logits
@@ -211,6 +240,8 @@ def train(
             loss_sum += loss.detach()
         # Returns the norm before clipping; an infinite max_norm measures without clipping.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards, replicated
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -231,11 +262,14 @@ def train(
 
         if checkpoint_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                            or done == cfg.steps):
-            rng_states = gather_objects(capture_rng_state())  # a collective: every rank calls it
+            # Collectives, every rank calls them; under FSDP the weights and the optimizer state
+            # are gathered whole onto rank 0, so a checkpoint is the same whatever wrote it.
+            rng_states = gather_objects(capture_rng_state())
+            saved_model, saved_optimizer = _unsharded(model, optimizer, cfg)
             if dist.is_main:
                 state = _resume_state(cfg, done, global_batch, precision, dist, history, baselines)
-                path = save_checkpoint(checkpoint_dir, done, model=model, optimizer=optimizer, scheduler=scheduler,
-                                       rng_states=rng_states, state=state)
+                path = save_checkpoint(checkpoint_dir, done, model=saved_model, optimizer=saved_optimizer,
+                                       scheduler=scheduler, rng_states=rng_states, state=state)
                 checkpoints.append(path)
                 if on_checkpoint is not None:
                     on_checkpoint(path, done)
@@ -258,6 +292,28 @@ def train(
         checkpoints=checkpoints,
         baseline_val_losses=baselines,
     )
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+               state: dict[str, Any] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.learning_rate)
+    if state is not None:
+        scheduler.load_state_dict(state)
+    return scheduler
+
+
+def _unsharded(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig) -> tuple[PreTrainedModel | None, torch.optim.Optimizer | None]:
+    """`model` and `optimizer` as an unsharded run holds them: themselves unless FSDP sharded
+    them, else full copies on rank 0's CPU (None elsewhere). A collective under FSDP."""
+    if not is_sharded(model):
+        return model, optimizer
+    plain, optimizer_state = full_model(model), full_optimizer_state(model, optimizer)
+    if plain is None:
+        return None, None
+    plain_optimizer = build_optimizer(plain, cfg)
+    plain_optimizer.load_state_dict(optimizer_state)
+    return plain, plain_optimizer
 
 
 @torch.no_grad()

@@ -15,14 +15,22 @@ from pathlib import Path
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from llm_assets.artifacts import InputRead, artifact_asset, canonical_json, materialize_artifact, verify_inputs
 from llm_assets.checks.gates import list_overrides
-from llm_assets.checks.results import FAILED, CheckVerdict, check_verdicts
+from llm_assets.checks.results import (
+    FAILED,
+    CheckVerdict,
+    _latest_evaluation,
+    _verdict,
+    current_materialization_record,
+)
 from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
 from llm_assets.evaluation.report import EvalReport, change_markdown
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release_pointer import RELEASE_JSON, current_release, move_release, read_release, release_history
+from llm_assets.release_pointer import RELEASE_JSON, current_release, promote_or_propose, read_release, release_history
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, current_materializations, latest_materializations
 from resources.pipeline import PipelineResource
@@ -41,6 +49,30 @@ def lineage(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph, parents: 
             current_materializations(instance, key, partitions_def)
         for part, mat in sorted(current.items(), key=lambda item: item[0] or ""):
             yield key, part, mat
+
+
+def lineage_verdicts(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph,
+                     rows: Sequence[tuple[dg.AssetKey, str | None]]) -> list[CheckVerdict]:
+    """`check_verdicts` of every asset partition of the lineage, in order, with the latest
+    evaluations of every check of a partition read in one query (a query per check before). An
+    evaluation still planned (its run skipped the check) says nothing: for that check, the
+    latest one that evaluated is looked up on its own, as `check_verdicts` does."""
+    done = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
+    latest: dict[tuple[dg.AssetCheckKey, str | None], object] = {}
+    for part in dict.fromkeys(part for _, part in rows):
+        keys = [c for key, p in rows if p == part for c in asset_graph.get(key).check_keys]
+        found = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            keys, partition_filter=PartitionKeyFilter(key=part))
+        latest.update({(key, part): record for key, record in found.items() if record.status in done})
+    verdicts = []
+    for key, part in rows:
+        check_keys = sorted(asset_graph.get(key).check_keys, key=lambda k: k.name)
+        if not check_keys:
+            continue
+        current = current_materialization_record(instance, key, part)
+        verdicts.extend(_verdict(asset_graph.get(check), latest.get((check, part)) or
+                                 _latest_evaluation(instance, check, part), current, part) for check in check_keys)
+    return verdicts
 
 
 def _refusal(held: list[CheckVerdict], partition: str) -> str:
@@ -75,6 +107,7 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
         return dg.Definitions()
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     model_asset = evaluated_stage(manifest)
+    canary = manifest.stages.serving is not None and manifest.stages.serving.canary is not None
     parents = [dg.AssetKey(model_asset), dg.AssetKey("eval_report")]
 
     @artifact_asset(
@@ -86,11 +119,12 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
     def release(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
                 model: ArtifactHandle, eval_report: ArtifactHandle) -> dg.Output[ArtifactHandle]:
         store, partition = artifact_store.get_store(), context.partition_key
-        records, verdicts = [], []
+        records, rows = [], []
         for key, part, mat in lineage(context.instance, lineage_graph, parents, partition):
             records.append({"asset": key.to_user_string(), "partition": part,
                             "sha256": str(mat.metadata["sha256"].value) if "sha256" in mat.metadata else None})
-            verdicts.extend(check_verdicts(context.instance, lineage_graph, key, part))
+            rows.append((key, part))
+        verdicts = lineage_verdicts(context.instance, lineage_graph, rows)
         held = [v for v in verdicts if v.holds_release]
         if held:
             raise dg.Failure(_refusal(held, partition), metadata={"held_by": [v.label for v in held]})
@@ -118,9 +152,8 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
                                       inputs={"model": model, "eval_report": eval_report},
                                       input_files={"model": ()})  # the release names the model, reads none of it
         sha = result.value.sha256
-        if previous != sha:
-            move_release(store, partition, sha, "promote", by=f"run {context.run_id}")
-            context.log.info(f"release[{partition}]: promoted {sha[:12]} (was {previous[:12] if previous else 'none'})")
+        if previous != sha:  # with a canary, a new release is a candidate until canary_report decides
+            context.log.info(promote_or_propose(store, partition, sha, canary, by=f"run {context.run_id}"))
         compared = _change_against(store, previous, before, eval_report) if before and previous != sha else ""
         return dg.Output(result.value, data_version=result.data_version, metadata={
             **result.metadata,

@@ -236,6 +236,9 @@ heldout_tokens_valid = _token_check(heldout_tokens, False, HELD_OUT)
 
 
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
-    """The same assets for every manifest: the tokenizer's recipe is read at run time."""
+    """The same assets for every manifest (the tokenizer's recipe is read at run time), but none
+    for one whose sizes all start from a base model: each brings its own tokenizer."""
+    if manifest.base_model_sizes and not manifest.pretrained_sizes:
+        return dg.Definitions()
     return dg.Definitions(assets=[tokenizer, token_shards, heldout_tokens],
                           asset_checks=[tokenizer_round_trip, token_shards_valid, heldout_tokens_valid])
