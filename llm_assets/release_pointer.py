@@ -25,6 +25,9 @@ from llm_assets.store import ArtifactCorruptError, ArtifactStore
 
 RELEASES = "releases"
 RELEASE_JSON = "release.json"
+# The tag of an asset whose artifact depends on a size's release pointers (current and candidate),
+# which live outside the asset graph: a drive never leaves it alone after a pointer moved.
+READS_RELEASE_POINTER = {"llm-assets/reads": "release-pointer"}
 
 
 class ReleaseError(LookupError):

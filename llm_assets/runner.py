@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 from llm_assets.data.partitions import corpus_shards
 from llm_assets.data.sources import (
@@ -273,6 +274,19 @@ def verify_graph(
     return failures
 
 
+def resolve_selection(asset_graph: BaseAssetGraph, selection: str | None) -> set[dg.AssetKey]:
+    """The assets a drive materializes: those of `selection`, or by default the whole graph but the
+    serving loop's time windows (`serving_traffic` and what reads it). Those fill from the
+    server's logs under their sensor and automation conditions (`llm-assets automate`); a drive
+    of the whole graph would otherwise run every window since the loop's start date."""
+    if selection:
+        return dg.AssetSelection.from_string(selection).resolve(asset_graph)
+    windowed = [key for key in asset_graph.materializable_asset_keys
+                if isinstance(asset_graph.get(key).partitions_def, dg.TimeWindowPartitionsDefinition)]
+    return set(asset_graph.materializable_asset_keys) - dg.AssetSelection.assets(*windowed).downstream().resolve(
+        asset_graph)
+
+
 def materialize_graph(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -292,10 +306,7 @@ def materialize_graph(
     launches every run (what a benchmark compares against)."""
     started = time.perf_counter()
     asset_graph = defs.resolve_asset_graph()
-    selected = (
-        dg.AssetSelection.from_string(selection).resolve(asset_graph)
-        if selection else set(asset_graph.materializable_asset_keys)
-    )
+    selected = resolve_selection(asset_graph, selection)
     shards = register_shards(defs, instance, log)
     new_shards = shards.new
     if new_shards:
@@ -344,7 +355,7 @@ def materialize_graph(
                 ))
             # A WARN failure informs and holds nothing: the same artifacts would be judged the same.
             if result.success and all(p.severity == "WARN" for p in run_problems):
-                record_green_run(instance, asset_graph, result, world)
+                record_green_run(instance, store, asset_graph, result, world)
             if not result.success:
                 failed.append(result.run_id)
                 log(f"  run {result.run_id} for {partition or 'all'} FAILED; see it in the UI")

@@ -33,7 +33,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.context import BaseWorkspaceRequestContext, WorkspaceProcessContext
 from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 
-from llm_assets.runner import RUN_TAG, _partition_keys, plan_waves, register_shards
+from llm_assets.runner import RUN_TAG, _partition_keys, plan_waves, register_shards, resolve_selection
 from llm_assets.settings import PROJECT_ROOT
 
 # The loadable target of workspace.yaml and of the Helm chart's user deployment.
@@ -124,8 +124,7 @@ def submit_graph(
     """Submit the selection (default: everything) wave by wave through the instance's run
     coordinator; `partitions` narrows the waves partitioned by those keys, as the driver does."""
     asset_graph = defs.resolve_asset_graph()
-    selected = (dg.AssetSelection.from_string(selection).resolve(asset_graph)
-                if selection else set(asset_graph.materializable_asset_keys))
+    selected = resolve_selection(asset_graph, selection)
     shards = register_shards(defs, instance, log)
     location = workspace.get_code_location(location_name)
     result = SubmitResult(source_problems=[p.message for p in shards.problems])

@@ -12,7 +12,9 @@ instance's key-value store, next to the materialization it made.
 A later drive skips a partition of a wave when, for every asset of the wave: the world is the
 same; the partition's current materialization is still the recorded one; its fingerprint is still
 indexed to its artifact; the artifact verifies (re-hashed once per drive); and the input hashes it
-recorded are its parents' current hashes. Anything else (a changed file, manifest or code, a
+recorded are its parents' current hashes; for an asset that reads its size's release pointers
+(tagged `READS_RELEASE_POINTER`: the release, the server spec, the canary), the pointers are where
+they were when it ran. Anything else (a changed file, manifest or code, a
 missing or corrupt object, a parent rebuilt to other bytes) launches the run as before, and the
 fingerprint decides there. A world that cannot be read (a base model on S3 or the hub, whose
 listing only the step reads; a quantization environment that does not answer) skips nothing.
@@ -36,6 +38,7 @@ import llm_assets
 import resources
 from llm_assets.artifacts import canonical_json
 from llm_assets.manifest import PipelineManifest
+from llm_assets.release_pointer import READS_RELEASE_POINTER, candidate_release, current_release
 from llm_assets.store import ArtifactStore
 from resources.handles import META_FINGERPRINT, META_SHA256, input_records
 from resources.quantize_environment import QuantizeEnvironmentResource
@@ -109,6 +112,14 @@ def _entry_key(asset: dg.AssetKey, partition: str | None) -> str:
     return f"{KEY_PREFIX}{asset.to_user_string()}/{partition or ''}"
 
 
+def _pointers(store: ArtifactStore, asset_graph, key: dg.AssetKey, partition: str | None) -> list[str | None] | None:
+    """The size's release pointers (current, candidate) where the asset's artifact depends on them."""
+    tags = asset_graph.get(key).tags
+    if partition is None or any(tags.get(k) != v for k, v in READS_RELEASE_POINTER.items()):
+        return None
+    return [current_release(store, partition), candidate_release(store, partition)]
+
+
 @dataclass(frozen=True)
 class Unchanged:
     """An asset partition a drive left alone: the artifact it holds."""
@@ -164,7 +175,8 @@ def unchanged_partitions(
         for partition in partitions:
             entry = json.loads(entries.get(keys[(key, partition)], "null"))
             record = records.get(str(partition) if partitioned else None)
-            if entry and record and entry["world"] == world and entry["storage_id"] == record.storage_id:
+            if (entry and record and entry["world"] == world and entry["storage_id"] == record.storage_id
+                    and entry.get("pointers") == _pointers(store, asset_graph, key, partition)):
                 candidates[(key, partition)] = record
     wanted: dict[str, set[str | None]] = {}
     for record in candidates.values():
@@ -201,8 +213,8 @@ def _held(store: ArtifactStore, key: dg.AssetKey, record: dg.EventLogRecord | No
     return Unchanged(key.to_user_string(), mat.partition, sha)
 
 
-def record_green_run(instance: dg.DagsterInstance, asset_graph, result: dg.ExecuteInProcessResult,
-                     world: str | None) -> None:
+def record_green_run(instance: dg.DagsterInstance, store: ArtifactStore, asset_graph,
+                     result: dg.ExecuteInProcessResult, world: str | None) -> None:
     """Remember what a green run materialized (its partitions' current records, read as
     `unchanged_partitions` reads them), under the world it ran in."""
     if world is None:
@@ -215,6 +227,8 @@ def record_green_run(instance: dg.DagsterInstance, asset_graph, result: dg.Execu
     for key, partitions in done.items():
         partitioned = asset_graph.get(key).partitions_def is not None
         for partition, record in _latest_records(instance, key, partitioned, partitions).items():
-            pairs[_entry_key(key, partition)] = json.dumps({"world": world, "storage_id": record.storage_id})
+            pairs[_entry_key(key, partition)] = json.dumps({
+                "world": world, "storage_id": record.storage_id,
+                "pointers": _pointers(store, asset_graph, key, partition)})
     if pairs:
         instance.run_storage.set_cursor_values(pairs)

@@ -23,7 +23,13 @@ from llm_assets.canary.figures import CanaryTraffic, canary_traffic
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.checks.gates import GateJudgement, judge_gates
 from llm_assets.manifest import CANARY_GATES, GateSpec, PipelineManifest
-from llm_assets.release_pointer import candidate_release, current_release, move_release, reject_candidate
+from llm_assets.release_pointer import (
+    READS_RELEASE_POINTER,
+    candidate_release,
+    current_release,
+    move_release,
+    reject_candidate,
+)
 from llm_assets.tables import table
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
@@ -68,7 +74,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     gate_names = [name for name in CANARY_GATES if name in manifest.gates]
 
     @artifact_asset(
-        partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release",
+        partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release", tags=READS_RELEASE_POINTER,
         ins={"release": dg.AssetIn()}, output_required=False,
         description="The candidate release against the current one on the server's logs (error rate, latency, "
                     "refusals, feedback); promotes the candidate or rolls it back on the canary gates.",

@@ -15,7 +15,13 @@ import yaml
 from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.manifest import PipelineManifest
-from llm_assets.release_pointer import RELEASE_JSON, candidate_release, current_release, read_release
+from llm_assets.release_pointer import (
+    READS_RELEASE_POINTER,
+    RELEASE_JSON,
+    candidate_release,
+    current_release,
+    read_release,
+)
 from llm_assets.serving.httproute import validate_route
 from llm_assets.serving.smoke import smoke_test
 from llm_assets.serving.spec import CANARY_FILES, render_canary, render_manifests, spec_document
@@ -35,6 +41,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
 
     @artifact_asset(
         partitions_def=model_sizes, code_version="2", kinds={"kubernetes", "openai"}, group_name="serving",
+        tags=READS_RELEASE_POINTER,
         description="Endpoint, model hash, serving config and observability of the release, with its vLLM "
                     "Deployment, Service and autoscaler for GPU nodes.",
     )
