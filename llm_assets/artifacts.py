@@ -35,7 +35,7 @@ from llm_assets.store import (
     VerifyReport,
     hash_file,
 )
-from llm_assets.tracing import StepTrace, step_trace
+from llm_assets.tracing import REPORTED_PHASES, StepTrace, step_trace
 from llm_assets.tracking import (
     TAG_ARTIFACT_SHA256,
     TAG_ARTIFACT_URI,
@@ -430,9 +430,11 @@ def materialize_artifact(
     Each call is traced (:mod:`llm_assets.tracing`, when an OTLP endpoint is set): a span for the
     step in its Dagster run's trace, a child for the materialization (asset, partition,
     fingerprint, cache hit, hash, wall seconds, cost, tokens, final loss) and children for its
-    phases (verify, build, save; `verify cached` on a cache hit). A cache miss of a tracked stage is an MLflow run
-    (:mod:`llm_assets.tracking`; docs/tracking.md) whose id is stored with the artifact, so a cache
-    hit logs nothing and names the run that built it. Neither ever fails the step.
+    phases (verify, build, save; `verify cached` on a cache hit), and under build the phases the
+    work marks with ``tracing.phase`` or its worker reports (``tracing.REPORTED_PHASES``). A cache
+    miss of a tracked stage is an MLflow run (:mod:`llm_assets.tracking`; docs/tracking.md) whose
+    id is stored with the artifact, so a cache hit logs nothing and names the run that built it.
+    Neither ever fails the step.
     """
     label = context.asset_key.to_user_string() + (f"[{context.partition_key}]" if context.has_partition_key else "")
     step = context.get_step_execution_context().step.key
@@ -514,6 +516,8 @@ def _materialize(
             try:
                 with traced.span("build"):
                     extra = dict(build(workdir) or {})
+                    # A worker's phases (load, train), timed in its own process: spans under this one.
+                    traced.replay(_plain(extra.pop(REPORTED_PHASES, None)) or [])
             except BaseException:
                 if tracked is not None:
                     tracked.fail()
@@ -573,7 +577,7 @@ def _start_tracked_run(context: dg.AssetExecutionContext, fp: str, code_version:
         TAG_GIT_COMMIT: code_revision(),
     }
     name = (asset if partition is None else f"{asset}[{partition}]") + f" #{attempt}"
-    return tracking.start_run(name, tags, flatten_params(json.loads(canonical_json(config))))
+    return tracking.start_run(name, tags, flatten_params(config))
 
 
 def _finish_tracked_run(context: dg.AssetExecutionContext, tracked: TrackedRun, extra: Mapping[str, Any],

@@ -1,6 +1,10 @@
 """OpenTelemetry traces: one trace per Dagster run, a span per step, its materialization (or gate
 verdict) and the step's heavy phases; and a span per request of the model server.
 
+Work code marks its phases with `phase(name)` (a child span of the step's current span, a no-op
+outside a traced step), so it never receives a tracer. A worker process times its phases with
+`PhaseClock` and reports them; the step replays them as spans (`StepTrace.replay`).
+
 Exported with the OpenTelemetry SDK over OTLP/HTTP to the endpoint of the standard variables
 (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`; headers,
 timeout and service name from their `OTEL_*` variables too): MLflow's `/v1/traces` or any
@@ -12,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
@@ -25,6 +31,10 @@ SERVICE_NAME = "llm-assets"
 FLUSH_TIMEOUT_MS = 5_000
 
 Attributes = Mapping[str, str | bool | int | float]
+# A phase a worker timed: (name, start, end), wall-clock nanoseconds since the epoch.
+TimedPhase = tuple[str, int, int]
+# Where a build returns the phases its worker timed; the step turns them into spans, not metadata.
+REPORTED_PHASES = "phases"
 
 
 def enabled() -> bool:
@@ -73,6 +83,45 @@ class StepTrace:
         with self.tracer.start_as_current_span(name, attributes=dict(attributes or {})) as span:
             yield span
 
+    def replay(self, phases: Sequence[Sequence[Any]]) -> None:
+        """Spans for the phases a worker process timed (`PhaseClock.phases`), children of the
+        current span, at the times the worker measured them."""
+        for name, start, end in phases:
+            span = self.tracer.start_span(str(name), start_time=int(start))
+            span.end(end_time=int(end))
+
+
+# The traced step this thread runs, so that `phase` finds it without being handed it.
+_current_step: ContextVar[StepTrace | None] = ContextVar("llm_assets_step_trace", default=None)
+
+
+@contextmanager
+def phase(name: str, attributes: Attributes | None = None) -> Iterator[None]:
+    """A span for a heavy phase of the work (``with tracing.phase("train"):``), a child of the
+    traced step's current span; a no-op outside a traced step (a test, a worker process)."""
+    traced = _current_step.get()
+    if traced is None:
+        yield
+        return
+    with traced.span(name, attributes):
+        yield
+
+
+class PhaseClock:
+    """The phases of a worker process, which has no span of its step to open children under:
+    timed here, reported with its figures, and replayed as spans by the step (`StepTrace.replay`)."""
+
+    def __init__(self) -> None:
+        self.phases: list[TimedPhase] = []
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.time_ns()
+        try:
+            yield
+        finally:
+            self.phases.append((name, start, time.time_ns()))
+
 
 @contextmanager
 def step_trace(run_id: str, step_key: str, attributes: Attributes | None = None) -> Iterator[StepTrace]:
@@ -89,7 +138,12 @@ def step_trace(run_id: str, step_key: str, attributes: Attributes | None = None)
         with tracer.start_as_current_span(
             f"step {step_key}", attributes={"dagster.run_id": run_id, "dagster.step": step_key, **(attributes or {})}
         ) as span:
-            yield StepTrace(tracer, span)
+            traced = StepTrace(tracer, span)
+            token = _current_step.set(traced)
+            try:
+                yield traced
+            finally:
+                _current_step.reset(token)
     finally:
         # Exported before the step's process may end; an unreachable collector is logged by the
         # exporter and costs at most the flush timeout.

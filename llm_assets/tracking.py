@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
+from pydantic_core import to_jsonable_python
 
 # The curves a build may return: STEP_METRICS, a list of records `{"step": N, "<metric>": value, ...}`
 # (one per logged step, any metrics: loss, learning_rate, grad_norm, tokens_per_second, eval_*), or
@@ -36,10 +37,12 @@ TAG_ARTIFACT_SHA256 = "artifact_sha256"
 
 
 def flatten_params(config: Any) -> dict[str, str]:
-    """The recipe as MLflow params: nested keys joined with dots, values as text cut to MLflow's
-    length limit (a long list, e.g. a file signature, would otherwise make the whole batch fail)."""
+    """The recipe as MLflow params: nested keys joined with dots (a pydantic recipe's fields too,
+    `recipe.learning_rate`), values as text cut to MLflow's length limit (a long list, e.g. a file
+    signature, would otherwise make the whole batch fail)."""
     from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
+    config = to_jsonable_python(config, fallback=str)
     if not isinstance(config, Mapping) or not config:
         return {}
     [row] = pd.json_normalize(dict(config), sep=".").to_dict(orient="records")

@@ -1,10 +1,11 @@
 """Experiment tracking and traces against a real MLflow server (sqlite backend) on 127.0.0.1:
 runs, params, step metrics and one trace per Dagster run with a span per asset and per gate
-verdict; a retry is a new attempt's run; cache hits log nothing; the model server's span per
-request; the embedded default's store without a server; a server killed mid-run, or one that never
-answers, leaves the materialization green; MLflow's UI, driven by headless
-Chromium, compares two training runs (`LLM_ASSETS_UPDATE_SCREENSHOT=1` refreshes the picture
-docs/tracking.md shows, docs/img/mlflow-compare.png)."""
+verdict; the training stages' load and train phases and trl's tokens per second; a retry is a new
+attempt's run; cache hits log nothing; the model server's span per request; the embedded
+default's store without a server; a server killed mid-run, or one that never answers, leaves the
+materialization green; MLflow's UI, driven by headless Chromium, compares two training runs
+(`LLM_ASSETS_UPDATE_SCREENSHOT=1` refreshes the picture docs/tracking.md shows,
+docs/img/mlflow-compare.png)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from llm_assets.settings import PROJECT_ROOT
 from llm_assets.tracing import ENDPOINT_VARIABLES, run_trace_id
 from llm_assets.tracking import STEP_METRICS, flatten_params, step_series
 from llm_assets_tests.conftest import _free_port, stop_process_group
+from llm_assets_tests.posttrain.test_assets import with_posttraining
 from llm_assets_tests.pretrain.test_assets import with_training
 
 # The serving tests' tiny model, stored as an artifact: imported fixtures, not copies of them.
@@ -208,14 +210,66 @@ def test_a_materialized_graph_is_tracked_and_traced_on_a_real_server(
             assert len(named) == len(in_run) == len(set(named)), f"one span per asset partition in {dagster_run.run_id}"
 
         # All cache hits: no new MLflow run, and the materialization names the run that built it.
+        # Every step runs (skip_unchanged=False): the steps' own cache hits, not the driver's skip.
         assert materialize_graph(defs, instance, selection=f"+key:{PRETRAIN}", partitions=["xs"],
-                                 log=lambda _: None).success
+                                 log=lambda _: None, skip_unchanged=False).success
         assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run.info.run_id]
         again = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(PRETRAIN), asset_partitions=["xs"]), limit=1).records[0]
         again_meta = again.asset_materialization.metadata
         assert again_meta["cache_hit"].value and again_meta[META_MLFLOW_RUN_ID].value == run.info.run_id
         assert META_TRACKING not in again_meta
+
+
+def children(spans: list, parent) -> dict:
+    """The spans directly under `parent`, by name."""
+    return {span.name: span for span in spans if span.parent_id == parent.span_id}
+
+
+@pytest.mark.slow
+def test_a_trl_stage_logs_its_steps_and_traces_its_load_and_train_phases(
+        settings, manifest_path, monkeypatch, mlflow_server) -> None:
+    experiment_id = point_at(monkeypatch, mlflow_server.url, "sft")
+    manifest = with_posttraining(manifest_path)
+    manifest["stages"]["pretrain"].update(steps=20, eval_every=10, checkpoint_every=10)
+    manifest["stages"]["sft"].update(steps=6, eval_every=3, checkpoint_every=0)
+    manifest["stages"]["contamination"] = {"max_contaminated_fraction": 1.0}  # as in the graph test above
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    client = mlflow.MlflowClient(mlflow_server.url)
+    with dg.DagsterInstance.local_temp() as instance:
+        assert materialize_graph(build_definitions(settings), instance, selection="+key:sft_model", partitions=["xs"],
+                                 log=lambda _: None).success
+        records = {asset: instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=["xs"]), limit=1).records[0]
+            for asset in (PRETRAIN, "sft_model")}
+
+    # The SFT run: its recipe as params, trl's log lines as step metrics with their throughput.
+    [run] = client.search_runs([experiment_id], "tags.asset = 'sft_model'")
+    meta = {k: v.value for k, v in records["sft_model"].asset_materialization.metadata.items()}
+    assert meta[META_MLFLOW_RUN_ID] == run.info.run_id
+    assert run.data.params["recipe.steps"] == "6" and run.data.params["recipe.learning_rate"] == "0.003"
+    history = {name: client.get_metric_history(run.info.run_id, name)
+               for name in ("loss", "learning_rate", "tokens_per_second", "eval_loss")}
+    assert [m.step for m in history["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in history["tokens_per_second"]] == [1, 2, 3, 4, 5, 6]
+    assert all(m.value > 0 for m in history["tokens_per_second"])
+    assert [m.step for m in history["eval_loss"]] == [3, 6]
+    assert run.data.metrics["final_train_loss"] == meta["final_train_loss"]
+    assert run.data.metrics["val_loss"] == meta["val_loss"]
+
+    # Each training step's trace: load and train under build, under the materialization; pretraining's
+    # phases are timed in its worker process and replayed in the step, in order and within build.
+    for asset, record in records.items():
+        spans = spans_of_run(client, experiment_id, record.run_id)
+        [materialized] = [s for s in spans if s.name == f"materialize {asset}[xs]"]
+        assert {"verify", "build", "save"} <= set(children(spans, materialized))
+        build = children(spans, materialized)["build"]
+        phases = children(spans, build)
+        assert {"load", "train"} <= set(phases), asset
+        load, train = phases["load"], phases["train"]
+        assert build.start_time_ns <= load.start_time_ns < load.end_time_ns <= train.start_time_ns, asset
+        assert train.end_time_ns <= build.end_time_ns, asset
+        assert "phases" not in record.asset_materialization.metadata  # spans, not metadata
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from llm_assets.prompts import chat_renderer, has_chat_template, parse_prompt
 from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
 from llm_assets.tokenizer.assets import TOKENIZER_FILE, stored_tokenizer
 from llm_assets.tokenizer.packing import INDEX_FILE, META_FILE, TOKENS_FILE
+from llm_assets.tracing import phase
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 from resources.pipeline import PipelineResource
@@ -163,9 +164,10 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                         max_answer_chars=min(200, positions // 2), max_target_chars=min(80, positions // 4),
                         max_gen_toks=min(48, positions // 4), render=render)
                     context.log.info(f"evaluating {model_asset}[{context.partition_key}] on {names + recipe.tasks}")
-                    harness = run_lm_eval(model_dir, [*names, *recipe.tasks],
-                                          [Path(tasks_dir), *map(Path, recipe.task_dirs)],
-                                          batch_size=recipe.batch_size, limit=recipe.limit, seed=current.seed)
+                    with phase("evaluate"):  # the harness: the heavy part of the step's trace
+                        harness = run_lm_eval(model_dir, [*names, *recipe.tasks],
+                                              [Path(tasks_dir), *map(Path, recipe.task_dirs)],
+                                              batch_size=recipe.batch_size, limit=recipe.limit, seed=current.seed)
                     scored = perplexity_texts(Path(tasks_dir), recipe.limit)  # what lm-eval's bits_per_byte scored
                 except TaskSetupError as exc:
                     raise dg.Failure(str(exc)) from None

@@ -26,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from llm_assets.hf_models import training_device
 from llm_assets.manifest import TrainerRecipe
 from llm_assets.pretrain.loop import resolve_precision
+from llm_assets.tracing import phase
 
 # peft and trl read the model's is_gradient_checkpointing, which transformers 5 renamed; pinned
 # versions, so the warning carries no news (pytest needs the same filter in pyproject.toml).
@@ -42,7 +43,9 @@ LOSS_WINDOW = 10
 class StepLog:
     step: int
     loss: float  # the step's train loss (mean over its gradient-accumulation micro-batches)
-    metrics: dict[str, float]  # the rest of trl's log line: learning_rate, grad_norm, the stage's own figures
+    # The rest of trl's log line (learning_rate, grad_norm, the stage's own figures) and
+    # tokens_per_second (ThroughputCallback).
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,37 @@ class LogCallback(TrainerCallback):
             self.handler({"step": state.global_step, **logs})
 
 
+class ThroughputCallback(TrainerCallback):
+    """tokens_per_second of every train log line: the tokens trl counted since the line before
+    (its `num_tokens` is a running total) over the wall time of the steps between them. Time spent
+    evaluating or saving checkpoints after a line is left out: the next interval starts when the
+    next step does. The first line after a resume has none: trl's total does not always go on from
+    the checkpoint's."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}  # step -> tokens per second
+        self._tokens: float | None = None  # the running total at the line before
+        self._since: float | None = None  # when the first step after that line began
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._tokens = 0.0 if state.global_step == 0 else None
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs or "num_tokens" not in logs or self._since is None:
+            return
+        seconds = time.perf_counter() - self._since
+        if self._tokens is not None and seconds > 0:
+            self.rates[state.global_step] = (logs["num_tokens"] - self._tokens) / seconds
+        self._tokens, self._since = float(logs["num_tokens"]), None
+
+
 def callbacks(on_checkpoint: OnCheckpoint | None, on_log: OnLog | None) -> list[TrainerCallback]:
     return ([CheckpointCallback(on_checkpoint)] if on_checkpoint else []) + ([LogCallback(on_log)] if on_log else [])
 
@@ -143,12 +177,17 @@ def run_trainer(trainer: Trainer, recipe: TrainerRecipe, resume_from: Path | Non
     # With disable_tqdm, transformers prints every log line to stdout instead of drawing a progress
     # bar; the caller gets those lines from on_log.
     trainer.remove_callback(PrinterCallback)
+    throughput = ThroughputCallback()
+    trainer.add_callback(throughput)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    with phase("train"):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     seconds = time.perf_counter() - started
 
     history = [StepLog(step=log["step"], loss=log["loss"],
-                       metrics={k: v for k, v in log.items() if k not in ("step", "loss")})
+                       metrics={**{k: v for k, v in log.items() if k not in ("step", "loss")},
+                                **({"tokens_per_second": throughput.rates[log["step"]]}
+                                   if log["step"] in throughput.rates else {})})
                for log in trainer.state.log_history if "loss" in log]
     evals = [EvalLog(step=log["step"], metrics={k: v for k, v in log.items() if k.startswith("eval_")})
              for log in trainer.state.log_history if any(k.startswith("eval_") for k in log)]

@@ -25,6 +25,7 @@ from llm_assets.manifest import PolicyRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import PAIR_KEYS, Rows, in_template, records
 from llm_assets.posttrain.scoring import Pairwise, implicit_reward_pairwise, policy_kl, reward_scores
+from llm_assets.tracing import phase
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,17 +54,18 @@ def run_policy(sft_dir: Path, reward_dir: Path | None, train_pairs: Rows, val_pa
         _check_grpo(recipe, reward_dir)
     train_records = records(train_pairs, PAIR_KEYS, "policy train")
     val_records = records(val_pairs, PAIR_KEYS, "policy val")
-    tokenizer = load_tokenizer(sft_dir)
-    train_records, val_records = in_template(train_records, tokenizer, "policy train"), in_template(
-        val_records, tokenizer, "policy val")
-    policy = load_model(AutoModelForCausalLM, sft_dir, tokenizer)
-    trainer_callbacks = callbacks(on_checkpoint, on_log)
-    if recipe.algorithm == "dpo":
-        trainer = _dpo(sft_dir, policy, tokenizer, train_records, val_records, recipe, work_dir, seed,
-                       trainer_callbacks)
-    else:
-        trainer = _grpo(reward_dir, policy, tokenizer, train_records, val_records, recipe, work_dir, seed,
-                        trainer_callbacks)
+    with phase("load"):  # the tokenizer, the policy, its reference (and the reward model for GRPO)
+        tokenizer = load_tokenizer(sft_dir)
+        train_records, val_records = in_template(train_records, tokenizer, "policy train"), in_template(
+            val_records, tokenizer, "policy val")
+        policy = load_model(AutoModelForCausalLM, sft_dir, tokenizer)
+        trainer_callbacks = callbacks(on_checkpoint, on_log)
+        if recipe.algorithm == "dpo":
+            trainer = _dpo(sft_dir, policy, tokenizer, train_records, val_records, recipe, work_dir, seed,
+                           trainer_callbacks)
+        else:
+            trainer = _grpo(reward_dir, policy, tokenizer, train_records, val_records, recipe, work_dir, seed,
+                            trainer_callbacks)
     run = run_trainer(trainer, recipe, resume_from)
 
     # The trainer's frozen reference: the SFT model, loaded from sft_dir.

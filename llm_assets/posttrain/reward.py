@@ -15,6 +15,7 @@ from llm_assets.manifest import RewardRecipe
 from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callbacks, config_kwargs, run_trainer
 from llm_assets.posttrain.rows import PAIR_KEYS, Rows, in_template, records
 from llm_assets.posttrain.scoring import Pairwise, reward_pairwise
+from llm_assets.tracing import phase
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,19 +38,20 @@ def run_reward(sft_dir: Path, train_pairs: Rows, val_pairs: Rows, recipe: Reward
     started = time.perf_counter()
     train_records = records(train_pairs, PAIR_KEYS, "reward train")
     val_records = records(val_pairs, PAIR_KEYS, "reward val")
-    tokenizer = load_tokenizer(sft_dir)
-    train_records, val_records = in_template(train_records, tokenizer, "reward train"), in_template(
-        val_records, tokenizer, "reward val")
-    trainer = RewardTrainer(
-        # From the path, trl builds AutoModelForSequenceClassification with num_labels=1, its new
-        # score head initialised from the seed, pad_token_id set, and no warning about that head.
-        model=str(sft_dir),
-        args=RewardConfig(**config_kwargs(recipe, work_dir, seed=seed), max_length=recipe.max_length),
-        train_dataset=Dataset.from_list(train_records),
-        eval_dataset=Dataset.from_list(val_records) if recipe.eval_every else None,
-        processing_class=tokenizer,
-        callbacks=callbacks(on_checkpoint, on_log),
-    )
+    with phase("load"):
+        tokenizer = load_tokenizer(sft_dir)
+        train_records, val_records = in_template(train_records, tokenizer, "reward train"), in_template(
+            val_records, tokenizer, "reward val")
+        trainer = RewardTrainer(
+            # From the path, trl builds AutoModelForSequenceClassification with num_labels=1, its new
+            # score head initialised from the seed, pad_token_id set, and no warning about that head.
+            model=str(sft_dir),
+            args=RewardConfig(**config_kwargs(recipe, work_dir, seed=seed), max_length=recipe.max_length),
+            train_dataset=Dataset.from_list(train_records),
+            eval_dataset=Dataset.from_list(val_records) if recipe.eval_every else None,
+            processing_class=tokenizer,
+            callbacks=callbacks(on_checkpoint, on_log),
+        )
     before = reward_pairwise(trainer.model, tokenizer, val_records, max_length=recipe.max_length,
                              batch_size=recipe.batch_size)
     run = run_trainer(trainer, recipe, resume_from)

@@ -17,6 +17,7 @@ from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, callba
 from llm_assets.posttrain.lora import lora_config, parameter_count, save_adapter, sft_method
 from llm_assets.posttrain.rows import SFT_KEYS, Rows, in_template, records
 from llm_assets.posttrain.scoring import completion_loss
+from llm_assets.tracing import phase
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +47,11 @@ def run_sft(base_dir: Path, train_rows: Rows, val_rows: Rows, recipe: SftRecipe,
     started = time.perf_counter()
     train_records = records(train_rows, SFT_KEYS, "SFT train")
     val_records = records(val_rows, SFT_KEYS, "SFT val")
-    tokenizer = load_tokenizer(base_dir)
-    train_records, val_records = in_template(train_records, tokenizer, "SFT train"), in_template(
-        val_records, tokenizer, "SFT val")
-    model = load_model(AutoModelForCausalLM, base_dir, tokenizer)
+    with phase("load"):
+        tokenizer = load_tokenizer(base_dir)
+        train_records, val_records = in_template(train_records, tokenizer, "SFT train"), in_template(
+            val_records, tokenizer, "SFT val")
+        model = load_model(AutoModelForCausalLM, base_dir, tokenizer)
     base_val_loss = completion_loss(model, tokenizer, val_records, max_length=recipe.max_length,
                                     batch_size=recipe.batch_size)
     parameters = parameter_count(model)

@@ -23,6 +23,7 @@ from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.assets import evaluated_stage
 from llm_assets.manifest import QUANTIZE_GATES, PipelineManifest
 from llm_assets.quantize.worker import QuantizeSpec
+from llm_assets.tracing import phase
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 from resources.pipeline import PipelineResource
@@ -145,8 +146,10 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 spec_path.write_text(spec.model_dump_json(indent=1))
                 context.log.info(f"quantizing {model_asset}[{size}] {model.sha256[:12]} ({scheme}) in "
                                  f"{quantize_environment.python}")
-                reported = quantize_environment.quantize(spec_path, context.log.info, error_file=work / "error.txt",
-                                                         what=f"quantizing {model_asset}[{size}] ({scheme})")
+                with phase("quantize"):  # the worker, in its own environment: the heavy part of the step's trace
+                    reported = quantize_environment.quantize(spec_path, context.log.info,
+                                                             error_file=work / "error.txt",
+                                                             what=f"quantizing {model_asset}[{size}] ({scheme})")
             return {**reported, "model_sha256": model.sha256,
                     "comparison": comparison_table(reported, scheme),
                     "libraries": dg.MetadataValue.json(reported["libraries"])}
