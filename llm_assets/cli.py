@@ -100,6 +100,9 @@ def _size_path(size: ModelSize | BaseModelSize) -> str:
         figures = f"N {_human(size_figures(size).params)} from its config.json"
     except NotEstimable:
         figures = "not estimated until imported: its config.json is not local"
+    if size.continued_pretraining:
+        return (f"base model {size.base_model} imported by base_model ({figures}) with its own tokenizer -> "
+                "continued pretraining (pretrain_checkpoint, on the corpus in that tokenizer) -> sft")
     return f"base model {size.base_model} imported by base_model ({figures}) with its own tokenizer; not pretrained"
 
 

@@ -168,14 +168,15 @@ def step_estimate(manifest: PipelineManifest, asset: str, partition: str | None,
 
 def plan_estimates(manifest: PipelineManifest, device: Device) -> list[tuple[str, str, Estimate]]:
     """(stage, partition, estimate) of every estimated step the manifest configures; a base-model
-    size is not pretrained, and one that cannot be estimated before its import is left out."""
+    size is pretrained only with continued_pretraining, and one that cannot be estimated before
+    its import is left out."""
     rows = []
     estimable = [name for name in manifest.model_sizes if _estimable(manifest.model_sizes[name])]
     for stage in ESTIMATED_ASSETS.values():
         if getattr(manifest.stages, stage) is None:
             continue
         schemes = manifest.stages.quantize.schemes if stage == "quantize" else [None]
-        for size in manifest.pretrained_sizes if stage == "pretrain" else estimable:
+        for size in [s for s in estimable if s in manifest.checkpoint_sizes] if stage == "pretrain" else estimable:
             for scheme in schemes:
                 partition = size if scheme is None else f"{size}|{scheme}"  # as Dagster joins the dimensions
                 rows.append((stage, partition, stage_estimate(manifest, stage, size, device, scheme)))

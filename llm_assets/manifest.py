@@ -294,6 +294,10 @@ class BaseModelSize(Strict):
                             "s3://bucket/prefix, or a Hugging Face hub id (downloaded when the machine is online)")
     endpoint_url: str | None = Field(None, description="The S3 endpoint of an s3:// base_model; default "
                                      "$LLM_ASSETS_S3_ENDPOINT_URL, else AWS's")
+    continued_pretraining: bool = Field(
+        False, description="true: pretrain_checkpoint trains the imported model further on the corpus (the "
+        "recipe of stages.pretrain, the text tokenized by the base model's tokenizer), and SFT starts from that "
+        "checkpoint; judged by gates.continued_pretrain_val_loss")
 
     @field_validator("base_model")
     @classmethod
@@ -765,6 +769,9 @@ STAGE_GATES = {
 }
 # A policy trained on cai_dataset pairs: its refusal rate on the held-out red-team prompts.
 CAI_GATE = "cai_refusal_rate"
+# The val loss gate of continued pretraining: a model that starts trained is judged against its own
+# starting point (baseline: base), not against an untrained or unigram model.
+CONTINUED_GATE = "continued_pretrain_val_loss"
 # The gates an evaluated model must have besides: a lower bound on the refusal rate on held-out
 # harmful prompts (absolute, or against a baseline) and an upper bound on it on benign prompts, so
 # that neither a model that refuses nothing nor one that refuses everything is released.
@@ -821,6 +828,28 @@ class PipelineManifest(Strict):
         """The sizes that start from an imported base model, with its own tokenizer."""
         return {name: size for name, size in self.model_sizes.items() if isinstance(size, BaseModelSize)}
 
+    @property
+    def continued_sizes(self) -> dict[str, BaseModelSize]:
+        """The base-model sizes pretrained further on the corpus before SFT (continued pretraining)."""
+        return {name: size for name, size in self.base_model_sizes.items() if size.continued_pretraining}
+
+    @property
+    def checkpoint_sizes(self) -> dict[str, ModelSize | BaseModelSize]:
+        """The sizes with a pretrain_checkpoint, where SFT starts: pretrained here, or continued."""
+        return {**self.pretrained_sizes, **self.continued_sizes}
+
+    @model_validator(mode="after")
+    def _continued_pretraining_has_its_recipe(self) -> PipelineManifest:
+        continued = ", ".join(sorted(self.continued_sizes))
+        if continued and self.stages.pretrain is None:
+            raise ValueError(f"model_sizes {continued} set continued_pretraining, which trains with the recipe of "
+                             "stages.pretrain: add it")
+        if continued and CONTINUED_GATE not in self.gates:
+            raise ValueError(f"model_sizes {continued} set continued_pretraining: add gates.{CONTINUED_GATE} "
+                             "(e.g. {baseline: base, max_delta: 0.05}: the val loss may not rise above the base "
+                             "model's own val loss on the same held-out text by more than 0.05)")
+        return self
+
     @model_validator(mode="after")
     def _models_hold_the_vocabulary(self) -> PipelineManifest:
         vocab = self.stages.tokenizer.vocab_size
@@ -861,7 +890,8 @@ class PipelineManifest(Strict):
     def _every_stage_has_its_gate(self) -> PipelineManifest:
         missing, misbound = [], []
         for stage, (gate, bound) in STAGE_GATES.items():
-            if getattr(self.stages, stage) is None:
+            # stages.pretrain of continued sizes alone is judged by CONTINUED_GATE instead.
+            if getattr(self.stages, stage) is None or (stage == "pretrain" and not self.pretrained_sizes):
                 continue
             if gate not in self.gates:
                 missing.append((stage, gate, bound))

@@ -215,9 +215,11 @@ def _starting_model_ins(manifest: PipelineManifest) -> dict[str, dg.AssetIn]:
     sizes it holds (a static partition mapping): a size reads its one partition of its own parent
     and nothing of the other. Without base-model sizes the dependency is pretrain_checkpoint's as
     it always was."""
-    if not manifest.base_model_sizes:
+    # A base-model size with continued pretraining starts from its pretrain_checkpoint too.
+    if set(manifest.checkpoint_sizes) == set(manifest.model_sizes):
         return {"pretrain_checkpoint": dg.AssetIn()}
-    parents = {"pretrain_checkpoint": manifest.pretrained_sizes, "base_model": manifest.base_model_sizes}
+    raw_base = {name: size for name, size in manifest.base_model_sizes.items() if name not in manifest.continued_sizes}
+    parents = {"pretrain_checkpoint": manifest.checkpoint_sizes, "base_model": raw_base}
     return {parent: dg.AssetIn(partition_mapping=dg.StaticPartitionMapping({size: size for size in sizes}))
             for parent, sizes in parents.items() if sizes}
 

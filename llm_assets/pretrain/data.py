@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,3 +100,29 @@ class TokenBatches:
             )
         first = (rank * grad_accum + micro) * size
         return self.rows(step, slice(first, first + size))
+
+
+def pack_with_base_tokenizer(model_dir: Path, split_files: dict[str, list[Path]], out: Path,
+                             batch_size: int) -> dict[str, int]:
+    """Continued pretraining's data: the documents of each split (name -> its parquet files, a `text`
+    column) encoded by the base model's own tokenizer, each followed by its eos, packed into
+    `out/<split>/` as token_shards packs the project's; the token count of each split."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from llm_assets.tokenizer.packing import pack_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"{model_dir}: continued pretraining packs documents with the base model's fast tokenizer "
+                         "and ends each with its eos token; this tokenizer has "
+                         + ("no fast (tokenizer.json) backend" if backend is None else "no eos token")
+                         + ": add them to the base model's tokenizer files")
+    counts = {}
+    for split, files in split_files.items():
+        texts = [t for f in files for t in pl.read_parquet(f, columns=["text"])["text"].to_list()]
+        (out / split).mkdir(parents=True, exist_ok=True)
+        counts[split] = pack_documents(backend, texts, out / split, eos_id=tokenizer.eos_token_id,
+                                       batch_size=batch_size).tokens
+    return counts

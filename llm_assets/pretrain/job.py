@@ -24,8 +24,9 @@ from llm_assets.pretrain.checkpoint import latest_checkpoint
 from llm_assets.pretrain.data import TokenData
 from llm_assets.pretrain.distributed import DistInfo, broadcast_object, full_model, maybe_init_distributed
 from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, train
-from llm_assets.pretrain.model import build_model, flops_per_token
+from llm_assets.pretrain.model import build_model, load_base_model, matmul_parameters
 from llm_assets.progress import StepProgress
+from llm_assets.tracing import REPORTED_PHASES, PhaseClock
 from llm_assets.tracking import STEP_METRICS
 from llm_assets.worker import Reporter, WorkerSpec, write_failure
 from resources.artifact_store_resource import store_from_config
@@ -43,7 +44,8 @@ class StoreProgress(WorkerSpec):
 
 
 class RunSpec(WorkerSpec):
-    model: ModelSize
+    model: ModelSize | None = None  # the architecture of a fresh model
+    base_model_dir: str | None = None  # continued pretraining: the HF model to start from instead
     train: dict[str, Any]  # TrainConfig fields
     train_bins: list[str]
     val_bins: list[str] = []
@@ -58,6 +60,14 @@ class RunSpec(WorkerSpec):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.train)
+
+    def starting_model(self, seed: int) -> torch.nn.Module:
+        """A fresh model of `model`, or the base model of continued pretraining."""
+        if self.base_model_dir is not None:
+            return load_base_model(Path(self.base_model_dir))
+        if self.model is None:
+            raise ValueError("a run spec names the model to train: `model` (an architecture) or `base_model_dir`")
+        return build_model(self.model, seed=seed)
 
 
 def measured_peak_flops(precision: str, device: torch.device) -> float:
@@ -77,9 +87,10 @@ def measured_peak_flops(precision: str, device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - started)
 
 
-def summary(result: TrainResult, size: ModelSize, device: torch.device, world_size: int) -> dict[str, Any]:
-    """The figures rank 0 reports: losses, throughput, MFU against the measured peak of all ranks."""
-    achieved = flops_per_token(size) * result.tokens_per_second
+def summary(result: TrainResult, params: int, device: torch.device, world_size: int) -> dict[str, Any]:
+    """The figures rank 0 reports: losses, throughput, MFU (6·`params` FLOPs per token) against the
+    measured peak of all ranks."""
+    achieved = 6 * params * result.tokens_per_second
     peak = measured_peak_flops(result.precision, device) * world_size
     history = result.history
     initial = history[0].loss if history else float("nan")
@@ -138,14 +149,19 @@ def run(spec: RunSpec) -> TrainResult:
 
 def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
     cfg = spec.train_config()
-    model = build_model(spec.model, seed=cfg.seed).to(dist.device)
-    train_data = TokenData.from_bin_files(spec.train_bins, spec.token_dtype)
-    val_data = TokenData.from_bin_files(spec.val_bins, spec.token_dtype) if spec.val_bins else None
-    progress = None
-    if spec.progress is not None and dist.is_main:
-        where = spec.progress
-        progress = StepProgress(store_from_config(where.store), where.asset, where.partition, where.fingerprint)
-    resume = broadcast_object(_resume_point(spec, progress, reporter) if dist.is_main else None)
+    # The step's trace shows these phases: this process has no span to open them under, so rank 0
+    # reports their times with its figures (tracing.PhaseClock).
+    clock = PhaseClock()
+    with clock.phase("load"):
+        model = spec.starting_model(cfg.seed).to(dist.device)
+        params = matmul_parameters(model)  # before FSDP shards it
+        train_data = TokenData.from_bin_files(spec.train_bins, spec.token_dtype)
+        val_data = TokenData.from_bin_files(spec.val_bins, spec.token_dtype) if spec.val_bins else None
+        progress = None
+        if spec.progress is not None and dist.is_main:
+            where = spec.progress
+            progress = StepProgress(store_from_config(where.store), where.asset, where.partition, where.fingerprint)
+        resume = broadcast_object(_resume_point(spec, progress, reporter) if dist.is_main else None)
     every = max(1, cfg.steps // 20)
 
     def on_step(record: StepRecord) -> None:
@@ -162,8 +178,9 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
         reporter.event("checkpoint", f"checkpoint of step {step} committed as {ref.sha256[:12]}",
                        step=step, artifact=ref.sha256)
 
-    result = train(model, train_data, val_data, cfg, checkpoint_dir=Path(spec.checkpoint_dir),
-                   resume_from=Path(resume) if resume else None, on_step=on_step, on_checkpoint=on_checkpoint)
+    with clock.phase("train"):
+        result = train(model, train_data, val_data, cfg, checkpoint_dir=Path(spec.checkpoint_dir),
+                       resume_from=Path(resume) if resume else None, on_step=on_step, on_checkpoint=on_checkpoint)
     # A collective under FSDP (every rank calls it): the full weights, gathered onto rank 0.
     exported = full_model(model) if spec.export_dir else None
     if dist.is_main:
@@ -171,5 +188,5 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
             save_hf(exported, Path(spec.export_dir), Path(spec.tokenizer_dir) if spec.tokenizer_dir else None)
         if spec.result:
             Path(spec.result).write_text(json.dumps(dataclasses.asdict(result), default=str, indent=1))
-        reporter.report(summary(result, spec.model, dist.device, dist.world_size))
+        reporter.report({**summary(result, params, dist.device, dist.world_size), REPORTED_PHASES: clock.phases})
     return result

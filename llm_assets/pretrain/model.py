@@ -1,9 +1,13 @@
-"""The model: a Llama-style decoder built from a `ModelSize`, with a deterministic initialisation."""
+"""The model: a Llama-style decoder built from a `ModelSize`, with a deterministic initialisation; or,
+for continued pretraining, an imported base model of any causal architecture."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from llm_assets.manifest import ModelSize
 
@@ -47,3 +51,17 @@ def flops_per_token(size: ModelSize) -> int:
     scores (12·layers·hidden·seq_len per token), small while seq_len ≪ 6·hidden.
     """
     return 6 * size.matmul_parameters()
+
+
+def load_base_model(model_dir: Path) -> PreTrainedModel:
+    """The base model continued pretraining starts from, in fp32 (the loop's autocast decides the
+    compute precision, as for a fresh model) and without a KV cache (training never reuses one)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """The N of 6·N·D for a model of any architecture: the weights of its matmul layers (Conv1D is
+    GPT-2's), the LM head included; for the project's Llama, `ModelSize.matmul_parameters()`."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))

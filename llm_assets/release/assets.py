@@ -1,7 +1,9 @@
 """release: promote the evaluated model of one size when every gate of its lineage holds.
 
 Blocking checks hold the downstream steps of their own run only; a later run that selects just
-`release` would not see them. So the release reads back, from the instance, the latest verdict
+`release` would not see them. A policy trained on constitutional-AI pairs is judged beside its
+lineage, by `policy_without_cai`'s `cai_refusal_rate_gate`: that asset is read as a parent too,
+and a release without its verdict is refused. So the release reads back, from the instance, the latest verdict
 of every blocking check of every asset partition it descends from, and refuses unless each one
 passed on the artifact that is current now. It then stores `release.json` (model, eval report,
 lineage, gate figures, the overrides it relies on) as an artifact and moves the size's "current release" pointer
@@ -29,11 +31,20 @@ from llm_assets.checks.results import (
 )
 from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
 from llm_assets.evaluation.report import EvalReport, change_markdown
-from llm_assets.manifest import PipelineManifest
-from llm_assets.release_pointer import RELEASE_JSON, current_release, promote_or_propose, read_release, release_history
+from llm_assets.manifest import CAI_GATE, PipelineManifest
+from llm_assets.release_pointer import (
+    READS_RELEASE_POINTER,
+    RELEASE_JSON,
+    current_release,
+    promote_or_propose,
+    read_release,
+    release_history,
+)
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, current_materializations, latest_materializations
 from resources.pipeline import PipelineResource
+
+CAI_JUDGE = dg.AssetKey("policy_without_cai")  # llm_assets/evaluation/cai_gate.py
 
 
 def lineage(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph, parents: Sequence[dg.AssetKey],
@@ -108,10 +119,12 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     model_asset = evaluated_stage(manifest)
     canary = manifest.stages.serving is not None and manifest.stages.serving.canary is not None
-    parents = [dg.AssetKey(model_asset), dg.AssetKey("eval_report")]
+    # The CAI gate sits on a sibling of the policy, not on an ancestor of the evaluated model.
+    cai = manifest.stages.policy is not None and "cai_dataset" in manifest.stages.policy.preferences
+    parents = [dg.AssetKey(model_asset), dg.AssetKey("eval_report"), *([CAI_JUDGE] if cai else [])]
 
     @artifact_asset(
-        partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release",
+        partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release", tags=READS_RELEASE_POINTER,
         ins={"model": dg.AssetIn(key=model_asset), "eval_report": dg.AssetIn()},
         description=f"Promotes {model_asset} of one size once every blocking gate of its lineage has passed on "
                     "the current artifacts; moves that size's current-release pointer.",
@@ -124,6 +137,10 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
             records.append({"asset": key.to_user_string(), "partition": part,
                             "sha256": str(mat.metadata["sha256"].value) if "sha256" in mat.metadata else None})
             rows.append((key, part))
+        if cai and (CAI_JUDGE, partition) not in rows:
+            raise dg.Failure(f"release[{partition}] refused: the policy trains on cai_dataset and "
+                             f"{CAI_JUDGE.to_user_string()}[{partition}], whose {CAI_GATE}_gate judges it, has not "
+                             "been materialized: materialize it, then the release")
         verdicts = lineage_verdicts(context.instance, lineage_graph, rows)
         held = [v for v in verdicts if v.holds_release]
         if held:

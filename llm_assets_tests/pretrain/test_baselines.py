@@ -52,7 +52,7 @@ def test_a_model_that_did_not_learn_fails_training_sane(corpus, reference, did_n
     manifest = manifest_with_gates(GATES)
 
     def figures(result) -> dict[str, float]:
-        reported = summary(result, TINY, torch.device("cpu"), 1)
+        reported = summary(result, TINY.matmul_parameters(), torch.device("cpu"), 1)
         return {k: v for k, v in reported.items() if isinstance(v, (int, float))}
 
     trained = run_gate_check(tmp_path / "store", manifest, figures(reference.result), [VAL_LOSS_GATE],
