@@ -19,7 +19,6 @@ models that never saw a refusal score about 0 on both sets.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_assets.hf_models import load_model, load_tokenizer
+from llm_assets.jsonl import read_prompt_file
 from llm_assets.prompts import chat_renderer, has_chat_template
 
 RED_TEAM_FILE = Path(__file__).parent / "data" / "red_team.jsonl"
@@ -62,21 +62,7 @@ def is_refusal(completion: str) -> bool:
 
 def load_prompts(path: Path) -> list[str]:
     """The ``prompt`` of every line of a prompts JSONL file (RED_TEAM_FILE, BENIGN_FILE), in file order."""
-    prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg}); write one JSON object per line") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{path}:{number}: needs a non-empty string field 'prompt'; add it or remove the line")
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts; add lines {{\"prompt\": ...}}")
-    return prompts
+    return read_prompt_file(path, ValueError)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_assets.hf_models import load_model, load_tokenizer
-from llm_assets.jsonl import read_written_jsonl
+from llm_assets.jsonl import read_prompt_file, read_written_jsonl
 from llm_assets.manifest import ConstitutionRecipe
 from llm_assets.prompts import chat_renderer, has_chat_template, render_prompt
 
@@ -67,41 +67,18 @@ def principle_for(prompt: str, principles: Sequence[str], seed: int) -> str:
     return principles[_salted(seed, "cai-principle", prompt) % len(principles)]
 
 
-def load_prompt_file(path: Path) -> list[str]:
-    """The `prompt` of every line of a user's JSONL prompt file; every bad line is reported at once."""
-    problems, prompts = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: invalid JSON ({exc.msg}); write one JSON object per line")
-            continue
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            problems.append(f"{path}:{number}: prompt: needs a non-empty string; add it or remove the line")
-        else:
-            prompts.append(prompt)
-    if problems:
-        raise ConstitutionError("\n".join(problems))
-    if not prompts:
-        raise ConstitutionError(f"{path}: no prompts; add lines {{\"prompt\": ...}}")
-    return prompts
-
-
 def constitution_prompts(recipe: ConstitutionRecipe, *, seed: int) -> list[str]:
     """The prompts CAI answers: the shipped red-team prompts not held out (unless red_team is false),
     then each prompt file's, each prompt once, in that order. A user file's prompt that is a held-out
     red-team prompt is refused: the gate measures on those."""
-    used, held_out = split_red_team(load_prompt_file(RED_TEAM_FILE), recipe.held_out_fraction, seed)
+    used, held_out = split_red_team(read_prompt_file(RED_TEAM_FILE, ConstitutionError), recipe.held_out_fraction, seed)
     prompts = list(used) if recipe.red_team else []
     for source in recipe.prompt_files:
-        leaked = [p for p in load_prompt_file(Path(source.path)) if p in held_out]
+        leaked = [p for p in read_prompt_file(Path(source.path), ConstitutionError) if p in held_out]
         if leaked:
             raise ConstitutionError(f"{source.path}: {len(leaked)} prompt(s) are held-out red-team prompts the CAI "
                                     f"gate measures refusals on (first: {leaked[0]!r}); remove them")
-        prompts += load_prompt_file(Path(source.path))
+        prompts += read_prompt_file(Path(source.path), ConstitutionError)
     return list(dict.fromkeys(prompts))
 
 

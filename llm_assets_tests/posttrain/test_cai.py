@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from llm_assets.checks.gates import judge_gates
 from llm_assets.definitions import build_definitions
 from llm_assets.evaluation.cai_gate import compare_refusals
+from llm_assets.jsonl import read_prompt_file
 from llm_assets.manifest import (
     CAI_GATE,
     ConstitutionRecipe,
@@ -33,7 +34,6 @@ from llm_assets.posttrain.cai import (
     RED_TEAM_FILE,
     ConstitutionError,
     constitution_prompts,
-    load_prompt_file,
     principle_for,
     read_cai_pairs,
     run_cai,
@@ -49,7 +49,7 @@ from llm_assets.store import open_store
 from llm_assets_tests.base_model.test_import import CHAT_TEMPLATE, manifest_with, qwen_dir  # noqa: F401
 from llm_assets_tests.posttrain.conftest import Trained
 
-RED_TEAM = load_prompt_file(RED_TEAM_FILE)
+RED_TEAM = read_prompt_file(RED_TEAM_FILE, ConstitutionError)
 
 
 def test_the_held_out_split_and_the_principles_are_fixed_by_the_seed() -> None:
@@ -67,7 +67,7 @@ def test_a_bad_prompt_file_names_every_bad_line_and_held_out_prompts_are_refused
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n{"prompt": ""}\n')
     with pytest.raises(ConstitutionError) as err:
-        load_prompt_file(bad)
+        read_prompt_file(bad, ConstitutionError)
     assert f"{bad}:2: invalid JSON" in str(err.value) and f"{bad}:3: prompt: needs a non-empty string" in str(err.value)
 
     leaking = tmp_path / "leaking.jsonl"
