@@ -75,7 +75,7 @@ bench: install
 	$(BIN)/python bench/cleaning_throughput.py
 	$(BIN)/python bench/tokenize_throughput.py
 	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/posttrain_overhead.py
+	$(BIN)/python bench/stage_overhead.py
 	$(BIN)/python bench/cache_rematerialize.py
 	$(BIN)/python bench/verify_inputs_overhead.py
 	$(BIN)/python bench/rollback_from_sft.py
