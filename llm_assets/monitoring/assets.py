@@ -34,7 +34,7 @@ from llm_assets.monitoring.traffic import (
     window_files,
     window_frames,
 )
-from llm_assets.posttrain.assets import _eval_texts as posttrain_eval_texts
+from llm_assets.posttrain.assets import decontamination_texts
 from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release, release_history
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
@@ -284,7 +284,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                       for h in traffic.values()]
             test = pl.read_parquet(store.local_dir(dataset_splits.sha256) / "test.parquet")
             data = feedback_data(pl.concat([r for r, _ in frames]), pl.concat([f for _, f in frames]),
-                                 posttrain_eval_texts(current, test), current.stages.posttrain_data.ngram)
+                                 decontamination_texts(current, test), current.stages.posttrain_data.ngram)
             for name, frame in ((SFT_FILE, data.sft), (PREFERENCE_FILE, data.preferences)):
                 frame.write_ndjson(out / name)
             return {**{k: v for k, v in data.stats.items() if isinstance(v, int)},

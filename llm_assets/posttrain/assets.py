@@ -61,7 +61,7 @@ def _split_frames(
         root / "test.parquet", columns=_SPLIT_COLUMNS)
 
 
-def _eval_texts(manifest: PipelineManifest, test: pl.DataFrame) -> dict[str, list[str]]:
+def decontamination_texts(manifest: PipelineManifest, test: pl.DataFrame) -> dict[str, list[str]]:
     """What post-training data must not overlap: the held-out test split (the evaluations read it)
     and every eval set the manifest names."""
     texts = {"test": test["text"].to_list()}
@@ -94,7 +94,7 @@ def _data_asset(name: str, description: str, files_of: Callable[[PipelineManifes
         def write(out: Path) -> dict:
             train, val, test = _split_frames(store, dataset_splits)
             try:
-                data = build(train, val, [Path(f) for f in files], manifest, _eval_texts(manifest, test))
+                data = build(train, val, [Path(f) for f in files], manifest, decontamination_texts(manifest, test))
             except DataSetError as exc:
                 raise dg.Failure(str(exc)) from None
             meta = write_dataset(data, out)
