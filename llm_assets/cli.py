@@ -321,21 +321,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_automate(args: argparse.Namespace) -> int:
     """One pass of the daemon's work on the embedded instance: the traffic sensor, then the automation
-    conditions until nothing more is requested (llm_assets/monitoring/automation.py)."""
+    conditions until nothing more is requested (llm_assets/automate.py); each run's alerts sent."""
     if _open_project(args) is None:
         return EXIT_FAILED
     import dagster as dg
 
+    from llm_assets.automate import automate_once
     from llm_assets.definitions import build_definitions
-    from llm_assets.monitoring.automation import automate_once
 
+    defs = build_definitions()
     with dg.DagsterInstance.get() as instance:
-        runs = automate_once(build_definitions(), instance)
+        runs = automate_once(defs, instance, alert_sinks=defs.resources["alert_sinks"])
     for run in runs:
-        print(f"{'ok    ' if run.success else 'FAILED'}  {run.asset}" + (f"[{run.partition}]" if run.partition else "")
-              + f"  run {run.run_id}")
+        shown = {"ok": "ok    ", "failed": "FAILED", "skipped": "skip  "}[run.status]
+        print(f"{shown}  {run.asset}" + (f"[{run.partition}]" if run.partition else "")
+              + f"  run {run.run_id}" + (f"  checks failed: {', '.join(run.failed_checks)}" if run.failed_checks
+                                         else ""))
     print(f"{len(runs)} run(s)" if runs else "nothing to do: no new traffic, no condition is true")
-    return EXIT_OK if all(run.success for run in runs) else EXIT_FAILED
+    return EXIT_OK if all(run.status == "ok" for run in runs) else EXIT_FAILED
 
 
 def cmd_override(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from llm_assets.posttrain import assets as posttrain
 from llm_assets.pretrain import assets as pretrain
 from llm_assets.quantize import assets as quantize
 from llm_assets.release import assets as release
+from llm_assets.retrain import assets as retrain
 from llm_assets.sensors import alert_sensor
 from llm_assets.serving import assets as serving
 from llm_assets.settings import Settings, artifact_store_resource
@@ -79,8 +80,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     released = with_hash_gates(dg.Definitions.merge(
         release.build_defs(manifest, lineage.resolve_asset_graph()), serving.build_defs(manifest),
         canary.build_defs(manifest),
-        monitoring.build_defs(manifest)))
-    stages = dg.Definitions.merge(lineage, released)
+        monitoring.build_defs(manifest), retrain.build_defs(manifest)))
+    # The loop's release reads back the checks of its own lineage: the loop and everything below.
+    loop = dg.Definitions.merge(lineage, released)
+    stages = dg.Definitions.merge(
+        loop, with_hash_gates(retrain.build_release_defs(manifest, loop.resolve_asset_graph())))
     return dg.Definitions.merge(stages, dg.Definitions(
         sensors=[alert_sensor],
         # On Kubernetes each step runs in its own pod, sized by its op tags (llm_assets.compute),

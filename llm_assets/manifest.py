@@ -535,6 +535,25 @@ class ServingRecipe(Strict):
         return self
 
 
+class FineTuneRecipe(Strict):
+    """The loop's fine-tune (llm_assets/retrain, docs/monitoring.md): `feedback_model` starts from the
+    size's current release and trains on its users' feedback: SFT on the liked answers and the
+    corrections, then, with `dpo`, DPO on the corrections preferred to the answers they replace."""
+
+    sft: SftRecipe = Field(description="trl SFTTrainer from the current release's model")
+    dpo: PolicyRecipe | None = Field(None, description="DPO on the preference pairs after the SFT; none: SFT only")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the feedback examples held out for the "
+                                "val figures (at least one, chosen by the example's hash)")
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_only(cls, dpo: PolicyRecipe | None) -> PolicyRecipe | None:
+        if dpo is not None and dpo.algorithm != "dpo":
+            raise ValueError("stages.monitoring.fine_tune.dpo trains on the feedback's preference pairs: "
+                             "algorithm must be dpo (GRPO needs a reward model the loop does not train)")
+        return dpo
+
+
 class MonitoringRecipe(Strict):
     """The loop's data half (llm_assets/monitoring, docs/monitoring.md): the server's closed request
     and feedback logs ingested per time window (`serving_traffic`), judged per model size against the
@@ -542,7 +561,9 @@ class MonitoringRecipe(Strict):
 
     log_dir: str = Field(".serve/logs", description="The server's --log-dir: requests-*.jsonl and feedback-*.jsonl "
                          "(closed files only are read); relative to the manifest's folder")
-    partitions: Literal["hourly", "daily"] = Field("hourly", description="The time window of one traffic partition")
+    partitions: Literal["minutely", "hourly", "daily"] = Field(
+        "hourly", description="The time window of one traffic partition (minutely: for busy endpoints and tests; "
+        "start it recently, every window since `start` is a partition)")
     start: str = Field("2026-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$", description="First day of the traffic partitions")
     reference_docs: int = Field(400, gt=0, description="Training (and test) documents of dataset_splits the served "
                                 "prompts are compared with: token unigrams, and the held-out perplexity")
@@ -550,6 +571,9 @@ class MonitoringRecipe(Strict):
     max_tokens: int = Field(128, gt=1, description="Each text is cut to this many tokens for the perplexity")
     retrain_feedback: int = Field(50, gt=0, description="Feedback records (ratings and corrections) not yet trained on "
                                   "that make the loop fine-tune even when the drift gate holds")
+    fine_tune: FineTuneRecipe | None = Field(None, description="The fine-tune from the current release on "
+                                             "feedback_dataset, evaluated and proposed as a release; none: the loop "
+                                             "stops at feedback_dataset")
 
     @field_validator("log_dir")
     @classmethod

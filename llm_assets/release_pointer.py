@@ -91,10 +91,13 @@ def reject_candidate(store: ArtifactStore, partition: str, sha256: str, by: str)
 def promote_or_propose(store: ArtifactStore, partition: str, sha256: str, canary: bool, by: str) -> str:
     """What the release step does with a release it stored: promote it, or, with a canary and a
     current release to compare it with, propose it as the candidate (a candidate its canary turned
-    down is not proposed again). Says what it did."""
+    down is not proposed again); leave a current release fine-tuned from it alone. Says what it did."""
     current = current_release(store, partition)
     if current == sha256:
         return f"release[{partition}]: {sha256[:12]} is already current"
+    if current is not None and sha256 in fine_tuned_from(store, current):
+        return (f"release[{partition}]: {current[:12]} is current and was fine-tuned from {sha256[:12]}; the pointer "
+                f"stays (`llm-assets rollback --release {sha256[:12]}` goes back to it)")
     if not canary or current is None:
         move_release(store, partition, sha256, "promote", by=by)
         return f"release[{partition}]: promoted {sha256[:12]} (was {current[:12] if current else 'none'})"
@@ -156,6 +159,21 @@ def read_release(store: ArtifactStore, sha256: str) -> dict[str, Any]:
         raise ArtifactCorruptError(sha256, [f"{RELEASE_JSON}: sha256 {actual} does not match the manifest's "
                                             f"{expected}"])
     return json.loads(data)
+
+
+FINE_TUNED_FROM = "fine_tuned_from"  # release.json of the loop's fine-tune: the release it started from
+
+
+def fine_tuned_from(store: ArtifactStore, sha256: str) -> list[str]:
+    """The releases `sha256` descends from through the loop's fine-tunes, nearest first: a release
+    re-stored from its own lineage never displaces one fine-tuned from it."""
+    chain, seen = [], {sha256}
+    parent = read_release(store, sha256).get(FINE_TUNED_FROM)
+    while parent and parent not in seen:
+        chain.append(parent)
+        seen.add(parent)
+        parent = read_release(store, parent).get(FINE_TUNED_FROM)
+    return chain
 
 
 def current_release_document(store: ArtifactStore, partition: str) -> dict[str, Any] | None:

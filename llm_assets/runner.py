@@ -123,7 +123,7 @@ def check_problems(
     return found
 
 
-def _driver_tags(kind: str, alert_sinks: AlertSinksResource | None) -> dict[str, str]:
+def driver_tags(kind: str, alert_sinks: AlertSinksResource | None) -> dict[str, str]:
     return {RUN_TAG: kind, DRIVER_PROCESS_TAG: driver_process(),
             **({DRIVER_ALERTS_TAG: DRIVER_ALERTS} if alert_sinks is not None else {})}
 
@@ -229,15 +229,15 @@ def run_checks(
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,
-        tags={**_driver_tags("verify", alert_sinks), **({"dagster/partition": partition} if partition else {})},
+        tags={**driver_tags("verify", alert_sinks), **({"dagster/partition": partition} if partition else {})},
         run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
     )
     graph = defs.resolve_asset_graph()
-    _alert_unless_green(instance, result, [c for k in asset_keys for c in graph.get(k).check_keys], alert_sinks)
+    alert_unless_green(instance, result, [c for k in asset_keys for c in graph.get(k).check_keys], alert_sinks)
     return result
 
 
-def _alert_unless_green(
+def alert_unless_green(
     instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult, check_keys: Sequence[dg.AssetCheckKey],
     alert_sinks: AlertSinksResource | None, log: Callable[[str], None] = print,
 ) -> None:
@@ -335,12 +335,12 @@ def materialize_graph(
                 resources=defs.resources,
                 partition_key=partition,
                 raise_on_error=False,
-                tags=_driver_tags("materialize", alert_sinks),
+                tags=driver_tags("materialize", alert_sinks),
                 run_config={"loggers": {"console": {"config": {"log_level": console_log_level}}}},
             )
             run_problems = check_problems(result, check_steps, partition)
             problems.extend(run_problems)
-            _alert_unless_green(instance, result, [c for k in wave for c in asset_graph.get(k).check_keys],
+            alert_unless_green(instance, result, [c for k in wave for c in asset_graph.get(k).check_keys],
                                 alert_sinks, log)
             for event in result.get_asset_materialization_events():
                 mat = event.step_materialization_data.materialization

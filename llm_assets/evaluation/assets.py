@@ -123,21 +123,30 @@ def _backend(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> Tokenizer:
 
 
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
-    recipe = manifest.stages.evaluation
-    if recipe is None or not manifest.model_sizes:
+    if manifest.stages.evaluation is None or not manifest.model_sizes:
         return dg.Definitions()
+    eval_report, eval_gates = eval_report_defs(manifest, name="eval_report", model_asset=evaluated_stage(manifest),
+                                               group_name="evaluation")
+    return dg.Definitions(assets=[eval_report], asset_checks=[eval_gates, eval_contamination_gate])
+
+
+def eval_report_defs(manifest: PipelineManifest, *, name: str, model_asset: str, group_name: str,
+                     automation_condition: dg.AutomationCondition | None = None,
+                     ) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
+    """An evaluation of `model_asset` (per model size) and its blocking `eval_gates`: `eval_report`
+    of the graph's last training stage, and the same evaluation of any other model of a size (the
+    loop's fine-tune), judged by the same gates."""
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
-    model_asset = evaluated_stage(manifest)
 
     @artifact_asset(
         # 2: the refusal rate on everyday prompts (safety.benign_refusal_rate) beside the red-team one
         # 3: the unigram model's bits per byte on the perplexity documents (the report's baselines)
-        partitions_def=model_sizes, code_version="3", kinds={"lm_eval"}, group_name="evaluation",
+        name=name, partitions_def=model_sizes, code_version="3", kinds={"lm_eval"}, group_name=group_name,
         ins={"model": dg.AssetIn(key=model_asset), **_project_token_ins(manifest)},
-        op_tags=k8s_op_tags(manifest.compute.training),
+        op_tags=k8s_op_tags(manifest.compute.training), automation_condition=automation_condition,
         description=f"lm-eval on held-out tasks (+ the manifest's), refusal rate and KL of {model_asset}, and "
                     "a unigram model's bits per byte on the same documents; JSON and a markdown table, with the "
-                    "change against the previous report.",
+                    "change against the current release's report.",
     )
     def eval_report(context: dg.AssetExecutionContext, pipeline: PipelineResource,
                     artifact_store: ArtifactStoreResource, model: ArtifactHandle,
@@ -219,5 +228,4 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     gate_names = eval_gate_names(manifest)
     eval_gates = gate_check(eval_report, name="eval_gates", gates=gate_names, read=report_reader(gate_names),
                             description="Every manifest gate named task.metric holds for the report's figure.")
-
-    return dg.Definitions(assets=[eval_report], asset_checks=[eval_gates, eval_contamination_gate])
+    return eval_report, eval_gates

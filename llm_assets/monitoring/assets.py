@@ -19,6 +19,7 @@ from llm_assets.data.residual_pii import scan_residual_pii
 from llm_assets.hf_models import load_causal_lm, load_tokenizer
 from llm_assets.manifest import MonitoringRecipe, PipelineManifest
 from llm_assets.monitoring import drift
+from llm_assets.monitoring.conditions import after_update, retrain_condition
 from llm_assets.monitoring.feedback import PREFERENCE_FILE, SFT_FILE, feedback_data
 from llm_assets.monitoring.plot import figures_over_windows
 from llm_assets.monitoring.traffic import (
@@ -47,14 +48,19 @@ REFERENCE_DOC_CHARS = 4000
 
 
 def traffic_windows(recipe: MonitoringRecipe) -> dg.TimeWindowPartitionsDefinition:
+    start = datetime.strptime(recipe.start, "%Y-%m-%d")
+    if recipe.partitions == "minutely":  # Dagster ships hourly and daily; a minute is a cron window
+        return dg.TimeWindowPartitionsDefinition(cron_schedule="* * * * *", start=start, fmt="%Y-%m-%d-%H:%M",
+                                                 timezone="UTC")
     cls = dg.HourlyPartitionsDefinition if recipe.partitions == "hourly" else dg.DailyPartitionsDefinition
-    return cls(start_date=datetime.strptime(recipe.start, "%Y-%m-%d"), timezone="UTC")
+    return cls(start_date=start, timezone="UTC")
 
 
 def window_start(recipe: MonitoringRecipe, at: datetime) -> datetime:
     """The start of the traffic window holding `at` (UTC)."""
-    hour = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    return hour if recipe.partitions == "hourly" else hour.replace(hour=0)
+    minute = at.astimezone(UTC).replace(second=0, microsecond=0)
+    return {"minutely": minute, "hourly": minute.replace(minute=0),
+            "daily": minute.replace(minute=0, hour=0)}[recipe.partitions]
 
 
 def windows_with_traffic(windows: dg.TimeWindowPartitionsDefinition, files: list[LogFile], since: datetime,
@@ -181,7 +187,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     @artifact_asset(
         partitions_def=by_size_and_window, code_version="1", kinds={"pytorch", "polars"}, group_name="serving",
         ins={"serving_traffic": dg.AssetIn(), "release": dg.AssetIn(), "dataset_splits": dg.AssetIn()},
-        automation_condition=drift_condition(serving_traffic),
+        # A new release or new training data does not redo every past window: only its traffic landing.
+        automation_condition=after_update(serving_traffic),
         description="Served prompts against the training data under the released model's tokenizer (JS divergence "
                     "of token unigrams, perplexity against held-out text), latency and error-rate SLO figures and "
                     "the feedback score of one window's traffic of one model size.",
@@ -263,7 +270,9 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     @artifact_asset(
         partitions_def=dg.StaticPartitionsDefinition(sorted(manifest.model_sizes)), code_version="1",
         kinds={"polars"}, group_name="serving", automation_condition=retrain_condition(drift_gates, feedback_backlog),
-        deps=[dg.AssetDep(drift_report, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SIZE))],
+        # It reads every window's traffic; the size's drift reports only trigger it (recorded, not read).
+        deps=[dg.AssetDep(drift_report, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(SIZE)),
+              dg.AssetDep(serving_traffic, partition_mapping=dg.AllPartitionMapping())],
         ins={"dataset_splits": dg.AssetIn()},
         description="Users' feedback on a size's releases: positive ratings as SFT examples, corrections as "
                     "preference pairs, decontaminated against the eval sets. Materialized by declarative automation "
@@ -276,6 +285,9 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         size = context.partition_key
         traffic = {key: ArtifactHandle.from_materialization(mat) for key, mat in
                    latest_materializations(context.instance, serving_traffic.key).items()}
+        reports = {str(key): ArtifactHandle.from_materialization(mat) for key, mat in
+                   latest_materializations(context.instance, drift_report.key).items()
+                   if mat.partition.keys_by_dimension[SIZE] == size}
         releases = {move.sha256 for move in release_history(store, size)}
 
         def build(out: Path) -> dict:
@@ -293,7 +305,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         return materialize_artifact(context, store, kind="feedback_dataset", build=build,
                                     config={"releases": sorted(releases), "ngram": current.stages.posttrain_data.ngram},
                                     inputs={"serving_traffic": traffic, "dataset_splits": dataset_splits},
-                                    input_files={"dataset_splits": ["test.parquet"]})
+                                    narrowed_inputs={"drift_report": reports},
+                                    input_files={"dataset_splits": ["test.parquet"], "drift_report": ()})
 
     return dg.Definitions(assets=[serving_traffic, drift_report, feedback_dataset],
                           asset_checks=[traffic_residual_pii, drift_gates, slo_gates, feedback_backlog],
@@ -305,31 +318,3 @@ def _promoted_at(store, size: str) -> datetime:
     current = current_release(store, size)
     moves = [m for m in release_history(store, size) if m.sha256 == current and m.action in ("promote", "rollback")]
     return datetime.fromisoformat(moves[-1].moved_at) if moves else datetime.min.replace(tzinfo=UTC)
-
-
-def retrain_condition(drift_gates: dg.AssetChecksDefinition,
-                      feedback_backlog: dg.AssetChecksDefinition) -> dg.AutomationCondition:
-    """When feedback_dataset (so the fine-tune after it) runs for a size: a drift report of new
-    traffic was just judged and its drift gate failed, or the feedback backlog reached the
-    threshold; every other blocking check of its inputs passed; nothing upstream still running.
-    Only a new evaluation of those checks fires it: a tick with no new traffic requests nothing."""
-    triggers = dg.AssetSelection.checks(drift_gates, feedback_backlog)
-    judged_failing = dg.AutomationCondition.any_deps_match(dg.AutomationCondition.any_checks_match(
-        dg.AutomationCondition.newly_updated() & dg.AutomationCondition.check_failed()).allow(triggers))
-    # all_deps_blocking_checks_passed, except the drift gate: its failure is the trigger, not a stop.
-    others_passed = dg.AutomationCondition.all_deps_match(dg.AutomationCondition.all_checks_match(
-        dg.AutomationCondition.check_passed() | dg.AutomationCondition.will_be_requested(), blocking_only=True,
-    ).ignore(dg.AssetSelection.checks(drift_gates)))
-    return (judged_failing.since_last_handled().with_label("new traffic judged: drift or feedback")
-            & others_passed.with_label("all_deps_blocking_checks_passed (but the drift gate)")
-            & ~dg.AutomationCondition.any_deps_in_progress() & ~dg.AutomationCondition.in_progress())
-
-
-def drift_condition(serving_traffic: dg.AssetsDefinition) -> dg.AutomationCondition:
-    """When a drift_report partition runs: its window's traffic landed (a new release or new
-    training data does not redo every past window), and its inputs are there and passed their checks."""
-    landed = dg.AutomationCondition.any_deps_updated().allow(dg.AssetSelection.assets(serving_traffic))
-    return (landed.since_last_handled().with_label("traffic landed")
-            & dg.AutomationCondition.all_deps_blocking_checks_passed()
-            & ~dg.AutomationCondition.any_deps_missing() & ~dg.AutomationCondition.any_deps_in_progress()
-            & ~dg.AutomationCondition.in_progress())

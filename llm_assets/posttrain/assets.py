@@ -129,7 +129,7 @@ preference_dataset = _data_asset(
 )
 
 
-def _train_step(
+def train_step(
     context: dg.AssetExecutionContext,
     store: ArtifactStore,
     *,
@@ -168,7 +168,7 @@ def _train_step(
                                 narrowed_inputs=narrowed_inputs, input_files=input_files, build=build)
 
 
-def _training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
+def training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
     """What every trl stage shows: steps, losses, throughput and the loss curve."""
     return {
         "steps": run.steps_done,
@@ -289,14 +289,14 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             rows_train, rows_val = read_dataset(store.local_dir(sft_dataset.sha256))
             result = run_sft(store.local_dir(starting_model.sha256), rows_train, rows_val, recipe, out, work,
                              seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
-            return {**_training_metadata(result.training, f"SFT {context.partition_key}"),
+            return {**training_metadata(result.training, f"SFT {context.partition_key}"),
                     "val_loss": round(result.val_loss, 4), "base_val_loss": round(result.base_val_loss, 4),
                     "val_rows": result.val_rows, "method": result.method, "parameters": result.parameters,
                     "trainable_parameters": result.trainable_parameters,
                     **(store_adapter(store, result.adapter_dir, starting_model.sha256, out)
                        if result.adapter_dir is not None else {})}
 
-        return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+        return train_step(context, store, config={"recipe": recipe, "seed": current.seed},
                            inputs={starting_asset: starting_model, "sft_dataset": sft_dataset}, train=train)
 
     assets.append(sft_model)
@@ -327,13 +327,13 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                 pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
                 result = run_reward(store.local_dir(sft_model.sha256), pairs_train, pairs_val, recipe, out, work,
                                     seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
-                return {**_training_metadata(result.training, f"reward {context.partition_key}"),
+                return {**training_metadata(result.training, f"reward {context.partition_key}"),
                         "accuracy": round(result.held_out.accuracy, 4),
                         "mean_margin": round(result.held_out.mean_margin, 4),
                         "accuracy_before_training": round(result.held_out_before.accuracy, 4),
                         "val_pairs": result.held_out.pairs}
 
-            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+            return train_step(context, store, config={"recipe": recipe, "seed": current.seed},
                                inputs={"sft_model": sft_model, "preference_dataset": preference_dataset}, train=train)
 
         assets.append(reward_model)
@@ -373,7 +373,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                                     out, work, seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint,
                                     on_log=on_log)
                 implicit = result.implicit_reward
-                return {**_training_metadata(result.training, f"policy {context.partition_key}"),
+                return {**training_metadata(result.training, f"policy {context.partition_key}"),
                         "algorithm": result.algorithm, "beta": recipe.beta,
                         "kl_nats_per_sequence": round(result.kl_nats_per_sequence, 6), "kl_rows": result.kl_rows,
                         "reference_sha256": sft_model.sha256,
@@ -383,7 +383,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             # DPO does not read the reward model: it stays in the lineage (the policy waits for the
             # reward gate) but out of the fingerprint, so retraining the reward model keeps DPO cached.
             scored_by = {"reward_model": reward_model}
-            return _train_step(context, store, config={"recipe": recipe, "seed": current.seed},
+            return train_step(context, store, config={"recipe": recipe, "seed": current.seed},
                                inputs={**inputs, **(scored_by if uses_reward else {})},
                                narrowed_inputs=None if uses_reward else scored_by,
                                input_files=None if uses_reward else {"reward_model": ()}, train=train)

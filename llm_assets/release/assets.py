@@ -33,6 +33,7 @@ from llm_assets.evaluation.assets import REPORT_JSON, evaluated_stage
 from llm_assets.evaluation.report import EvalReport, change_markdown
 from llm_assets.manifest import CAI_GATE, PipelineManifest
 from llm_assets.release_pointer import (
+    FINE_TUNED_FROM,
     READS_RELEASE_POINTER,
     RELEASE_JSON,
     current_release,
@@ -41,7 +42,7 @@ from llm_assets.release_pointer import (
     release_history,
 )
 from resources.artifact_store_resource import ArtifactStoreResource
-from resources.handles import ArtifactHandle, current_materializations, latest_materializations
+from resources.handles import ArtifactHandle, consumed_hash, current_materializations, latest_materializations
 from resources.pipeline import PipelineResource
 
 CAI_JUDGE = dg.AssetKey("policy_without_cai")  # llm_assets/evaluation/cai_gate.py
@@ -86,14 +87,14 @@ def lineage_verdicts(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph,
     return verdicts
 
 
-def _refusal(held: list[CheckVerdict], partition: str) -> str:
+def _refusal(name: str, held: list[CheckVerdict], partition: str) -> str:
     lines = [f"  {v.label}: {v.status}: {v.description.splitlines()[0] if v.description else ''}" for v in held]
     gates = sorted({g for v in held if v.status == FAILED for g in v.gates})
     command = f"`llm-assets override --gate {gates[0] if len(gates) == 1 else 'NAME'} --partition {partition} " \
               "--reviewer WHO --reason WHY`" if gates else ""
     hint = f"; or, on a reviewer's record, {command}" + (f" for each of {', '.join(gates)}" if len(gates) > 1 else "") \
         if gates else ""
-    return (f"release[{partition}] refused: {len(held)} blocking check(s) of its lineage have not passed on the "
+    return (f"{name}[{partition}] refused: {len(held)} blocking check(s) of its lineage have not passed on the "
             f"current artifacts:\n" + "\n".join(lines) +
             f"\nFix the cause and rematerialize (or run `llm-assets verify` for checks that are stale){hint}.")
 
@@ -116,18 +117,34 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
     """
     if manifest.stages.evaluation is None or not manifest.model_sizes:
         return dg.Definitions()
-    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     model_asset = evaluated_stage(manifest)
-    canary = manifest.stages.serving is not None and manifest.stages.serving.canary is not None
     # The CAI gate sits on a sibling of the policy, not on an ancestor of the evaluated model.
     cai = manifest.stages.policy is not None and "cai_dataset" in manifest.stages.policy.preferences
-    parents = [dg.AssetKey(model_asset), dg.AssetKey("eval_report"), *([CAI_JUDGE] if cai else [])]
+    return dg.Definitions(assets=[release_asset(
+        manifest, lineage_graph, name="release", model_asset=model_asset, eval_asset="eval_report",
+        judges=[CAI_JUDGE] if cai else [],
+        description=f"Promotes {model_asset} of one size once every blocking gate of its lineage has passed on "
+                    "the current artifacts; moves that size's current-release pointer.")])
+
+
+def release_asset(manifest: PipelineManifest, lineage_graph: BaseAssetGraph, *, name: str, model_asset: str,
+                  eval_asset: str, description: str, judges: Sequence[dg.AssetKey] = (),
+                  not_holding: Sequence[dg.AssetCheckKey] = (), fine_tune_of: str | None = None,
+                  automation_condition: dg.AutomationCondition | None = None) -> dg.AssetsDefinition:
+    """A release of `model_asset` of each size evaluated by `eval_asset`: stored once every blocking
+    check of its lineage passed (also of `judges`, assets whose checks judge the model beside its
+    lineage; but for the checks `not_holding`), then promoted, or proposed as the canary's candidate.
+    `fine_tune_of`: the metadata entry of the model's materialization naming the release it was
+    fine-tuned from, recorded in the document (a later re-store of that release does not displace it)."""
+    model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
+    canary = manifest.stages.serving is not None and manifest.stages.serving.canary is not None
+    parents = [dg.AssetKey(model_asset), dg.AssetKey(eval_asset), *judges]
+    ignored = {(key.asset_key.to_user_string(), key.name) for key in not_holding}
 
     @artifact_asset(
-        partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release", tags=READS_RELEASE_POINTER,
-        ins={"model": dg.AssetIn(key=model_asset), "eval_report": dg.AssetIn()},
-        description=f"Promotes {model_asset} of one size once every blocking gate of its lineage has passed on "
-                    "the current artifacts; moves that size's current-release pointer.",
+        name=name, partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release",
+        tags=READS_RELEASE_POINTER, ins={"model": dg.AssetIn(key=model_asset), "eval_report": dg.AssetIn(eval_asset)},
+        automation_condition=automation_condition, description=description,
     )
     def release(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
                 model: ArtifactHandle, eval_report: ArtifactHandle) -> dg.Output[ArtifactHandle]:
@@ -137,14 +154,16 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
             records.append({"asset": key.to_user_string(), "partition": part,
                             "sha256": str(mat.metadata["sha256"].value) if "sha256" in mat.metadata else None})
             rows.append((key, part))
-        if cai and (CAI_JUDGE, partition) not in rows:
-            raise dg.Failure(f"release[{partition}] refused: the policy trains on cai_dataset and "
-                             f"{CAI_JUDGE.to_user_string()}[{partition}], whose {CAI_GATE}_gate judges it, has not "
-                             "been materialized: materialize it, then the release")
+        for judge in judges:
+            if (judge, partition) not in rows:
+                raise dg.Failure(f"{name}[{partition}] refused: the model is judged by {judge.to_user_string()}"
+                                 f"[{partition}] (the policy trains on cai_dataset: its {CAI_GATE}_gate), which has "
+                                 "not been materialized: materialize it, then the release")
+        _check_report_is_of(context, model_asset, model, eval_asset)
         verdicts = lineage_verdicts(context.instance, lineage_graph, rows)
-        held = [v for v in verdicts if v.holds_release]
+        held = [v for v in verdicts if v.holds_release and (v.asset, v.check) not in ignored]
         if held:
-            raise dg.Failure(_refusal(held, partition), metadata={"held_by": [v.label for v in held]})
+            raise dg.Failure(_refusal(name, held, partition), metadata={"held_by": [v.label for v in held]})
         # What is released, and nothing that varies with when it was judged (a check's description,
         # a baseline): the same lineage promoted again is the same release.
         in_lineage = {(r["asset"], r["partition"], r["sha256"]) for r in records}
@@ -155,6 +174,7 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
             "lineage": records,
             "gate_values": {g: value for v in verdicts for g, value in v.gate_values().items() if math.isfinite(value)},
             "overrides": [asdict(o) for o in list_overrides(store) if (o.asset, o.partition, o.sha256) in in_lineage],
+            **({FINE_TUNED_FROM: _fine_tuned_from(context, model_asset, fine_tune_of)} if fine_tune_of else {}),
         }
 
         def build(out: Path) -> dict:
@@ -177,12 +197,41 @@ def build_defs(manifest: PipelineManifest, lineage_graph: BaseAssetGraph) -> dg.
             "model_sha256": model.sha256,
             "eval_report_sha256": eval_report.sha256,
             "previous_release": previous or "",
+            **({FINE_TUNED_FROM: document[FINE_TUNED_FROM]} if fine_tune_of else {}),
             "releases_promoted": sum(m.action == "promote" for m in release_history(store, partition)),
             "gates": dg.MetadataValue.md(_gate_table(verdicts)),
             **({"change": dg.MetadataValue.md(compared)} if compared else {}),
         })
 
-    return dg.Definitions(assets=[release])
+    return release
+
+
+def _check_report_is_of(context: dg.AssetExecutionContext, model_asset: str, model: ArtifactHandle,
+                        eval_asset: str) -> None:
+    """Refuse a report that evaluated another model than the one released (the model was rebuilt
+    after the report, in another run): its gates judged other weights."""
+    partition = context.partition_key
+    mat = latest_materializations(context.instance, dg.AssetKey(eval_asset), [partition]).get(partition)
+    try:
+        evaluated = consumed_hash(mat, model_asset, partition) if mat is not None else None
+    except dg.DagsterInvariantViolationError:  # a report that recorded no model
+        evaluated = None
+    if evaluated != model.sha256:
+        raise dg.Failure(
+            f"{context.asset_key.to_user_string()}[{partition}] refused: {eval_asset}[{partition}] evaluated "
+            f"{model_asset} {(evaluated or 'none')[:12]}, not the current {model.sha256[:12]}; materialize "
+            f"{eval_asset}[{partition}] (its gates judge the model released), then this release")
+
+
+def _fine_tuned_from(context: dg.AssetExecutionContext, model_asset: str, entry: str) -> str:
+    """The release the model was fine-tuned from, as its current materialization records it."""
+    mat = latest_materializations(context.instance, dg.AssetKey(model_asset), [context.partition_key])
+    value = mat[context.partition_key].metadata.get(entry) if mat else None
+    if value is None:
+        raise dg.Failure(f"{context.asset_key.to_user_string()}[{context.partition_key}]: {model_asset}'s "
+                         f"materialization records no {entry}; rematerialize {model_asset}")
+    return str(value.value)
+
 
 def _report_of(store, partition: str, release_sha: str, eval_report: ArtifactHandle) -> str:
     """The hash of the eval report of a release, once the files the change reads (that release's
