@@ -11,7 +11,8 @@ instance's key-value store, next to the materialization it made.
 
 A later drive skips a partition of a wave when, for every asset of the wave: the world is the
 same; the partition's current materialization is still the recorded one; its fingerprint is still
-indexed to its artifact; the artifact verifies (re-hashed once per drive); and the input hashes it
+indexed to its artifact; the artifact verifies (once a drive, re-hashed unless its files are as
+they were when it last verified in full: `ArtifactStore.verify_unless_unchanged`); and the input hashes it
 recorded are its parents' current hashes; for an asset that reads its size's release pointers
 (tagged `READS_RELEASE_POINTER`: the release, the server spec, the canary), the pointers are where
 they were when it ran. Anything else (a changed file, manifest or code, a
@@ -247,7 +248,7 @@ def _held(store: ArtifactStore, key: dg.AssetKey, record: dg.EventLogRecord | No
     if indexed is None or indexed["artifact"] != sha:
         return None
     if sha not in verified:
-        if not store.verify(sha).ok:
+        if not store.verify_unless_unchanged(sha).ok:
             return None
         verified.add(sha)
     return Unchanged(key.to_user_string(), mat.partition, sha)
