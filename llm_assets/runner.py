@@ -30,7 +30,7 @@ from llm_assets.data.sources import (
 )
 from llm_assets.killed_drivers import DRIVER_PROCESS_TAG, driver_process
 from llm_assets.sensors import DRIVER_ALERTS, DRIVER_ALERTS_TAG, send_run_alerts
-from llm_assets.unchanged import record_green_run, unchanged_partitions, world_digest
+from llm_assets.unchanged import DriveMemo, record_green_run, unchanged_partitions, world_digest
 from resources.alert_sinks import AlertSinksResource
 from resources.handles import current_materializations
 from resources.pipeline import PipelineResource
@@ -303,7 +303,7 @@ def materialize_graph(
 
     A wave partition whose every asset is unchanged since its last green run launches no run
     (`llm_assets.unchanged`): it is reported as a cache hit of what it holds. `skip_unchanged=False`
-    launches every run (what a benchmark compares against)."""
+    launches every run (what a benchmark compares against), and records the green ones all the same."""
     started = time.perf_counter()
     asset_graph = defs.resolve_asset_graph()
     selected = resolve_selection(asset_graph, selection)
@@ -317,12 +317,15 @@ def materialize_graph(
     outcomes: list[StepOutcome] = []
     failed: list[str] = []
     problems: list[CheckProblem] = []
-    world = world_digest(defs, defs.resources["pipeline"].load(), shards.signatures) if skip_unchanged else None
-    store, verified = defs.resources["artifact_store"].get_store(), set()
+    # A drive launching every run records its green runs too: they are the current materializations
+    # now, and a later drive finding none of them recorded would skip nothing.
+    world = world_digest(defs, defs.resources["pipeline"].load(), shards.signatures)
+    store, memo = defs.resources["artifact_store"].get_store(), DriveMemo()
     for wave in plan_waves(asset_graph, selected):
         names = ", ".join(k.to_user_string() for k in wave)
         keys = [k for k in _partition_keys(asset_graph, instance, wave, partitions) if k not in shards.skipped]
-        unchanged = unchanged_partitions(instance, store, asset_graph, wave, keys, world, verified)
+        unchanged = unchanged_partitions(instance, store, asset_graph, wave, keys, world, memo) \
+            if skip_unchanged else {}
         outcomes.extend(StepOutcome(u.asset, u.partition, u.sha256, True, 0.0) for held in unchanged.values()
                         for u in held)
         keys = [k for k in keys if k not in unchanged]

@@ -63,3 +63,14 @@ def test_an_unchanged_selection_launches_no_run_and_a_change_or_a_corrupt_object
         {k: v for k, v in built.items() if k != "docs-a.txt"}
     runs, _, _ = drive(defs, instance)
     assert runs == 0
+
+
+def test_a_drive_launching_every_run_keeps_what_it_made_skippable(settings, manifest_path, instance):
+    """Its runs make new materializations: it records them, or the next drive would skip nothing."""
+    with_local_docs(manifest_path)
+    defs = build_definitions(settings)
+    runs, built, _ = drive(defs, instance)
+    assert runs == 3
+    assert materialize_graph(defs, instance, selection=SELECT, log=lambda _: None, skip_unchanged=False).success
+    runs, again, _ = drive(defs, instance)
+    assert runs == 0 and again == built

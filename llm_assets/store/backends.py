@@ -37,6 +37,10 @@ from llm_assets.store.objects import MANIFEST_NAME, ArtifactManifest, validate_h
 ProgressCallback = Callable[[str, int, int], None]
 """Called as ``progress(relpath, bytes_done, bytes_total)`` after each file is written."""
 
+# A local file changed more recently than this is vouched for by no signature (see
+# LocalBackend.file_signatures): the file system's clock ticks every few milliseconds.
+SETTLE_NS = 2_000_000_000
+
 
 class StoreBackend(Protocol):
     """Raw object storage under one root; knows nothing about hashing."""
@@ -45,6 +49,7 @@ class StoreBackend(Protocol):
     def read_manifest_bytes(self, artifact_hash: str) -> bytes | None: ...
     def list_object_files(self, artifact_hash: str) -> list[str]: ...
     def iter_file(self, artifact_hash: str, relpath: str) -> Iterator[bytes]: ...
+    def file_signatures(self, artifact_hash: str) -> dict[str, list[Any]] | None: ...
     def commit(
         self, manifest: ArtifactManifest, src: Path, *, move: bool, replace: bool,
         progress: ProgressCallback | None,
@@ -94,6 +99,28 @@ class LocalBackend:
         with open(path, "rb") as handle:
             while chunk := handle.read(CHUNK):
                 yield chunk
+
+    def file_signatures(self, artifact_hash: str) -> dict[str, list[Any]] | None:
+        """(inode, size, mtime, ctime) of every file of the object, manifest included; None while a
+        file changed less than two seconds ago.
+
+        Any write, rename or `touch` through the file system sets a file's ctime to the clock, and no
+        program can set it back; damage below the file system (the medium, a file-system bug) changes
+        none of these, and is found by a full `verify` (integrity gates, `llm-assets verify`). The
+        clock is coarse (a few milliseconds): a write in the same tick as the one recorded could leave
+        the times as they were, so a file that changed just now is vouched for by nothing (as git
+        treats a racily clean file)."""
+        base = self._object_dir(artifact_hash)
+        settled = time.time_ns() - SETTLE_NS
+        found = {}
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                stat = os.stat(os.path.join(dirpath, name))
+                if stat.st_ctime_ns > settled:
+                    return None
+                found[Path(dirpath, name).relative_to(base).as_posix()] = [
+                    stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+        return found
 
     def local_files_dir(self, artifact_hash: str) -> Path | None:
         return self._object_dir(artifact_hash) / "files"
@@ -243,6 +270,17 @@ class S3Backend:
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(f"s3://{self.bucket}/{key}") from None
         yield from body.iter_chunks(CHUNK)
+
+    def file_signatures(self, artifact_hash: str) -> dict[str, list[Any]] | None:
+        """(ETag, size, last modified) of every file of the object, manifest included, from one
+        listing. An S3 object changes only whole, by a PUT that gives it a new ETag (derived from its
+        bytes) and LastModified; S3 checks the bytes at rest itself."""
+        prefix = self._key(f"objects/{validate_hash(artifact_hash)}/")
+        found = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(prefix):]] = [item["ETag"], item["Size"], item["LastModified"].isoformat()]
+        return found
 
     def local_files_dir(self, artifact_hash: str) -> Path | None:
         return None

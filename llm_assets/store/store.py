@@ -6,6 +6,8 @@ Objects are immutable and live at ``objects/<hash>/files/...`` beside
 
 The store also keeps an index, ``index/<asset>/<partition>/<fingerprint>.json``, mapping a
 materialization's fingerprint to the artifact it produced: the basis of early cutoff.
+``verified/<hash>.json`` holds what an object's files looked like when it last verified in full
+(:meth:`ArtifactStore.verify_unless_unchanged`).
 
 A remote (S3) object is read through a local cache (:mod:`llm_assets.store.cache`), checked
 before each use: re-hashed with ``verify=True``, its file list and sizes otherwise.
@@ -179,6 +181,24 @@ class ArtifactStore:
             if path not in expected
         )
         return VerifyReport(artifact_hash, tuple(problems))
+
+    def verify_unless_unchanged(self, artifact_hash: str) -> VerifyReport:
+        """`verify`, answered without re-hashing where every file of the object (manifest
+        included, no file added) is as it was when it last verified in full: the backend's file
+        signatures then are kept under ``verified/<hash>.json``. For what a signature change
+        proves on each backend, see its `file_signatures`; a backend that cannot vouch for a file
+        now gets a full verify, and no record."""
+        key = f"verified/{validate_hash(artifact_hash)}.json"
+        before = self.backend.file_signatures(artifact_hash)
+        recorded = self.backend.read_key(key)
+        with contextlib.suppress(ValueError):  # a record that does not parse vouches for nothing
+            if before is not None and recorded is not None and json.loads(recorded) == before:
+                return VerifyReport(artifact_hash, ())
+        report = self.verify(artifact_hash)
+        # Signed before and after the hashing: a file changed meanwhile may not be what was hashed.
+        if report.ok and before is not None and self.backend.file_signatures(artifact_hash) == before:
+            self.backend.write_key(key, json.dumps(before, sort_keys=True).encode())
+        return report
 
     def local_dir(self, artifact_hash: str, *, verify: bool = False) -> Path:
         """A local directory holding the object's files: in place for a local store, a cached copy

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from llm_assets.store import (
     ArtifactNotFoundError,
     ArtifactStore,
     InvalidKeyError,
+    backends,
     index_key,
     open_store,
     validate_relpath,
@@ -211,3 +213,26 @@ def test_writer_killed_mid_write_leaves_nothing_visible(any_store, tmp_path, req
     # A later writer of the same content commits normally over the debris.
     ref = any_store.put_dir(src)
     assert ref.sha256 == artifact_hash and any_store.verify(artifact_hash).ok
+
+
+def test_an_object_verified_in_full_is_rehashed_only_once_a_file_changes(any_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "SETTLE_NS", 0)  # the files need not age first
+    ref = any_store.put_dir(make_tree(tmp_path / "a", {"a.txt": b"one", "data/b.bin": b"\x00" * 4096}))
+    hashed = []
+    full = any_store.verify
+    monkeypatch.setattr(any_store, "verify", lambda h: hashed.append(h) or full(h))
+    assert any_store.verify_unless_unchanged(ref.sha256).ok
+    assert any_store.verify_unless_unchanged(ref.sha256).ok
+    assert hashed == [ref.sha256], "the second answer comes from the record"
+    time.sleep(0.05)  # past a tick of the file system's clock
+    flip_byte(any_store, ref.sha256, "data/b.bin")
+    report = any_store.verify_unless_unchanged(ref.sha256)
+    assert not report.ok and report.problems[0].startswith("data/b.bin: sha256") and len(hashed) == 2
+
+
+def test_a_file_changed_just_now_is_always_rehashed(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    ref = store.put_dir(make_tree(tmp_path / "a", {"a.txt": b"one"}))
+    assert store.backend.file_signatures(ref.sha256) is None, "a write in the same clock tick could hide"
+    assert store.verify_unless_unchanged(ref.sha256).ok
+    assert store.backend.read_key(f"verified/{ref.sha256}.json") is None
