@@ -142,7 +142,8 @@ def test_every_asset_has_an_owner_a_stage_and_a_compute_tag(settings, tmp_path):
     assert set(stages.values()) == set(STAGES), "the default graph has every stage"
     # GPUs are asked for by the training, evaluation and quantization steps (compute.training).
     assert {a for a, c in compute.items() if c == "gpu"} == {
-        "pretrain_checkpoint", "sft_model", "reward_model", "policy", "eval_report", "quantized_model"}
+        "pretrain_checkpoint", "sft_model", "reward_model", "policy", "eval_report", "quantized_model",
+        "feedback_model", "feedback_eval_report"}
 
 
 def test_a_run_refuses_a_manifest_changed_since_the_definitions_were_built(defs, instance, manifest_path):

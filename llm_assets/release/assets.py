@@ -159,11 +159,11 @@ def release_asset(manifest: PipelineManifest, lineage_graph: BaseAssetGraph, *, 
                 raise dg.Failure(f"{name}[{partition}] refused: the model is judged by {judge.to_user_string()}"
                                  f"[{partition}] (the policy trains on cai_dataset: its {CAI_GATE}_gate), which has "
                                  "not been materialized: materialize it, then the release")
-        _check_report_is_of(context, model_asset, model, eval_asset)
         verdicts = lineage_verdicts(context.instance, lineage_graph, rows)
         held = [v for v in verdicts if v.holds_release and (v.asset, v.check) not in ignored]
         if held:
             raise dg.Failure(_refusal(name, held, partition), metadata={"held_by": [v.label for v in held]})
+        _check_report_is_of(context, model_asset, model, eval_asset)
         # What is released, and nothing that varies with when it was judged (a check's description,
         # a baseline): the same lineage promoted again is the same release.
         in_lineage = {(r["asset"], r["partition"], r["sha256"]) for r in records}
