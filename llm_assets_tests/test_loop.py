@@ -31,6 +31,7 @@ from llm_assets.serving.server import routes_to_candidate
 from llm_assets.store import open_store
 from llm_assets_tests.monitoring.conftest import IN_DISTRIBUTION, SHIFTED
 from llm_assets_tests.release.test_rollback_lock_replay import with_sft_and_release
+from llm_assets_tests.serving.conftest import server_url
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +66,7 @@ def serving(cli: list[str], log_dir: Path, out: Path, *extra: str) -> Iterator[t
              "--log-prompts", *extra], stdout=sink, stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     try:
-        deadline, url = time.monotonic() + 180, None
-        while url is None and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # uvicorn names the port the OS picked
-            if found := re.search(r"Uvicorn running on (http://\S+)", out.read_text()):
-                url = found.group(1)
-        assert url, f"the server did not start: {out.read_text()[-3000:]}"
-        yield url, process
+        yield server_url(process, out, timeout_s=180), process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # a clean stop closes the log files

@@ -4,6 +4,9 @@ on 127.0.0.1 (uvicorn in a background thread, stopped at teardown)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -77,3 +80,14 @@ def server(model_artifact: tuple[Path, str], tmp_path_factory: pytest.TempPathFa
     app = create_app(model_dir, sha256, ServeConfig(**CONFIG, log_dir=log_dir, release="r" * 64))
     with running(app) as url:
         yield RunningServer(url, model_dir, sha256, log_dir, app)
+
+
+def server_url(process: subprocess.Popen, output: Path, timeout_s: float = 120) -> str:
+    """The URL a server started in `process` listens on, read from its output (`output`): uvicorn
+    names the port the OS picked. Fails with the output's tail if it never starts."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if found := re.search(r"Uvicorn running on (http://\S+)", output.read_text()):
+            return found.group(1)
+    raise AssertionError(f"the server did not start: {output.read_text()[-3000:]}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llm_assets.serving.records import DurableLog
-from llm_assets_tests.serving.conftest import API_KEY
+from llm_assets_tests.serving.conftest import API_KEY, server_url
 
 NAME = re.compile(r"^requests-\d{8}T\d{6}\.\d{6}Z\.jsonl$")
 
@@ -91,12 +91,7 @@ def test_a_server_killed_mid_traffic_loses_no_acknowledged_record(model_artifact
         process = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), sha256, str(log_dir), API_KEY],
                                    stderr=sink, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     try:
-        deadline, url = time.monotonic() + 120, None
-        while url is None and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # uvicorn names the port the OS picked
-            if found := re.search(r"Uvicorn running on (http://\S+)", server_log.read_text()):
-                url = found.group(1)
-        assert url, f"the server did not start: {server_log.read_text()[-2000:]}"
+        url = server_url(process, server_log)
 
         acknowledged: dict[str, set[str]] = {"requests": set(), "feedback": set()}
         stop = threading.Event()
