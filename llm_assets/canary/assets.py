@@ -32,12 +32,13 @@ from llm_assets.release_pointer import (
 )
 from llm_assets.tables import table
 from resources.artifact_store_resource import ArtifactStoreResource
-from resources.handles import ArtifactHandle
+from resources.handles import ArtifactHandle, latest_materializations
 from resources.pipeline import PipelineResource
 
 REPORT_JSON = "canary.json"
 WAITING_GATE = "canary.candidate_requests"  # too few requests: wait for traffic, do not roll back
-MISSING_KEY = "canary_missing"  # metadata: gate -> why its figure is NaN
+MISSING_KEY = "canary_missing"
+SERVING_TRAFFIC = dg.AssetKey("serving_traffic")  # metadata: gate -> why its figure is NaN
 Decision = Literal["promote", "reject", "wait"]
 COLUMNS = [("role", "string"), ("release", "string"), ("requests", "int"), ("errors", "int"),
            ("error_rate", "float"), ("latency_p50_s", "float"), ("latency_p99_s", "float"),
@@ -65,6 +66,14 @@ def decide(gates: dict[str, GateSpec], figures: Figures, judged: GateJudgement) 
     return "wait" if blocking else "promote"  # only non-blocking gates failed: they inform
 
 
+def traffic_landed() -> dg.AutomationCondition:
+    """Judge the canary when a window of traffic lands (monitoring's `serving_traffic`, named by
+    key: that layer lies above this one), once nothing it reads is still being written."""
+    landed = dg.AutomationCondition.any_deps_updated().allow(dg.AssetSelection.assets(SERVING_TRAFFIC))
+    return (landed.since_last_handled().with_label("a window of traffic landed")
+            & ~dg.AutomationCondition.any_deps_in_progress() & ~dg.AutomationCondition.in_progress())
+
+
 def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     serving = manifest.stages.serving
     if serving is None or serving.canary is None or manifest.stages.evaluation is None or not manifest.model_sizes:
@@ -72,10 +81,15 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
     recipe = serving.canary
     model_sizes = dg.StaticPartitionsDefinition(sorted(manifest.model_sizes))
     gate_names = [name for name in CANARY_GATES if name in manifest.gates]
+    # With the loop's monitoring, each window of traffic that lands is new evidence: the canary is
+    # judged under automation. Without it, canary_report is materialized by hand or by the CLI.
+    monitored = manifest.stages.monitoring is not None
 
     @artifact_asset(
         partitions_def=model_sizes, code_version="1", kinds={"json"}, group_name="release", tags=READS_RELEASE_POINTER,
         ins={"release": dg.AssetIn()}, output_required=False,
+        deps=[dg.AssetDep(SERVING_TRAFFIC, partition_mapping=dg.AllPartitionMapping())] if monitored else None,
+        automation_condition=traffic_landed() if monitored else None,
         description="The candidate release against the current one on the server's logs (error rate, latency, "
                     "refusals, feedback); promotes the candidate or rolls it back on the canary gates.",
     )
@@ -99,9 +113,15 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             (out / REPORT_JSON).write_text(canonical_json(document) + "\n")
             return _report_metadata(traffic)
 
+        # The windows of traffic that triggered the judgement are its lineage (recorded, not read:
+        # the report reads the live logs, open files included).
+        windows = {key: ArtifactHandle.from_materialization(mat) for key, mat in
+                   latest_materializations(context.instance, SERVING_TRAFFIC).items()} if monitored else {}
         result = materialize_artifact(context, store, kind="canary_report", build=build,
                                       config={"current": current, "candidate": candidate, "traffic": traffic.digest},
-                                      inputs={"release": release}, input_files={"release": ()})
+                                      inputs={"release": release},
+                                      narrowed_inputs={"serving_traffic": windows} if windows else None,
+                                      input_files={"release": (), "serving_traffic": ()})
         gates = pipeline.load().gates
         figures = canary_figures(traffic.gate_figures(), traffic.missing(), gate_names)
         judged = judge_gates(store, gates, figures.values, partition, result.value.sha256, figures.problems)

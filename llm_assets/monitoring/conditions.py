@@ -21,10 +21,13 @@ def retrain_condition(drift_gates: dg.AssetChecksDefinition,
     """When feedback_dataset (so the fine-tune after it) runs for a size: a drift report of new
     traffic was just judged and its drift gate failed, or the feedback backlog reached the
     threshold; every other blocking check of its inputs passed; nothing upstream still running.
-    Only a new evaluation of those checks fires it: a tick with no new traffic requests nothing."""
+    Only a check that newly failed, in some window, fires it: a tick with no new traffic, or with new
+    traffic that passes, requests nothing."""
     triggers = dg.AssetSelection.checks(drift_gates, feedback_backlog)
+    # Per window. A check's `newly_updated` is not: any new evaluation marks every window of the
+    # check updated, so a passing window would wake an earlier window's failure.
     judged_failing = dg.AutomationCondition.any_deps_match(dg.AutomationCondition.any_checks_match(
-        dg.AutomationCondition.newly_updated() & dg.AutomationCondition.check_failed()).allow(triggers))
+        dg.AutomationCondition.check_failed().newly_true()).allow(triggers))
     # all_deps_blocking_checks_passed, except the drift gate: its failure is the trigger, not a stop.
     others_passed = dg.AutomationCondition.all_deps_match(dg.AutomationCondition.all_checks_match(
         dg.AutomationCondition.check_passed() | dg.AutomationCondition.will_be_requested(), blocking_only=True,
