@@ -9,7 +9,6 @@ hash gates, the alert sensor, the resources and the executor.
 from __future__ import annotations
 
 import dagster as dg
-from dagster_k8s import k8s_job_executor
 
 from llm_assets.base_model import assets as base_model
 from llm_assets.canary import assets as canary
@@ -57,6 +56,9 @@ def build_resources(settings: Settings, manifest: PipelineManifest | None = None
 def k8s_executor(per_step: dict[str, dict]) -> dg.ExecutorDefinition:
     """dagster-k8s's step-per-pod executor with `per_step` pod configs added to whatever a run's
     config says (a run's own per-step entries win); every other executor setting stays the run's."""
+    # Imported here: dagster-k8s pulls in the Kubernetes client, seconds of every load that runs in-process.
+    from dagster_k8s import k8s_job_executor
+
     return k8s_job_executor.configured(
         lambda config: {**config, "per_step_k8s_config": {**per_step, **config.get("per_step_k8s_config", {})}},
         config_schema=k8s_job_executor.config_schema, name="k8s",
