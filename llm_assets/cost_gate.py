@@ -23,8 +23,9 @@ META_ESTIMATED_COST_USD = "estimated_cost_usd"
 META_COST_ESTIMATE = "cost_estimate"
 # How the refusal names what a stage does, and the recipe fields that size its estimate.
 _DOING = {"pretrain": "training", "sft": "training", "reward": "training", "policy": "training",
-          "evaluation": "evaluating", "quantize": "quantizing"}
-_SIZED_BY = {"evaluation": "max_docs, limit or tasks", "quantize": "calibration_texts, heldout_texts or max_tokens"}
+          "monitoring.fine_tune": "fine-tuning", "evaluation": "evaluating", "quantize": "quantizing"}
+_SIZED_BY = {"evaluation": "max_docs, limit or tasks", "quantize": "calibration_texts, heldout_texts or max_tokens",
+             "monitoring.fine_tune": "sft,dpo}.{steps, batch_size or grad_accum"}
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from llm_assets.manifest import (
     QUANT_SCHEMES,
     BaseModelSize,
     Budget,
+    FineTuneRecipe,
     ModelSize,
     PipelineManifest,
     PretrainRecipe,
@@ -29,8 +30,9 @@ from llm_assets.manifest import (
 
 Device = Literal["gpu", "cpu"]
 
-# The asset of each stage with an estimate, and the recipe of the manifest that sizes it.
-ESTIMATED_ASSETS = {
+# The asset of each stage with an estimate, and the recipe of the manifest that sizes it (a path
+# under `stages`).
+GRAPH_ASSETS = {
     "pretrain_checkpoint": "pretrain",
     "sft_model": "sft",
     "reward_model": "reward",
@@ -38,7 +40,11 @@ ESTIMATED_ASSETS = {
     "eval_report": "evaluation",
     "quantized_model": "quantize",
 }
-TRAINING_STAGES = ("pretrain", "sft", "reward", "policy")
+# The loop's steps run when served traffic triggers them, not when the graph is materialized: the
+# cost gate prices each before it starts, and `plan` (the graph's cost) leaves them out.
+LOOP_ASSETS = {"feedback_model": "monitoring.fine_tune", "feedback_eval_report": "evaluation"}
+ESTIMATED_ASSETS = {**GRAPH_ASSETS, **LOOP_ASSETS}
+TRAINING_STAGES = ("pretrain", "sft", "reward", "policy", "monitoring.fine_tune")
 # Costs are recorded to the nano-dollar: a data step of a second on a CPU costs about 1e-5 dollars.
 USD_DIGITS = 9
 # eval_report runs the shipped held-out tasks (perplexity, multiple choice, generation) and the
@@ -118,7 +124,7 @@ def base_model_figures(base_model: str) -> SizeFigures:
     return SizeFigures(params, config.max_position_embeddings)
 
 
-def training_estimate(size: SizeFigures, recipe: PretrainRecipe | TrainerRecipe, budget: Budget,
+def training_estimate(size: SizeFigures, recipe: PretrainRecipe | TrainerRecipe | FineTuneRecipe, budget: Budget,
                       device: Device) -> Estimate:
     """6·N·D over the recipe's tokens (for the trl stages: every sequence at max_length, at most)."""
     return priced(size.params, recipe.tokens(), 6, device, budget)
@@ -141,12 +147,21 @@ def _forward_tokens(manifest: PipelineManifest, stage: str, size: SizeFigures, s
     raise ValueError(f"stage {stage!r} has no estimate; stages with one: {', '.join(ESTIMATED_ASSETS.values())}")
 
 
+def stage_recipe(manifest: PipelineManifest, stage: str) -> Any:
+    """The recipe at ``stage``, a path under the manifest's stages (``monitoring.fine_tune``); None
+    where the manifest does not configure it."""
+    recipe: Any = manifest.stages
+    for name in stage.split("."):
+        recipe = getattr(recipe, name) if recipe is not None else None
+    return recipe
+
+
 def stage_estimate(manifest: PipelineManifest, stage: str, size_name: str, device: Device,
                    scheme: str | None = None) -> Estimate:
-    """The estimate of one step of ``stage`` (a key of the manifest's stages) for a model size."""
+    """The estimate of one step of ``stage`` (a path under the manifest's stages) for a model size."""
     size = size_figures(manifest.model_sizes[size_name])
     if stage in TRAINING_STAGES:
-        return training_estimate(size, getattr(manifest.stages, stage), manifest.budget, device)
+        return training_estimate(size, stage_recipe(manifest, stage), manifest.budget, device)
     return priced(size.params, _forward_tokens(manifest, stage, size, scheme), 2, device,
                   manifest.budget)
 
@@ -155,7 +170,7 @@ def step_estimate(manifest: PipelineManifest, asset: str, partition: str | None,
     """The estimate of materializing ``asset`` (one partition): None for a stage without one. A
     multi-dimensional partition (``quantized_model``'s ``tiny|gptq-4bit``) is read by its parts."""
     stage = ESTIMATED_ASSETS.get(asset)
-    if stage is None or getattr(manifest.stages, stage) is None:
+    if stage is None or stage_recipe(manifest, stage) is None:
         return None
     parts = (partition or "").split("|")
     sizes = [p for p in parts if p in manifest.model_sizes]
@@ -172,8 +187,8 @@ def plan_estimates(manifest: PipelineManifest, device: Device) -> list[tuple[str
     its import is left out."""
     rows = []
     estimable = [name for name in manifest.model_sizes if _estimable(manifest.model_sizes[name])]
-    for stage in ESTIMATED_ASSETS.values():
-        if getattr(manifest.stages, stage) is None:
+    for stage in GRAPH_ASSETS.values():
+        if stage_recipe(manifest, stage) is None:
             continue
         schemes = manifest.stages.quantize.schemes if stage == "quantize" else [None]
         for size in [s for s in estimable if s in manifest.checkpoint_sizes] if stage == "pretrain" else estimable:

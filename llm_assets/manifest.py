@@ -545,6 +545,10 @@ class FineTuneRecipe(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the feedback examples held out for the "
                                 "val figures (at least one, chosen by the example's hash)")
 
+    def tokens(self) -> int:
+        """Tokens one fine-tune trains on, at most (the SFT's, then the DPO's), for its cost estimate."""
+        return self.sft.tokens() + (self.dpo.tokens() if self.dpo is not None else 0)
+
     @field_validator("dpo")
     @classmethod
     def _dpo_only(cls, dpo: PolicyRecipe | None) -> PolicyRecipe | None:

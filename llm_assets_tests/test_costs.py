@@ -177,9 +177,14 @@ def with_every_priced_stage(manifest_path: Path, **budget) -> PipelineManifest:
         reward={"steps": 4, "learning_rate": 0.01, "max_length": 64},
         policy={"steps": 4, "learning_rate": 0.001, "max_length": 64},
         evaluation={"max_docs": 10},
-        quantize={"calibration_texts": 8, "heldout_texts": 4, "max_tokens": 128, "group_size": 16})
+        quantize={"calibration_texts": 8, "heldout_texts": 4, "max_tokens": 128, "group_size": 16},
+        serving={"smoke_prompts": ["def parse(text):"]},
+        monitoring={"fine_tune": {"sft": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "max_length": 64},
+                                  "dpo": {"algorithm": "dpo", "steps": 2, "batch_size": 2, "learning_rate": 1e-4,
+                                          "max_length": 64}}})
     manifest["gates"].update(reward_accuracy={"min": 0.5}, policy_kl={"max": 20.0},
-                             quantized_perplexity_increase={"max": 0.1}, **SAFETY_GATES)
+                             quantized_perplexity_increase={"max": 0.1}, **SAFETY_GATES,
+                             **{"drift.js_divergence": {"max": 0.3}})
     manifest_path.write_text(yaml.safe_dump(manifest))
     return load_manifest(manifest_path)
 
@@ -229,6 +234,14 @@ def test_estimates_cover_evaluation_quantization_and_price_gpus(manifest_path):
     refusal = over_budget("eval_report[xs]", "evaluation", evaluation, Spent(1.0, 3), manifest.budget, "m.yaml")
     assert refusal.startswith("refused: evaluating eval_report[xs] is estimated at $")
     assert "Shrink stages.evaluation.{max_docs, limit or tasks}" in refusal
+    # The loop's fine-tune: its SFT and DPO tokens together; its evaluation is eval_report's.
+    fine_tune = step_estimate(manifest, "feedback_model", "xs", "gpu")
+    assert fine_tune.tokens == 3 * 2 * 64 + 2 * 2 * 64 * 2 and fine_tune.flops == 6 * n * fine_tune.tokens
+    assert step_estimate(manifest, "feedback_eval_report", "xs", "gpu") == evaluation
+    refusal = over_budget("feedback_model[xs]", "monitoring.fine_tune", fine_tune, Spent(1.0, 3), manifest.budget,
+                          "m.yaml")
+    assert refusal.startswith("refused: fine-tuning feedback_model[xs] is estimated at $")
+    assert "Shrink stages.monitoring.fine_tune.{sft,dpo}.{steps, batch_size or grad_accum}" in refusal
     # Held GPUs are billed by the hour, whatever the CPUs did; CPU steps by the CPU time used.
     assert actual_usd(1800, 2, 5000, manifest.budget) == 2.0
     assert actual_usd(1800, 0, 7200, manifest.budget) == 0.1
