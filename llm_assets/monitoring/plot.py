@@ -5,17 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from llm_assets.plots import figure_markdown
+from llm_assets.plots import figure_markdown, new_figure
 
 
 def figures_over_windows(rows: Sequence[tuple[str, Mapping[str, float]]], names: Sequence[str], title: str) -> str:
     """One small panel per figure in `names`, over the windows of `rows` ((window, figures), in order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(len(names), 1, figsize=(6, 1.6 * len(names)), dpi=80, sharex=True, squeeze=False)
+    figure = new_figure(figsize=(6, 1.6 * len(names)), dpi=80)
+    axes = figure.subplots(len(names), 1, sharex=True, squeeze=False)
     windows = [window for window, _ in rows]
     for axis, name in zip(axes[:, 0], names, strict=True):
         values = [float(figures.get(name, math.nan)) for _, figures in rows]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llm_assets.plots import figure_markdown
+from llm_assets.plots import figure_markdown, new_figure
 
 PARAMETERS_FITTED = 3  # log a, α, β
 
@@ -44,12 +44,8 @@ class ScalingFit:
 
     def plot_markdown(self, labels: dict[float, str]) -> str:
         """Loss against tokens, one curve per size (points measured, lines fitted), and the next size."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(5.5, 3.4), dpi=90)
+        figure = new_figure(figsize=(5.5, 3.4), dpi=90)
+        axis = figure.subplots()
         points = np.array(self.points)
         grid = np.geomspace(points[:, 1].min(), self.tokens, 50)
         for n in sorted(set(points[:, 0])):
