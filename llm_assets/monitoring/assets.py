@@ -38,7 +38,7 @@ from llm_assets.monitoring.traffic import (
 from llm_assets.posttrain.assets import decontamination_texts
 from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release, release_history
 from resources.artifact_store_resource import ArtifactStoreResource
-from resources.handles import ArtifactHandle, latest_materializations
+from resources.handles import ArtifactHandle, input_records, latest_materializations
 from resources.pipeline import PipelineResource
 
 SIZE, WINDOW = "model_size", "window"  # drift_report's partition dimensions
@@ -251,21 +251,22 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                            description="The latency and error-rate gates hold: " + (", ".join(slo_names) or "none set"))
 
     @dg.asset_check(asset=drift_report, blocking=False, partitions_def=by_size_and_window,
-                    description="Warns when the feedback served by the size's releases since the current one was "
-                                "promoted reaches stages.monitoring.retrain_feedback: the loop fine-tunes on it.")
-    def feedback_backlog(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
-                         artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+                    description="Warns when the feedback not yet fine-tuned on (in windows no feedback_dataset has "
+                                "read) reaches stages.monitoring.retrain_feedback: the loop fine-tunes on it.")
+    def feedback_backlog(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource) -> dg.AssetCheckResult:
         keys = context.partition_key.keys_by_dimension
         size, threshold = keys[SIZE], pipeline.load().stages.monitoring.retrain_feedback
-        since = _promoted_at(artifact_store.get_store(), size)
+        # The latest feedback_dataset read every window there was: a fine-tune proposed and not yet
+        # decided has trained on them, so their feedback does not start another with each new window.
+        trained_on = _windows_read(context.instance, size)
         count = sum(int(mat.metadata["feedback_records"].value)
                     for mat in latest_materializations(context.instance, drift_report.key).values()
                     if mat.partition.keys_by_dimension[SIZE] == size and "feedback_records" in mat.metadata
-                    and windows.time_window_for_partition_key(mat.partition.keys_by_dimension[WINDOW]).end > since)
+                    and mat.partition.keys_by_dimension[WINDOW] not in trained_on)
         return dg.AssetCheckResult(
             passed=count < threshold, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"feedback_since_release": count, "retrain_feedback": threshold},
-            description=f"{count} feedback record(s) since the current release of {size} (retrain at {threshold})")
+            metadata={"feedback_not_trained_on": count, "retrain_feedback": threshold},
+            description=f"{count} feedback record(s) of {size} not yet fine-tuned on (retrain at {threshold})")
 
     @artifact_asset(
         partitions_def=dg.StaticPartitionsDefinition(sorted(manifest.model_sizes)), code_version="1",
@@ -313,8 +314,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                           sensors=[serving_traffic_sensor])
 
 
-def _promoted_at(store, size: str) -> datetime:
-    """When the size's current release was promoted (the start of time before any release)."""
-    current = current_release(store, size)
-    moves = [m for m in release_history(store, size) if m.sha256 == current and m.action in ("promote", "rollback")]
-    return datetime.fromisoformat(moves[-1].moved_at) if moves else datetime.min.replace(tzinfo=UTC)
+def _windows_read(instance: dg.DagsterInstance, size: str) -> set[str]:
+    """The traffic windows the size's latest feedback_dataset read (its recorded inputs)."""
+    mat = latest_materializations(instance, dg.AssetKey("feedback_dataset"), [size]).get(size)
+    return {r["partition"] for r in input_records(mat) if r["asset"] == "serving_traffic"} if mat else set()

@@ -1,6 +1,7 @@
 """serving_traffic and drift_report on a real instance: log files written as the server writes them
 (one window in the model's distribution, one shifted), the sensor requesting only complete windows,
-the traffic redacted and scanned, and the drift gate passing the first window and failing the second.
+the traffic redacted and scanned, the drift gate passing the first window and failing the second,
+and the feedback backlog counting what no feedback_dataset has read yet.
 The model is the evaluation tests' tiny one, recorded as the current release of size `xs`."""
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def monitored(settings, manifest_path: Path, tmp_path: Path, trained_dir: Path, 
         pretrain={"steps": 1, "batch_size": 1, "seq_len": 32, "learning_rate": 1e-3}, evaluation={},
         serving={}, tokenizer={"vocab_size": TINY.vocab_size},
         monitoring={"log_dir": str(tmp_path / "logs"), "start": "2026-11-29", "reference_docs": 64,
-                    "max_prompts": 64, "max_tokens": 64})
+                    "max_prompts": 64, "max_tokens": 64, "retrain_feedback": 2})
     manifest["model_sizes"] = {"xs": TINY.model_dump()}
     manifest["gates"] = {"pretrain_val_loss": {"max": 10.0}, **SAFETY_GATES, **DRIFT_GATES}
     manifest_path.write_text(yaml.safe_dump(manifest))
@@ -126,12 +127,20 @@ def test_traffic_is_ingested_redacted_and_drift_gated(monitored) -> None:
     figures = steady.asset_materializations_for_node("drift_report")[0].metadata
     assert figures["drift.error_rate"].value == pytest.approx(1 / len(IN_DISTRIBUTION))
     assert figures["drift.feedback_score"].value == 0.0
+    passed, why = check_passed(steady, "feedback_backlog")  # two records reach retrain_feedback: 2
+    assert not passed and why.startswith("2 feedback record(s) of xs not yet fine-tuned on"), why
 
     shifted = run(defs, instance, "drift_report", drift_key(H2))
     passed, why = check_passed(shifted, "drift_gates")
     assert not passed
     assert "drift.js_divergence" in why and "drift.perplexity_ratio" in why, why
     assert "over_windows" in shifted.asset_materializations_for_node("drift_report")[0].metadata
+
+    # Once a feedback_dataset has read both windows, their feedback no longer counts towards the
+    # next fine-tune: a window that lands before the candidate is decided does not start another.
+    assert run(defs, instance, "feedback_dataset", "xs").success
+    passed, why = check_passed(run(defs, instance, "drift_report", drift_key(H2)), "feedback_backlog")
+    assert passed and why.startswith("0 feedback record(s)"), why
 
 
 def test_an_open_window_and_prompts_not_logged_are_refused_with_what_to_do(monitored) -> None:
