@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import pandas as pd
 from pydantic_core import to_jsonable_python
 
 # The curves a build may return: STEP_METRICS, a list of records `{"step": N, "<metric>": value, ...}`
@@ -40,6 +39,7 @@ def flatten_params(config: Any) -> dict[str, str]:
     """The recipe as MLflow params: nested keys joined with dots (a pydantic recipe's fields too,
     `recipe.learning_rate`), values as text cut to MLflow's length limit (a long list, e.g. a file
     signature, would otherwise make the whole batch fail)."""
+    import pandas as pd  # with mlflow, when a run is tracked: not with every module that records one
     from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
     config = to_jsonable_python(config, fallback=str)

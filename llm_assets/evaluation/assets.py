@@ -13,22 +13,18 @@ check; a gate with `baseline: unigram` is measured from that unigram figure.
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
-from tokenizers import Tokenizer
-from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.contamination import eval_contamination_gate
-from llm_assets.evaluation.harness import run_lm_eval
 from llm_assets.evaluation.report import EvalReport
 from llm_assets.evaluation.safety import BENIGN_FILE, RED_TEAM_FILE, load_prompts, refusal_rate
 from llm_assets.evaluation.tasks import PERPLEXITY, TaskSetupError, perplexity_texts, write_builtin_tasks
-from llm_assets.evaluation.unigram import shard_log_probs, text_log_probs, unigram_bits_per_byte
-from llm_assets.hf_models import load_tokenizer
 from llm_assets.manifest import LIVE_GATE_PREFIXES, PipelineManifest
 from llm_assets.prompts import chat_renderer, has_chat_template, parse_prompt
 from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release
@@ -38,6 +34,10 @@ from llm_assets.tracing import phase
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, latest_materializations
 from resources.pipeline import PipelineResource
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 BITS_PER_BYTE = f"{PERPLEXITY}.bits_per_byte"
@@ -104,7 +104,7 @@ def _project_token_ins(manifest: PipelineManifest) -> dict[str, dg.AssetIn]:
     return {"token_shards": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()), "tokenizer": dg.AssetIn()}
 
 
-def _template_renderer(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], str] | None:
+def _template_renderer(tokenizer: "PreTrainedTokenizerBase") -> Callable[[str], str] | None:
     """What re-renders the held-out questions (stored in the project's prompt format) in the
     tokenizer's chat template, as the model was fine-tuned; None when it has no template."""
     if not has_chat_template(tokenizer):
@@ -113,7 +113,7 @@ def _template_renderer(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], st
     return lambda prompt: render(parse_prompt(prompt))
 
 
-def _backend(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> Tokenizer:
+def _backend(tokenizer: "PreTrainedTokenizerBase", model_dir: Path) -> "Tokenizer":
     """The `tokenizers.Tokenizer` behind a model's fast tokenizer (the unigram baseline encodes with it)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -159,6 +159,13 @@ def eval_report_defs(manifest: PipelineManifest, *, name: str, model_asset: str,
         kl = model_mat[context.partition_key].metadata.get("kl_nats_per_sequence") if model_mat else None
 
         def build(out: Path) -> dict:
+            # The evaluation's libraries (torch, transformers, lm-eval) load when it runs, not with the definitions.
+            from transformers import AutoConfig
+
+            from llm_assets.evaluation.harness import run_lm_eval
+            from llm_assets.evaluation.unigram import shard_log_probs, text_log_probs, unigram_bits_per_byte
+            from llm_assets.hf_models import load_tokenizer
+
             model_dir, splits_dir = store.local_dir(model.sha256), store.local_dir(dataset_splits.sha256)
             test = pl.read_parquet(splits_dir / "test.parquet")
             hf_tokenizer = load_tokenizer(model_dir) if own_tokenizer else None

@@ -19,12 +19,10 @@ the choices of a multiple-choice task and the target, joined by newlines.
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import polars as pl
-from lm_eval.api.task import Task
-from lm_eval.tasks import get_task_dict
 
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.contamination import measure_contamination
@@ -34,6 +32,9 @@ from llm_assets.evaluation.tasks import TaskSetupError, load_task_dirs, write_bu
 from llm_assets.manifest import PipelineManifest
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.pipeline import PipelineResource
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
 
 PROMPT_DIR = Path(__file__).parent / "data"
 
@@ -53,7 +54,7 @@ def prompt_file_sets(folder: Path = PROMPT_DIR) -> EvalSets:
     return sets
 
 
-def _leaf_tasks(tasks: Mapping[Any, Any]) -> list[Task]:
+def _leaf_tasks(tasks: Mapping[Any, Any]) -> list["Task"]:
     """The tasks of get_task_dict's answer, groups (nested dicts) opened."""
     leaves = []
     for value in tasks.values():
@@ -70,7 +71,7 @@ def _as_texts(value: Any, choices: Sequence[str]) -> list[str]:
     return [str(value)] if value is not None else []
 
 
-def _document_text(task: Task, doc: dict) -> str:
+def _document_text(task: "Task", doc: dict) -> str:
     # A multiple-choice target is one of the choices, already in.
     choices = list(task.doc_to_choice(doc)) if task.OUTPUT_TYPE == "multiple_choice" else []
     answers = choices or _as_texts(task.doc_to_target(doc), choices)
@@ -82,6 +83,8 @@ def task_sets(include_paths: Sequence[Path], task_names: Sequence[str]) -> EvalS
     """Every document of the named lm-eval tasks (groups opened into their tasks) under
     ``include_paths``, a set per task. Raises TaskSetupError naming the task and its YAML when a
     name is unknown or its data cannot be read."""
+    from lm_eval.tasks import get_task_dict  # lm-eval loads when a gate reads tasks, not with the definitions
+
     manager = load_task_dirs(include_paths)
     sets: EvalSets = {}
     for name in task_names:

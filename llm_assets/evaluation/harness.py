@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lm_eval
-
 from llm_assets.evaluation.tasks import TaskSetupError, load_task_dirs
-from llm_assets.hf_models import training_device
 
 _STDERR = "_stderr"
 
@@ -93,6 +90,10 @@ def run_lm_eval(
     # lm-eval bootstraps stderrs (chrF's) in a fork pool by default; forked from a Dagster step,
     # the workers trip its signal handlers on exit. The same resamples run in one loop instead.
     os.environ["DISABLE_MULTIPROC"] = "1"
+    import lm_eval  # here: the definitions load without it (and without torch)
+
+    from llm_assets.hf_models import training_device
+
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "tokenizer": str(model_dir), "dtype": "float32"},

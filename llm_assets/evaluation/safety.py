@@ -22,11 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from llm_assets.hf_models import load_model, load_tokenizer
 from llm_assets.jsonl import read_prompt_file
 from llm_assets.prompts import chat_renderer, has_chat_template
 
@@ -65,7 +62,6 @@ def load_prompts(path: Path) -> list[str]:
     return read_prompt_file(path, ValueError)
 
 
-@torch.no_grad()
 def refusal_rate(
     model_dir: Path, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, examples: int = 5
 ) -> SafetyResult:
@@ -78,8 +74,26 @@ def refusal_rate(
         raise ValueError("refusal_rate: no prompts; pass load_prompts(RED_TEAM_FILE) or your own list")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"refusal_rate: max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be ≥ 1")
+    import torch  # here, not at the top: the canary and the release read answers and reports without a model
+    from transformers import AutoModelForCausalLM
+
+    from llm_assets.hf_models import load_model, load_tokenizer
+
     tokenizer = load_tokenizer(model_dir)
     model = load_model(AutoModelForCausalLM, model_dir, tokenizer).eval()
+    with torch.no_grad():
+        completions = _answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    refused = [is_refusal(c) for c in completions]
+    return SafetyResult(
+        rate=sum(refused) / len(prompts),
+        refusals=sum(refused),
+        prompts=len(prompts),
+        examples=[SafetyExample(p, c, r) for p, c, r in list(zip(prompts, completions, refused))[:examples]],
+    )
+
+
+def _answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The model's greedy answer to each prompt, cut where the next turn starts."""
     context = model.config.max_position_embeddings
     if max_new_tokens >= context:
         raise ValueError(f"refusal_rate: max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
@@ -97,10 +111,4 @@ def refusal_rate(
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         # The project's format has no end-of-turn token: an answer ends where the next turn starts.
         completions += texts if has_chat_template(tokenizer) else [text.split(_TURN_START, 1)[0] for text in texts]
-    refused = [is_refusal(c) for c in completions]
-    return SafetyResult(
-        rate=sum(refused) / len(prompts),
-        refusals=sum(refused),
-        prompts=len(prompts),
-        examples=[SafetyExample(p, c, r) for p, c, r in list(zip(prompts, completions, refused))[:examples]],
-    )
+    return completions

@@ -37,15 +37,17 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import polars as pl
 import yaml
-from lm_eval.tasks import TaskManager
 
 from llm_assets.jsonl import read_written_jsonl
 from llm_assets.posttrain.derived import derive_sft_examples
+
+if TYPE_CHECKING:
+    import datasets
+    from lm_eval.tasks import TaskManager
 
 PERPLEXITY, MC, GENERATION = "heldout_perplexity", "heldout_mc", "heldout_generation"
 BUILTIN_TASKS = (PERPLEXITY, MC, GENERATION)
@@ -229,6 +231,8 @@ def load_task_data(data_file: str, config_source: str, **_: Any) -> datasets.Dat
     """lm-eval's ``custom_dataset`` hook for the tasks written here: the ``test`` split from
     ``data_file``, relative to the task's YAML (``config_source``, which lm-eval passes with the
     task's other metadata, ignored here)."""
+    import datasets  # lm-eval calls this when it loads a task: the library is loaded by then
+
     path = Path(config_source).parent / data_file
     rows = read_written_jsonl(
         path, TaskSetupError,
@@ -256,6 +260,8 @@ def load_task_dirs(paths: Sequence[Path], *, include_defaults: bool = False) -> 
     seconds. Raises TaskSetupError naming a path that is missing, not a directory, or holds no
     ``*.yaml`` file.
     """
+    from lm_eval.tasks import TaskManager  # lm-eval loads when tasks are read, not with the definitions
+
     resolved = []
     for path in map(Path, paths):
         if not path.exists():

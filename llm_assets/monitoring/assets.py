@@ -16,7 +16,6 @@ from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.residual_pii import scan_residual_pii
-from llm_assets.hf_models import load_causal_lm, load_tokenizer
 from llm_assets.manifest import MonitoringRecipe, PipelineManifest
 from llm_assets.monitoring import drift
 from llm_assets.monitoring.conditions import after_update, retrain_condition
@@ -207,6 +206,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         releases = {move.sha256 for move in release_history(store, size)} | {released}
 
         def build(out: Path) -> dict:
+            from llm_assets.hf_models import load_causal_lm, load_tokenizer  # torch loads with the step
+
             traffic = store.local_dir(serving_traffic.sha256)
             requests, feedback = size_traffic(pl.read_parquet(traffic / REQUESTS_FILE),
                                               pl.read_parquet(traffic / FEEDBACK_FILE), releases)

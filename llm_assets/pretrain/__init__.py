@@ -8,14 +8,16 @@
 Multi-process: `torchrun --nproc_per_node=N -m llm_assets.pretrain --spec run.json`.
 """
 
-from llm_assets.pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify_checkpoint
-from llm_assets.pretrain.data import TokenBatches, TokenData
-from llm_assets.pretrain.distributed import DistInfo, maybe_init_distributed
-from llm_assets.pretrain.loop import StepRecord, TrainConfig, TrainResult, lr_at, resolve_precision, train
-from llm_assets.pretrain.model import build_model, count_parameters, flops_per_token, llama_config
+from llm_assets.lazy import lazy_exports
 
-__all__ = [
-    "CheckpointError", "DistInfo", "StepRecord", "TokenBatches", "TokenData", "TrainConfig", "TrainResult",
-    "build_model", "count_parameters", "flops_per_token", "latest_checkpoint", "llama_config", "load_checkpoint",
-    "lr_at", "maybe_init_distributed", "resolve_precision", "train", "verify_checkpoint",
-]
+# Imported on first use: the package's assets module is part of the definitions, which load
+# without torch; these modules need it.
+_EXPORTS = {
+    **dict.fromkeys(["CheckpointError", "latest_checkpoint", "load_checkpoint", "verify_checkpoint"], "checkpoint"),
+    **dict.fromkeys(["TokenBatches", "TokenData"], "data"),
+    **dict.fromkeys(["DistInfo", "maybe_init_distributed"], "distributed"),
+    **dict.fromkeys(["StepRecord", "TrainConfig", "TrainResult", "lr_at", "resolve_precision", "train"], "loop"),
+    **dict.fromkeys(["build_model", "count_parameters", "flops_per_token", "llama_config"], "model"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

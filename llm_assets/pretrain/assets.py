@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
-import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
@@ -37,9 +36,6 @@ from llm_assets.data.dataset_splits import train_path
 from llm_assets.launch import run_worker
 from llm_assets.manifest import CONTINUED_GATE, STAGE_GATES, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
-from llm_assets.pretrain.data import pack_with_base_tokenizer
-from llm_assets.pretrain.job import RunSpec, StoreProgress
-from llm_assets.pretrain.loop import TrainConfig
 from llm_assets.pretrain.scaling import PARAMETERS_FITTED, fit_scaling_law
 from llm_assets.tokenizer.packing import TOKENS_FILE, read_packed
 from llm_assets.tracking import STEP_METRICS
@@ -133,6 +129,8 @@ def _continued_pretrain_tokens(manifest: PipelineManifest) -> dg.AssetsDefinitio
                  "val": ["val.parquet"]}
 
         def build(out: Path) -> dict:
+            from llm_assets.pretrain.data import pack_with_base_tokenizer  # torch: loads with the step
+
             root = store.local_dir(dataset_splits.sha256)
             counts = pack_with_base_tokenizer(store.local_dir(base_model.sha256),
                                               {split: [root / p for p in files] for split, files in parts.items()},
@@ -174,6 +172,12 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         pipes_subprocess_client: dg.PipesSubprocessClient,
         **parents: ArtifactHandle | dict[str, ArtifactHandle],
     ) -> dg.Output[ArtifactHandle]:
+        # torch loads with the step, not with the definitions.
+        import torch
+
+        from llm_assets.pretrain.job import RunSpec, StoreProgress
+        from llm_assets.pretrain.loop import TrainConfig
+
         store = artifact_store.get_store()
         current = pipeline.load()
         recipe = current.stages.pretrain

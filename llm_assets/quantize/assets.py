@@ -14,8 +14,6 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-import torch
-from transformers import AutoConfig
 
 from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
@@ -110,6 +108,10 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         model: ArtifactHandle,
         dataset_splits: ArtifactHandle,
     ) -> dg.Output[ArtifactHandle]:
+        # torch and transformers load with the step, not with the definitions.
+        import torch
+        from transformers import AutoConfig
+
         store, current = artifact_store.get_store(), pipeline.load()
         recipe = current.stages.quantize
         keys = context.partition_key.keys_by_dimension

@@ -7,7 +7,11 @@
 See docs/serving.md.
 """
 
-from llm_assets.serving.engine import Engine, Generation, GenerationRequest
-from llm_assets.serving.server import ServeConfig, create_app, running, serve
+from llm_assets.lazy import lazy_exports
 
-__all__ = ["Engine", "Generation", "GenerationRequest", "ServeConfig", "create_app", "running", "serve"]
+# The engine and the server load torch, which the package's other modules (the log records, the
+# spec, the assets) never need: their names are imported on first use.
+_EXPORTS = {"Engine": "engine", "Generation": "engine", "GenerationRequest": "engine",
+            "ServeConfig": "server", "create_app": "server", "running": "server", "serve": "server"}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

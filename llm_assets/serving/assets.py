@@ -23,7 +23,6 @@ from llm_assets.release_pointer import (
     read_release,
 )
 from llm_assets.serving.httproute import validate_route
-from llm_assets.serving.smoke import smoke_test
 from llm_assets.serving.spec import CANARY_FILES, render_canary, render_manifests, spec_document
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
@@ -118,6 +117,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                                 "smoke prompts, checks auth, the model hash and the answers, and stops it.")
     def server_smoke(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource,
                      artifact_store: ArtifactStoreResource) -> dg.AssetCheckResult:
+        from llm_assets.serving.smoke import smoke_test  # the server and torch load with the check
+
         store, recipe = artifact_store.get_store(), pipeline.load().stages.serving
         problems, metadata = [], {}
         for handle, _ in artifacts_under_check(context, server_spec.key, True, store):

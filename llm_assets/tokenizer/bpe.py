@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from llm_assets.manifest import TokenizerRecipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 def train_bpe(texts: Iterable[str], recipe: TokenizerRecipe, *, length: int | None = None) -> Tokenizer:
@@ -32,6 +35,8 @@ def train_bpe(texts: Iterable[str], recipe: TokenizerRecipe, *, length: int | No
 
 def save_hf_tokenizer(tokenizer: Tokenizer, recipe: TokenizerRecipe, out_dir: Path) -> PreTrainedTokenizerFast:
     """Save in the Hugging Face layout, so AutoTokenizer.from_pretrained(out_dir) loads it."""
+    from transformers import PreTrainedTokenizerFast  # transformers loads when a tokenizer is saved
+
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=recipe.eos_token,
