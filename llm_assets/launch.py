@@ -3,11 +3,21 @@ its failure into one line the run's page shows."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+
+def torchrun_command(module: str, spec_path: Path, processes: int) -> list[str]:
+    """A worker's command: `python -m module --spec spec_path`, or torchrun starting it once per
+    rank on this machine when it takes more than one process."""
+    entry = ["-m", module, "--spec", str(spec_path)]
+    if processes == 1:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *entry]
 
 
 def run_worker(

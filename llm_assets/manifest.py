@@ -357,7 +357,8 @@ class TrainerRecipe(Strict):
     """What every trl training stage shares: steps, batch, schedule, checkpoints."""
 
     steps: int = Field(gt=0, description="Optimizer steps")
-    batch_size: int = Field(8, gt=0, description="Examples per micro-batch")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch, over all training processes (each "
+                            "takes batch_size / processes)")
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

@@ -9,13 +9,30 @@ This module needs only `dagster-pipes` and pydantic, never Dagster itself.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
 from pydantic import BaseModel, ConfigDict
+
+# prctl(2): the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_torchrun() -> None:
+    """Under torchrun (Linux), end this rank when torchrun's agent ends. torchrun starts every rank
+    in a session of its own, so a SIGKILL of the step's process group (a killed driver, a deleted
+    pod's processes) ends the agent but would leave the ranks training, and committing checkpoints
+    under the step's fingerprint beside the rerun that resumes from them."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class WorkerSpec(BaseModel):
@@ -53,7 +70,19 @@ class Reporter:
             self.pipes.close()
 
 
-def write_failure(error_file: str | None, exc: BaseException) -> None:
-    """Leave the failure where the launcher reads it: its first line becomes the step's error."""
-    if error_file:
-        Path(error_file).write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+def write_failure(error_file: str | None, exc: BaseException, *, rank: int | None = None) -> None:
+    """Leave the failure where the launcher reads it: its first line becomes the step's error.
+
+    With `rank` (every torchrun rank may call this), the first failure is kept and named by its
+    rank: a rank that fails brings the others down with errors of their own that say less."""
+    if not error_file:
+        return
+    text = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
+    if rank is None:
+        Path(error_file).write_text(text)
+        return
+    try:
+        with open(error_file, "x") as out:
+            out.write(f"rank {rank}: {text}")
+    except FileExistsError:
+        pass

@@ -15,28 +15,28 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
+import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
+from llm_assets.launch import run_worker, torchrun_command
 from llm_assets.manifest import STAGE_GATES, PipelineManifest
-from llm_assets.plots import loss_curve_markdown
 from llm_assets.posttrain.cai import (
     ConstitutionError,
     constitution_prompts,
-    read_cai_pairs,
     run_cai,
     write_cai_dataset,
 )
-from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
-from llm_assets.posttrain.dataset_files import read_dataset, write_dataset
+from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, log_line, per_process_batch
+from llm_assets.posttrain.dataset_files import write_dataset
 from llm_assets.posttrain.dataset_schema import DataSetError
 from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
+from llm_assets.posttrain.job import TrlRunSpec
 from llm_assets.posttrain.lora import store_adapter
-from llm_assets.posttrain.policy import run_policy
-from llm_assets.posttrain.reward import run_reward
-from llm_assets.posttrain.sft import run_sft
+from llm_assets.posttrain.stage import ADAPTER_DIR, LOSS_CURVE, RECIPES, StageWork, run_stage, training_figures
+from llm_assets.pretrain.job import StoreProgress
 from llm_assets.progress import ResumeError, StepProgress
 from llm_assets.store import ArtifactStore
 from llm_assets.tracking import STEP_METRICS
@@ -151,8 +151,7 @@ def train_step(
         context.log.info(f"{label}: checkpoint of step {step} committed as {ref.sha256[:12]}")
 
     def on_log(entry: dict) -> None:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "epoch")
-        context.log.info(f"{label}: {shown}")
+        context.log.info(f"{label}: {log_line(entry)}")
 
     def build(out: Path) -> dict:
         try:
@@ -168,21 +167,74 @@ def train_step(
                                 narrowed_inputs=narrowed_inputs, input_files=input_files, build=build)
 
 
+def figures_metadata(figures: dict[str, Any]) -> dict[str, Any]:
+    """A trl stage's figures (`stage.run_stage`) as its metadata: the loss curve as an inline plot,
+    the step metrics as the tracker's curves."""
+    return {**figures, LOSS_CURVE: dg.MetadataValue.md(figures[LOSS_CURVE]),
+            STEP_METRICS: dg.MetadataValue.json(figures[STEP_METRICS])}
+
+
 def training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
     """What every trl stage shows: steps, losses, throughput and the loss curve."""
-    return {
-        "steps": run.steps_done,
-        "resumed_from_step": run.resumed_from_step if run.resumed_from_step is not None else -1,
-        "initial_train_loss": round(run.history[0].loss, 4) if run.history else float("nan"),
-        "final_train_loss": round(run.final_train_loss, 4),
-        "train_samples": run.train_samples,
-        "steps_per_second": round(run.steps_per_second, 3),
-        "precision": run.precision,
-        "loss_curve": dg.MetadataValue.md(loss_curve_markdown([[r.step, r.loss] for r in run.history], [], title)),
-        # Per step, what trl logged (learning rate, grad norm, ...) and its val figures: the tracker's curves.
-        STEP_METRICS: dg.MetadataValue.json([{"step": r.step, "loss": r.loss, **r.metrics} for r in run.history]
-                                            + [{"step": e.step, **e.metrics} for e in run.evals]),
-    }
+    return figures_metadata(training_figures(run, title))
+
+
+# The trl worker's entry point (`llm_assets/posttrain/__main__.py`).
+WORKER_MODULE = "llm_assets.posttrain"
+
+
+def run_in_processes(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient,
+                     artifact_store: ArtifactStoreResource, work: StageWork, out: Path, work_dir: Path,
+                     resume_from: Path | None, *, processes: int, fingerprint: str) -> dict[str, Any]:
+    """`stage.run_stage` in `processes` torchrun ranks, launched through Dagster Pipes: rank 0 logs
+    into the run, commits each checkpoint to the store under `fingerprint` (the step's, so that a
+    rerun resumes from it) and reports the stage's figures, which this returns."""
+    label = context.asset_key.to_user_string() + (f"[{context.partition_key}]" if context.has_partition_key else "")
+    try:  # refused here, before any process starts
+        per_process_batch(RECIPES[work.stage].model_validate(work.recipe), processes)
+    except ValueError as exc:
+        raise dg.Failure(f"{label}: {exc}") from None
+    store_config, secrets = artifact_store.for_child_process()
+    with tempfile.TemporaryDirectory(prefix="llm-assets-trl-worker-") as scratch:
+        spec = TrlRunSpec(
+            work=work, label=label, out_dir=str(out), work_dir=str(work_dir),
+            resume_from=str(resume_from) if resume_from is not None else None,
+            progress=StoreProgress(store=store_config, asset=context.asset_key.to_user_string(),
+                                   partition=context.partition_key if context.has_partition_key else None,
+                                   fingerprint=fingerprint),
+            error_file=str(Path(scratch) / "error.txt"),
+        )
+        spec_path = Path(scratch) / "spec.json"
+        spec_path.write_text(spec.model_dump_json(indent=1))
+        context.log.info(f"{label}: training in {processes} processes")
+        return run_worker(context, client, torchrun_command(WORKER_MODULE, spec_path, processes), env=secrets,
+                          error_file=Path(spec.error_file), what=f"training {label} in {processes} processes")
+
+
+def trl_step(context: dg.AssetExecutionContext, artifact_store: ArtifactStoreResource,
+             client: dg.PipesSubprocessClient, processes: int, work_of: Callable[[], StageWork], *,
+             config: dict[str, Any], inputs: dict[str, ArtifactHandle],
+             narrowed_inputs: dict[str, ArtifactHandle] | None = None,
+             input_files: dict[str, tuple[str, ...]] | None = None,
+             finish: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None) -> dg.Output[ArtifactHandle]:
+    """sft_model, reward_model, policy: the stage's work as a `train_step`, in the step's own process
+    or, when compute.training asks for several, in that many torchrun ranks (`run_in_processes`).
+    `work_of()` describes the work (it reads the inputs' local copies: only on a cache miss);
+    `finish(figures, out)` adds what the asset itself records besides the stage's figures."""
+    store = artifact_store.get_store()
+
+    def train(out: Path, work_dir: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
+        work = work_of()
+        if processes == 1:
+            figures = run_stage(work, out, work_dir, resume, on_checkpoint, on_log)
+        else:
+            figures = run_in_processes(context, client, artifact_store, work, out, work_dir, resume,
+                                       processes=processes, fingerprint=fingerprint_of(context, config, inputs))
+        recorded = finish(figures, out) if finish else {}  # first: it takes the figures it records otherwise
+        return {**figures_metadata(figures), **recorded}
+
+    return train_step(context, store, config=config, inputs=inputs, narrowed_inputs=narrowed_inputs,
+                      input_files=input_files, train=train)
 
 
 def metric_reader(gate: str, metric: str,
@@ -236,6 +288,11 @@ def _starting_model(size: str, loaded: dict[str, ArtifactHandle | dict[str, Arti
     return found[0]
 
 
+def _processes(manifest: PipelineManifest) -> int:
+    """The training processes a trl step runs in on this machine (compute.training)."""
+    return manifest.compute.training.processes(torch.cuda.device_count())
+
+
 def _cai_dataset(model_sizes: dg.PartitionsDefinition, op_tags: dict[str, Any]) -> dg.AssetsDefinition:
     @artifact_asset(partitions_def=model_sizes, code_version="1", kinds={"huggingface", "json"},
                     group_name="posttrain", op_tags=op_tags,
@@ -279,25 +336,25 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                     description="The size's starting model (pretrain_checkpoint, or base_model for a size that "
                                 "names one) fine-tuned on sft_dataset by trl's SFTTrainer (full or LoRA, merged).")
     def sft_model(context: dg.AssetExecutionContext, pipeline: PipelineResource, artifact_store: ArtifactStoreResource,
-                  sft_dataset: ArtifactHandle, **starting_models: ArtifactHandle | dict[str, ArtifactHandle],
-                  ) -> dg.Output[ArtifactHandle]:
+                  pipes_subprocess_client: dg.PipesSubprocessClient, sft_dataset: ArtifactHandle,
+                  **starting_models: ArtifactHandle | dict[str, ArtifactHandle]) -> dg.Output[ArtifactHandle]:
         store, current = artifact_store.get_store(), pipeline.load()
         recipe = current.stages.sft
         starting_asset, starting_model = _starting_model(context.partition_key, starting_models)
 
-        def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
-            rows_train, rows_val = read_dataset(store.local_dir(sft_dataset.sha256))
-            result = run_sft(store.local_dir(starting_model.sha256), rows_train, rows_val, recipe, out, work,
-                             seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
-            return {**training_metadata(result.training, f"SFT {context.partition_key}"),
-                    "val_loss": round(result.val_loss, 4), "base_val_loss": round(result.base_val_loss, 4),
-                    "val_rows": result.val_rows, "method": result.method, "parameters": result.parameters,
-                    "trainable_parameters": result.trainable_parameters,
-                    **(store_adapter(store, result.adapter_dir, starting_model.sha256, out)
-                       if result.adapter_dir is not None else {})}
+        def work() -> StageWork:
+            return StageWork(stage="sft", recipe=recipe.model_dump(mode="json"), seed=current.seed,
+                             title=f"SFT {context.partition_key}",
+                             model_dir=str(store.local_dir(starting_model.sha256)),
+                             dataset_dir=str(store.local_dir(sft_dataset.sha256)))
 
-        return train_step(context, store, config={"recipe": recipe, "seed": current.seed},
-                           inputs={starting_asset: starting_model, "sft_dataset": sft_dataset}, train=train)
+        def finish(figures: dict[str, Any], out: Path) -> dict[str, Any]:
+            adapter_dir = figures.pop(ADAPTER_DIR, None)
+            return store_adapter(store, Path(adapter_dir), starting_model.sha256, out) if adapter_dir else {}
+
+        return trl_step(context, artifact_store, pipes_subprocess_client, _processes(current), work,
+                        config={"recipe": recipe, "seed": current.seed},
+                        inputs={starting_asset: starting_model, "sft_dataset": sft_dataset}, finish=finish)
 
     assets.append(sft_model)
     checks.append(_metric_gate(
@@ -318,23 +375,20 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                         group_name="posttrain", op_tags=op_tags,
                         description="A scalar-head reward model trained from the SFT model by trl's RewardTrainer.")
         def reward_model(context: dg.AssetExecutionContext, pipeline: PipelineResource,
-                         artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle,
-                         preference_dataset: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+                         artifact_store: ArtifactStoreResource, pipes_subprocess_client: dg.PipesSubprocessClient,
+                         sft_model: ArtifactHandle, preference_dataset: ArtifactHandle) -> dg.Output[ArtifactHandle]:
             store, current = artifact_store.get_store(), pipeline.load()
             recipe = current.stages.reward
 
-            def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
-                pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
-                result = run_reward(store.local_dir(sft_model.sha256), pairs_train, pairs_val, recipe, out, work,
-                                    seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint, on_log=on_log)
-                return {**training_metadata(result.training, f"reward {context.partition_key}"),
-                        "accuracy": round(result.held_out.accuracy, 4),
-                        "mean_margin": round(result.held_out.mean_margin, 4),
-                        "accuracy_before_training": round(result.held_out_before.accuracy, 4),
-                        "val_pairs": result.held_out.pairs}
+            def work() -> StageWork:
+                return StageWork(stage="reward", recipe=recipe.model_dump(mode="json"), seed=current.seed,
+                                 title=f"reward {context.partition_key}",
+                                 model_dir=str(store.local_dir(sft_model.sha256)),
+                                 dataset_dir=str(store.local_dir(preference_dataset.sha256)))
 
-            return train_step(context, store, config={"recipe": recipe, "seed": current.seed},
-                               inputs={"sft_model": sft_model, "preference_dataset": preference_dataset}, train=train)
+            return trl_step(context, artifact_store, pipes_subprocess_client, _processes(current), work,
+                            config={"recipe": recipe, "seed": current.seed},
+                            inputs={"sft_model": sft_model, "preference_dataset": preference_dataset})
 
         assets.append(reward_model)
         checks.append(_metric_gate(
@@ -354,8 +408,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                         description="The SFT model aligned on its preferences (preference_dataset, cai_dataset): DPO "
                                     "against the SFT model as reference, or GRPO scored by the reward model.")
         def policy(context: dg.AssetExecutionContext, pipeline: PipelineResource,
-                   artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle,
-                   preference_dataset: ArtifactHandle, reward_model: ArtifactHandle,
+                   artifact_store: ArtifactStoreResource, pipes_subprocess_client: dg.PipesSubprocessClient,
+                   sft_model: ArtifactHandle, preference_dataset: ArtifactHandle, reward_model: ArtifactHandle,
                    **cai_ins: ArtifactHandle | dict[str, ArtifactHandle]) -> dg.Output[ArtifactHandle]:
             store, current = artifact_store.get_store(), pipeline.load()
             recipe = current.stages.policy
@@ -363,30 +417,24 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
             cai = {name: value if isinstance(value, ArtifactHandle) else value[context.partition_key]
                    for name, value in cai_ins.items()}
 
-            def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
-                pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
-                # Val pairs (the KL, the implicit reward) are preference_dataset's whatever the policy trains on.
-                pairs_train = ((pairs_train if "preference_dataset" in recipe.preferences else [])
-                               + (read_cai_pairs(store.local_dir(cai["cai_dataset"].sha256)) if cai else []))
-                reward_dir = store.local_dir(reward_model.sha256) if uses_reward else None
-                result = run_policy(store.local_dir(sft_model.sha256), reward_dir, pairs_train, pairs_val, recipe,
-                                    out, work, seed=current.seed, resume_from=resume, on_checkpoint=on_checkpoint,
-                                    on_log=on_log)
-                implicit = result.implicit_reward
-                return {**training_metadata(result.training, f"policy {context.partition_key}"),
-                        "algorithm": result.algorithm, "beta": recipe.beta,
-                        "kl_nats_per_sequence": round(result.kl_nats_per_sequence, 6), "kl_rows": result.kl_rows,
-                        "reference_sha256": sft_model.sha256,
-                        **({"implicit_reward_accuracy": round(implicit.accuracy, 4)} if implicit else {})}
+            def work() -> StageWork:
+                return StageWork(stage="policy", recipe=recipe.model_dump(mode="json"), seed=current.seed,
+                                 title=f"policy {context.partition_key}",
+                                 model_dir=str(store.local_dir(sft_model.sha256)),
+                                 dataset_dir=str(store.local_dir(preference_dataset.sha256)),
+                                 reward_dir=str(store.local_dir(reward_model.sha256)) if uses_reward else None,
+                                 cai_dir=str(store.local_dir(cai["cai_dataset"].sha256)) if cai else None)
 
             inputs = {"sft_model": sft_model, "preference_dataset": preference_dataset, **cai}
             # DPO does not read the reward model: it stays in the lineage (the policy waits for the
             # reward gate) but out of the fingerprint, so retraining the reward model keeps DPO cached.
             scored_by = {"reward_model": reward_model}
-            return train_step(context, store, config={"recipe": recipe, "seed": current.seed},
-                               inputs={**inputs, **(scored_by if uses_reward else {})},
-                               narrowed_inputs=None if uses_reward else scored_by,
-                               input_files=None if uses_reward else {"reward_model": ()}, train=train)
+            return trl_step(context, artifact_store, pipes_subprocess_client, _processes(current), work,
+                            config={"recipe": recipe, "seed": current.seed},
+                            inputs={**inputs, **(scored_by if uses_reward else {})},
+                            narrowed_inputs=None if uses_reward else scored_by,
+                            input_files=None if uses_reward else {"reward_model": ()},
+                            finish=lambda figures, out: {"reference_sha256": sft_model.sha256})
 
         assets.append(policy)
         checks.append(_metric_gate(

@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llm_assets.hf_models import training_device
 from llm_assets.manifest import TrainerRecipe
+from llm_assets.pretrain.distributed import barrier, dist_info
 from llm_assets.pretrain.loop import resolve_precision
 from llm_assets.tracing import phase
 
@@ -67,16 +68,28 @@ class TrainingRun:
     train_seconds: float  # wall time of this call's trainer.train()
     steps_per_second: float  # steps this call trained / train_seconds
     precision: Literal["fp32", "bf16"]
+    processes: int  # the ranks that trained it (torchrun's world size; 1 in the step's own process)
+
+
+def per_process_batch(recipe: TrainerRecipe, processes: int) -> int:
+    """Each rank's share of the recipe's batch: `batch_size` is the batch of one micro-step over
+    all ranks, so that the process count changes how a stage runs, not what it trains."""
+    if recipe.batch_size % processes:
+        raise ValueError(f"batch_size {recipe.batch_size} cannot be split over {processes} training processes: set "
+                         f"batch_size to a multiple of {processes}, or compute.training.nproc_per_node to a divisor of "
+                         f"{recipe.batch_size}")
+    return recipe.batch_size // processes
 
 
 def config_kwargs(recipe: TrainerRecipe, work_dir: Path, *, seed: int) -> dict[str, Any]:
-    """The arguments every trl config takes from the recipe; each stage adds its own."""
+    """The arguments every trl config takes from the recipe; each stage adds its own. Under
+    torchrun (a process group joined) each rank takes its share of the batch."""
     device = training_device()
     checkpoints = recipe.checkpoint_every > 0
     return {
         "output_dir": str(work_dir),
         "max_steps": recipe.steps,
-        "per_device_train_batch_size": recipe.batch_size,
+        "per_device_train_batch_size": per_process_batch(recipe, dist_info().world_size),
         "per_device_eval_batch_size": recipe.batch_size,
         "gradient_accumulation_steps": recipe.grad_accum,
         "learning_rate": recipe.learning_rate,
@@ -118,6 +131,9 @@ class CheckpointCallback(TrainerCallback):
         self.handler = on_checkpoint
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # Every rank writes its own RNG state into the directory, and transformers does not wait
+        # for them before this hook: rank 0 commits it once all have.
+        barrier()
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             self.handler(path, state.global_step)
@@ -170,6 +186,11 @@ def callbacks(on_checkpoint: OnCheckpoint | None, on_log: OnLog | None) -> list[
     return ([CheckpointCallback(on_checkpoint)] if on_checkpoint else []) + ([LogCallback(on_log)] if on_log else [])
 
 
+def log_line(entry: dict[str, Any]) -> str:
+    """One of trl's log lines (see LogCallback) as the run's log shows it: its figures but the epoch."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "epoch")
+
+
 def run_trainer(trainer: Trainer, recipe: TrainerRecipe, resume_from: Path | None) -> TrainingRun:
     """Run `trainer` to recipe.steps, from step 0 or from the checkpoint-N directory `resume_from`
     (written by a run of the same recipe: its weights, optimizer, schedule, RNG and data position)."""
@@ -207,6 +228,7 @@ def run_trainer(trainer: Trainer, recipe: TrainerRecipe, resume_from: Path | Non
         train_seconds=seconds,
         steps_per_second=(steps_done - (resumed_from_step or 0)) / seconds,
         precision="bf16" if trainer.args.bf16 else "fp32",
+        processes=trainer.args.world_size,
     )
 
 
@@ -218,11 +240,15 @@ def _checkpoint_step(checkpoint: Path, recipe: TrainerRecipe) -> int:
         raise FileNotFoundError(f"{checkpoint} is not a trl checkpoint (no {TRAINER_STATE_NAME}): resume_from takes a "
                                 f"{PREFIX_CHECKPOINT_DIR}-N directory written by a run of this stage")
     state = TrainerState.load_from_json(str(state_file))
-    differences = [f"{name}: checkpoint {saved}, recipe {now}"
-                   for name, saved, now in (("steps", state.max_steps, recipe.steps),
-                                            ("batch_size", state.train_batch_size, recipe.batch_size))
-                   if saved != now]
-    if differences:
-        raise ValueError(f"cannot resume from {checkpoint}: it was written by a run of another recipe ("
-                         + "; ".join(differences) + "); resume with that recipe, or start afresh")
+    if state.max_steps != recipe.steps:
+        raise ValueError(f"cannot resume from {checkpoint}: it was written by a run of another recipe (steps: "
+                         f"checkpoint {state.max_steps}, recipe {recipe.steps}); resume with that recipe, or start "
+                         "afresh")
+    # trainer_state.json holds one rank's batch: the recipe's over the processes of the run that wrote it.
+    processes = dist_info().world_size
+    if state.train_batch_size != per_process_batch(recipe, processes):
+        raise ValueError(f"cannot resume from {checkpoint}: its run gave each process {state.train_batch_size} rows "
+                         f"a micro-batch, this one splits batch_size {recipe.batch_size} over {processes} process(es); "
+                         "resume with that recipe and as many training processes (compute.training.nproc_per_node), "
+                         "or start afresh")
     return state.global_step

@@ -76,7 +76,8 @@ def run_policy(sft_dir: Path, reward_dir: Path | None, train_pairs: Rows, val_pa
     implicit_reward = (implicit_reward_pairwise(trainer.model, reference, tokenizer, val_records, beta=recipe.beta,
                                                 max_length=recipe.max_length, batch_size=recipe.batch_size)
                        if recipe.algorithm == "dpo" else None)
-    export_model(trainer.model, tokenizer, out_dir)
+    if trainer.is_world_process_zero():  # under torchrun every rank holds the same weights
+        export_model(trainer.model, tokenizer, out_dir)
     return PolicyResult(training=run, algorithm=recipe.algorithm, kl_nats_per_sequence=kl, kl_rows=len(kl_rows),
                         implicit_reward=implicit_reward, wall_seconds=time.perf_counter() - started)
 

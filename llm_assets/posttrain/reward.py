@@ -58,6 +58,7 @@ def run_reward(sft_dir: Path, train_pairs: Rows, val_pairs: Rows, recipe: Reward
 
     after = reward_pairwise(trainer.model, tokenizer, val_records, max_length=recipe.max_length,
                             batch_size=recipe.batch_size)
-    export_model(trainer.model, tokenizer, out_dir)
+    if trainer.is_world_process_zero():  # under torchrun every rank holds the same weights
+        export_model(trainer.model, tokenizer, out_dir)
     return RewardResult(training=run, held_out=after, held_out_before=before,
                         wall_seconds=time.perf_counter() - started)

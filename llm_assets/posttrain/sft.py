@@ -71,11 +71,16 @@ def run_sft(base_dir: Path, train_rows: Rows, val_rows: Rows, recipe: SftRecipe,
     run = run_trainer(trainer, recipe, resume_from)
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    adapter_dir = save_adapter(trainer.model, work_dir / "adapter") if method == "lora" else None
+    # Under torchrun every rank holds the same trained weights; rank 0 alone writes them.
+    writes = trainer.is_world_process_zero()
+    adapter_dir = work_dir / "adapter" if method == "lora" else None
+    if adapter_dir is not None and writes:
+        save_adapter(trainer.model, adapter_dir)
     trained = trainer.model.merge_and_unload() if method == "lora" else trainer.model
     val_loss = completion_loss(trained, tokenizer, val_records, max_length=recipe.max_length,
                                batch_size=recipe.batch_size)
-    export_model(trained, tokenizer, out_dir)
+    if writes:
+        export_model(trained, tokenizer, out_dir)
     return SftResult(training=run, val_loss=val_loss, base_val_loss=base_val_loss, val_rows=len(val_records),
                      method=method, parameters=parameters, trainable_parameters=trainable, adapter_dir=adapter_dir,
                      wall_seconds=time.perf_counter() - started)

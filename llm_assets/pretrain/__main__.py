@@ -16,9 +16,11 @@ from pathlib import Path
 import torch.distributed
 
 from llm_assets.pretrain.job import RunSpec, run
+from llm_assets.worker import end_with_torchrun
 
 
 def main() -> None:
+    end_with_torchrun()
     parser = argparse.ArgumentParser(prog="python -m llm_assets.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, required=True, help="JSON run spec")

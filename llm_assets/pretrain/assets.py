@@ -21,7 +21,6 @@ reads the base model. Its val loss is judged against the base model's own on the
 import json
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from llm_assets.checks.scope import materializations_under_check
 from llm_assets.compute import k8s_op_tags
 from llm_assets.costs import base_model_figures
 from llm_assets.data.dataset_splits import train_path
-from llm_assets.launch import run_worker
+from llm_assets.launch import run_worker, torchrun_command
 from llm_assets.manifest import CONTINUED_GATE, STAGE_GATES, PipelineManifest
 from llm_assets.plots import loss_curve_markdown
 from llm_assets.pretrain.scaling import PARAMETERS_FITTED, fit_scaling_law
@@ -54,10 +53,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index
 
 def launch_command(spec_path: Path, processes: int) -> list[str]:
     """The training job's command: the entry point itself, or torchrun starting it once per rank."""
-    entry = ["-m", "llm_assets.pretrain", "--spec", str(spec_path)]
-    if processes == 1:
-        return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *entry]
+    return torchrun_command("llm_assets.pretrain", spec_path, processes)
 
 
 def _training_figures(mat: dg.AssetMaterialization, continued: bool = False) -> Figures:
