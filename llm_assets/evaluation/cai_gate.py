@@ -23,9 +23,7 @@ from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.safety import RED_TEAM_FILE, SafetyResult, load_prompts, refusal_rate
 from llm_assets.manifest import CAI_GATE, ConstitutionRecipe, PipelineManifest
 from llm_assets.posttrain.assets import metric_reader
-from llm_assets.posttrain.cai import split_red_team
 from llm_assets.posttrain.dataset_files import read_dataset
-from llm_assets.posttrain.policy import run_policy
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 from resources.pipeline import PipelineResource
@@ -35,6 +33,8 @@ WITH, WITHOUT = "cai_refusal_rate", "refusal_rate_without_cai"
 
 def held_out_red_team(recipe: ConstitutionRecipe, seed: int) -> list[str]:
     """The shipped red-team prompts CAI does not answer: the gate's prompts."""
+    from llm_assets.posttrain.cai import split_red_team  # cai's module loads torch: imported when judged
+
     return split_red_team(load_prompts(RED_TEAM_FILE), recipe.held_out_fraction, seed)[1]
 
 
@@ -65,6 +65,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         prompts = held_out_red_team(constitution, current.seed)
 
         def build(out: Path) -> dict:
+            from llm_assets.posttrain.policy import run_policy  # the trainers load with the step
+
             pairs_train, pairs_val = read_dataset(store.local_dir(preference_dataset.sha256))
             with tempfile.TemporaryDirectory(prefix="llm-assets-trl-") as work:
                 run_policy(store.local_dir(sft_model.sha256), None, pairs_train, pairs_val, recipe, out, Path(work),

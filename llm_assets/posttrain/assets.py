@@ -11,11 +11,10 @@ stage has a blocking gate whose threshold comes from the manifest's `gates`.
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import polars as pl
-import torch
 
 from llm_assets.artifacts import artifact_asset, fingerprint_of, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
@@ -23,26 +22,22 @@ from llm_assets.compute import k8s_op_tags
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
 from llm_assets.launch import run_worker, torchrun_command
 from llm_assets.manifest import STAGE_GATES, PipelineManifest
-from llm_assets.posttrain.cai import (
-    ConstitutionError,
-    constitution_prompts,
-    run_cai,
-    write_cai_dataset,
-)
-from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun, log_line, per_process_batch
 from llm_assets.posttrain.dataset_files import write_dataset
 from llm_assets.posttrain.dataset_schema import DataSetError
 from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
-from llm_assets.posttrain.job import TrlRunSpec
-from llm_assets.posttrain.lora import store_adapter
 from llm_assets.posttrain.stage import ADAPTER_DIR, LOSS_CURVE, RECIPES, StageWork, run_stage, training_figures
-from llm_assets.pretrain.job import StoreProgress
 from llm_assets.progress import ResumeError, StepProgress
 from llm_assets.store import ArtifactStore
 from llm_assets.tracking import STEP_METRICS
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 from resources.pipeline import PipelineResource
+
+if TYPE_CHECKING:
+    from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
+
+# The trainers (torch, transformers, trl, peft) are imported inside the steps that run them: the
+# definitions load without them.
 
 SFT_VAL_LOSS_GATE, _ = STAGE_GATES["sft"]
 REWARD_ACCURACY_GATE, _ = STAGE_GATES["reward"]
@@ -137,11 +132,13 @@ def train_step(
     inputs: dict[str, ArtifactHandle],
     narrowed_inputs: dict[str, ArtifactHandle] | None = None,
     input_files: dict[str, tuple[str, ...]] | None = None,
-    train: Callable[[Path, Path, Path | None, OnCheckpoint, OnLog], dict[str, Any]],
+    train: Callable[[Path, Path, Path | None, "OnCheckpoint", "OnLog"], dict[str, Any]],
 ) -> dg.Output[ArtifactHandle]:
     """A trl stage as an artifact: resume from the step's committed checkpoint, commit new ones,
     log progress, and store the exported model. `train(out, work_dir, resume_from, on_checkpoint,
     on_log)` trains and returns the stage's metadata."""
+    from llm_assets.posttrain.common import log_line
+
     label = f"{context.asset_key.to_user_string()}[{context.partition_key}]"
     progress = StepProgress(store, context.asset_key.to_user_string(), context.partition_key,
                             fingerprint_of(context, config, inputs))
@@ -174,7 +171,7 @@ def figures_metadata(figures: dict[str, Any]) -> dict[str, Any]:
             STEP_METRICS: dg.MetadataValue.json(figures[STEP_METRICS])}
 
 
-def training_metadata(run: TrainingRun, title: str) -> dict[str, Any]:
+def training_metadata(run: "TrainingRun", title: str) -> dict[str, Any]:
     """What every trl stage shows: steps, losses, throughput and the loss curve."""
     return figures_metadata(training_figures(run, title))
 
@@ -189,6 +186,10 @@ def run_in_processes(context: dg.AssetExecutionContext, client: dg.PipesSubproce
     """`stage.run_stage` in `processes` torchrun ranks, launched through Dagster Pipes: rank 0 logs
     into the run, commits each checkpoint to the store under `fingerprint` (the step's, so that a
     rerun resumes from it) and reports the stage's figures, which this returns."""
+    from llm_assets.posttrain.common import per_process_batch
+    from llm_assets.posttrain.job import TrlRunSpec
+    from llm_assets.pretrain.job import StoreProgress
+
     label = context.asset_key.to_user_string() + (f"[{context.partition_key}]" if context.has_partition_key else "")
     try:  # refused here, before any process starts
         per_process_batch(RECIPES[work.stage].model_validate(work.recipe), processes)
@@ -223,7 +224,7 @@ def trl_step(context: dg.AssetExecutionContext, artifact_store: ArtifactStoreRes
     `finish(figures, out)` adds what the asset itself records besides the stage's figures."""
     store = artifact_store.get_store()
 
-    def train(out: Path, work_dir: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
+    def train(out: Path, work_dir: Path, resume: Path | None, on_checkpoint: "OnCheckpoint", on_log: "OnLog") -> dict:
         work = work_of()
         if processes == 1:
             figures = run_stage(work, out, work_dir, resume, on_checkpoint, on_log)
@@ -290,6 +291,8 @@ def _starting_model(size: str, loaded: dict[str, ArtifactHandle | dict[str, Arti
 
 def _processes(manifest: PipelineManifest) -> int:
     """The training processes a trl step runs in on this machine (compute.training)."""
+    import torch
+
     return manifest.compute.training.processes(torch.cuda.device_count())
 
 
@@ -301,6 +304,8 @@ def _cai_dataset(model_sizes: dg.PartitionsDefinition, op_tags: dict[str, Any]) 
                                 "answer) pairs.")
     def cai_dataset(context: dg.AssetExecutionContext, pipeline: PipelineResource,
                     artifact_store: ArtifactStoreResource, sft_model: ArtifactHandle) -> dg.Output[ArtifactHandle]:
+        from llm_assets.posttrain.cai import ConstitutionError, constitution_prompts, run_cai, write_cai_dataset
+
         store, current = artifact_store.get_store(), pipeline.load()
         recipe = current.stages.constitution
         try:
@@ -349,6 +354,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
                              dataset_dir=str(store.local_dir(sft_dataset.sha256)))
 
         def finish(figures: dict[str, Any], out: Path) -> dict[str, Any]:
+            from llm_assets.posttrain.lora import store_adapter
+
             adapter_dir = figures.pop(ADAPTER_DIR, None)
             return store_adapter(store, Path(adapter_dir), starting_model.sha256, out) if adapter_dir else {}
 

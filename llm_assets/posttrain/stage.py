@@ -10,18 +10,16 @@ asset turns the loss curve and the step metrics into their metadata types.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llm_assets.manifest import PolicyRecipe, RewardRecipe, SftRecipe
 from llm_assets.plots import loss_curve_markdown
-from llm_assets.posttrain.cai import read_cai_pairs
-from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
 from llm_assets.posttrain.dataset_files import read_dataset
-from llm_assets.posttrain.policy import run_policy
-from llm_assets.posttrain.reward import run_reward
-from llm_assets.posttrain.sft import run_sft
 from llm_assets.tracking import STEP_METRICS
 from llm_assets.worker import WorkerSpec
+
+if TYPE_CHECKING:
+    from llm_assets.posttrain.common import OnCheckpoint, OnLog, TrainingRun
 
 Stage = Literal["sft", "reward", "policy"]
 RECIPES = {"sft": SftRecipe, "reward": RewardRecipe, "policy": PolicyRecipe}
@@ -64,6 +62,12 @@ def run_stage(work: StageWork, out: Path, work_dir: Path, resume_from: Path | No
               on_checkpoint: OnCheckpoint | None, on_log: OnLog | None) -> dict[str, Any]:
     """Train `work`'s stage, export the model to `out` (checkpoints under `work_dir`, see
     `common.run_trainer`), and return its figures. Every torchrun rank calls this; rank 0 writes."""
+    # The trainers load here: the assets that describe the work are part of the definitions.
+    from llm_assets.posttrain.cai import read_cai_pairs
+    from llm_assets.posttrain.policy import run_policy
+    from llm_assets.posttrain.reward import run_reward
+    from llm_assets.posttrain.sft import run_sft
+
     recipe = RECIPES[work.stage].model_validate(work.recipe)
     model_dir, dataset_dir = Path(work.model_dir), Path(work.dataset_dir)
     progress = {"seed": work.seed, "resume_from": resume_from, "on_checkpoint": on_checkpoint, "on_log": on_log}

@@ -15,6 +15,7 @@ checks passed: a failed eval gate stops the chain before any release, and alerts
 """
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -27,9 +28,6 @@ from llm_assets.manifest import PipelineManifest
 from llm_assets.monitoring.conditions import after_update
 from llm_assets.monitoring.feedback import PREFERENCE_FILE, SFT_FILE
 from llm_assets.posttrain.assets import train_step, training_metadata
-from llm_assets.posttrain.common import OnCheckpoint, OnLog
-from llm_assets.posttrain.policy import run_policy
-from llm_assets.posttrain.sft import run_sft
 from llm_assets.release.assets import release_asset
 from llm_assets.release_pointer import (
     FINE_TUNED_FROM,
@@ -42,6 +40,9 @@ from llm_assets.retrain.examples import NotEnoughFeedback, feedback_examples
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle
 from resources.pipeline import PipelineResource
+
+if TYPE_CHECKING:
+    from llm_assets.posttrain.common import OnCheckpoint, OnLog
 
 FEEDBACK_MODEL, FEEDBACK_EVAL, FEEDBACK_RELEASE = "feedback_model", "feedback_eval_report", "feedback_release"
 
@@ -84,7 +85,11 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         verify_inputs(store, step, [InputRead("release", size, released, (RELEASE_JSON,))])
         model = read_release(store, released)["model"]
 
-        def train(out: Path, work: Path, resume: Path | None, on_checkpoint: OnCheckpoint, on_log: OnLog) -> dict:
+        def train(out: Path, work: Path, resume: Path | None, on_checkpoint: "OnCheckpoint", on_log: "OnLog") -> dict:
+            # The trainers load with the step, not with the definitions.
+            from llm_assets.posttrain.policy import run_policy
+            from llm_assets.posttrain.sft import run_sft
+
             data = store.local_dir(feedback_dataset.sha256)
             try:
                 examples = feedback_examples(_read_feedback(data / SFT_FILE), _read_feedback(data / PREFERENCE_FILE),

@@ -76,14 +76,17 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
     # SIGKILL the SFT step once its first checkpoint is committed to the store.
     env = {**os.environ, "DAGSTER_HOME": str(home), "LLM_ASSETS_MANIFEST": settings.manifest,
            "LLM_ASSETS_STORE": settings.store_uri, "LLM_ASSETS_ALERTS_JSONL": settings.alerts_jsonl}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm_assets.cli", "materialize", "--select", "key:sft_model"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    output = tmp_path / "sft-cli.log"
+    with output.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_assets.cli", "materialize", "--select", "key:sft_model"],
+            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     progress = Path(settings.store_uri) / "progress" / "sft_model"
     deadline = time.time() + 300
     while not any(progress.rglob("*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    assert proc.poll() is None, f"the SFT step ended before it was killed:\n{output.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert any(progress.rglob("*.json")), "a checkpoint was committed before the kill"
