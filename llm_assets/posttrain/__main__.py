@@ -9,26 +9,12 @@ rank 0 reports to Dagster; otherwise it prints one JSON line per event ({"event"
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import torch.distributed
-
 from llm_assets.posttrain.job import TrlRunSpec, run
-from llm_assets.worker import end_with_torchrun
+from llm_assets.pretrain.distributed import worker_main
 
 
 def main() -> None:
-    end_with_torchrun()
-    parser = argparse.ArgumentParser(prog="python -m llm_assets.posttrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", type=Path, required=True, help="JSON run spec")
-    spec = TrlRunSpec.model_validate_json(parser.parse_args().spec.read_text())
-    try:
-        run(spec)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    worker_main("python -m llm_assets.posttrain", __doc__, TrlRunSpec.model_validate_json, run)
 
 
 if __name__ == "__main__":

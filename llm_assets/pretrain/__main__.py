@@ -10,26 +10,12 @@ reports to Dagster; otherwise it prints one JSON line per event ({"event": "step
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import torch.distributed
-
+from llm_assets.pretrain.distributed import worker_main
 from llm_assets.pretrain.job import RunSpec, run
-from llm_assets.worker import end_with_torchrun
 
 
 def main() -> None:
-    end_with_torchrun()
-    parser = argparse.ArgumentParser(prog="python -m llm_assets.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", type=Path, required=True, help="JSON run spec")
-    spec = RunSpec.model_validate_json(parser.parse_args().spec.read_text())
-    try:
-        run(spec)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    worker_main("python -m llm_assets.pretrain", __doc__, RunSpec.model_validate_json, run)
 
 
 if __name__ == "__main__":

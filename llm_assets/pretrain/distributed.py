@@ -13,9 +13,12 @@ a single process.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import PreTrainedModel
+
+from llm_assets.worker import end_with_torchrun
+
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -172,3 +179,19 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
         "param_groups": [group | {"params": [ordered[i] for i in group["params"]]} for group in state["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def worker_main(prog: str, description: str, parse_spec: Callable[[str], S], run: Callable[[S], None]) -> None:
+    """A training worker's command line (`prog --spec run.json`), as torchrun starts it on each
+    rank: the rank ends with torchrun's agent, and its process group is torn down however `run`
+    ends."""
+    end_with_torchrun()
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", type=Path, required=True, help="JSON run spec")
+    spec = parse_spec(parser.parse_args().spec.read_text())
+    try:
+        run(spec)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
