@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import site
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,12 +66,18 @@ def _files_signature(root: Path) -> list[list[Any]]:
 
 
 def _installed_distributions() -> list[list[Any]]:
-    """Each installed distribution's metadata entry on the import path (`name-version.dist-info`)
-    with its metadata file's mtime: an install, upgrade or removal renames, rewrites or removes one.
-    Listing the path's folders takes a millisecond; parsing every distribution's metadata
-    (importlib.metadata) took 0.2-0.6 s a drive."""
+    """Each installed distribution's metadata entry (`name-version.dist-info`) where libraries are
+    installed, with its metadata file's mtime: an install, upgrade or removal renames, rewrites or
+    removes one. Listing the folders takes a millisecond; parsing every distribution's metadata
+    (importlib.metadata) took 0.2-0.6 s a drive.
+
+    Read from the site directories and PYTHONPATH, not from all of sys.path: its first entry is
+    where the command started (the working directory under `python -m`, the script's under
+    `llm-assets`), so the project's own `*.egg-info` would make two ways of starting the same
+    drive see two worlds, and each relaunch every run the other recorded."""
     found = []
-    for entry in dict.fromkeys(sys.path):
+    extra = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    for entry in dict.fromkeys([*site.getsitepackages(), site.getusersitepackages(), *extra]):
         try:
             with os.scandir(entry or ".") as listing:
                 named = sorted(item.path for item in listing if item.name.endswith((".dist-info", ".egg-info")))

@@ -8,6 +8,7 @@ import yaml
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
 from llm_assets.store import open_store
+from llm_assets.unchanged import _installed_distributions
 
 SELECT = "key:raw_corpus"
 
@@ -74,3 +75,15 @@ def test_a_drive_launching_every_run_keeps_what_it_made_skippable(settings, mani
     assert materialize_graph(defs, instance, selection=SELECT, log=lambda _: None, skip_unchanged=False).success
     runs, again, _ = drive(defs, instance)
     assert runs == 0 and again == built
+
+
+def test_where_a_command_starts_does_not_change_the_installed_libraries(tmp_path, monkeypatch):
+    """`python -m llm_assets.cli` from the project's folder puts it (and its *.egg-info) first on
+    sys.path, `llm-assets` puts the script's folder there: both drives must read one world."""
+    (tmp_path / "llm_assets.egg-info").mkdir()
+    installed = _installed_distributions()
+    assert installed and all(name.endswith((".dist-info", ".egg-info")) for name, _ in installed)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend("")
+    assert _installed_distributions() == installed
