@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from llm_assets.artifacts import InputRead, artifact_asset, materialize_artifact, verify_inputs
+from llm_assets.artifacts import artifact_asset, materialize_artifact
 from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.checks.scope import artifacts_under_check
 from llm_assets.data.residual_pii import scan_residual_pii
@@ -35,7 +35,8 @@ from llm_assets.monitoring.traffic import (
     window_frames,
 )
 from llm_assets.posttrain.assets import decontamination_texts
-from llm_assets.release_pointer import RELEASE_JSON, current_release, read_release, release_history
+from llm_assets.release.assets import current_model
+from llm_assets.release_pointer import release_history
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, input_records, latest_materializations
 from resources.pipeline import PipelineResource
@@ -199,10 +200,8 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         monitoring = current.stages.monitoring
         keys = context.partition_key.keys_by_dimension
         size, window = keys[SIZE], keys[WINDOW]
-        released = current_release(store, size) or release.sha256
         step = f"drift_report[{context.partition_key}]"
-        verify_inputs(store, step, [InputRead("release", size, released, (RELEASE_JSON,))])
-        model = read_release(store, released)["model"]
+        released, model = current_model(store, step, size, release)
         releases = {move.sha256 for move in release_history(store, size)} | {released}
 
         def build(out: Path) -> dict:

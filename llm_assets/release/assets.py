@@ -41,11 +41,21 @@ from llm_assets.release_pointer import (
     read_release,
     release_history,
 )
+from llm_assets.store import ArtifactStore
 from resources.artifact_store_resource import ArtifactStoreResource
 from resources.handles import ArtifactHandle, consumed_hash, current_materializations, latest_materializations
 from resources.pipeline import PipelineResource
 
 CAI_JUDGE = dg.AssetKey("policy_without_cai")  # llm_assets/evaluation/cai_gate.py
+
+
+def current_model(store: ArtifactStore, step: str, size: str, release: ArtifactHandle) -> tuple[str, dict]:
+    """The size's current release and the model it names: the pointer (which may have moved since
+    `release` last materialized: a rollback, a promoted candidate), else `release`; its
+    release.json is verified before it is read."""
+    released = current_release(store, size) or release.sha256
+    verify_inputs(store, step, [InputRead("release", size, released, (RELEASE_JSON,))])
+    return released, read_release(store, released)["model"]
 
 
 def lineage(instance: dg.DagsterInstance, asset_graph: BaseAssetGraph, parents: Sequence[dg.AssetKey],

@@ -21,20 +21,17 @@ import dagster as dg
 import polars as pl
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
-from llm_assets.artifacts import InputRead, artifact_asset, verify_inputs
+from llm_assets.artifacts import artifact_asset
 from llm_assets.compute import k8s_op_tags
 from llm_assets.evaluation.assets import eval_report_defs
 from llm_assets.manifest import PipelineManifest
 from llm_assets.monitoring.conditions import after_update
 from llm_assets.monitoring.feedback import PREFERENCE_FILE, SFT_FILE
 from llm_assets.posttrain.assets import train_step, training_metadata
-from llm_assets.release.assets import release_asset
+from llm_assets.release.assets import current_model, release_asset
 from llm_assets.release_pointer import (
     FINE_TUNED_FROM,
     READS_RELEASE_POINTER,
-    RELEASE_JSON,
-    current_release,
-    read_release,
 )
 from llm_assets.retrain.examples import NotEnoughFeedback, feedback_examples
 from resources.artifact_store_resource import ArtifactStoreResource
@@ -79,11 +76,7 @@ def build_defs(manifest: PipelineManifest) -> dg.Definitions:
         store, current = artifact_store.get_store(), pipeline.load()
         recipe, size = current.stages.monitoring.fine_tune, context.partition_key
         step = f"{FEEDBACK_MODEL}[{size}]"
-        # The size's current release (the pointer may have moved since `release` last ran: a
-        # rollback, a promoted candidate), verified before its model is read.
-        released = current_release(store, size) or release.sha256
-        verify_inputs(store, step, [InputRead("release", size, released, (RELEASE_JSON,))])
-        model = read_release(store, released)["model"]
+        released, model = current_model(store, step, size, release)
 
         def train(out: Path, work: Path, resume: Path | None, on_checkpoint: "OnCheckpoint", on_log: "OnLog") -> dict:
             # The trainers load with the step, not with the definitions.
