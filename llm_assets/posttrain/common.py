@@ -140,14 +140,20 @@ class CheckpointCallback(TrainerCallback):
 
 
 class LogCallback(TrainerCallback):
-    """Calls on_log({"step": N, **trl's log line}) on the main process for every log line."""
+    """Calls on_log({"step": N, **trl's log line}) on the main process for about twenty of a run's
+    training lines (every steps/20th, as pretraining reports) and for every other line (evaluation,
+    the closing summary). trl logs every step for the loss curve; each line handed on becomes an
+    event in the run's log, a database commit each."""
 
     def __init__(self, on_log: OnLog):
         self.handler = on_log  # not self.on_log, which would shadow the hook
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs:
+        if not (state.is_world_process_zero and logs):
+            return
+        every = max(1, state.max_steps // 20)
+        if "loss" not in logs or state.global_step % every == 0 or state.global_step == state.max_steps:
             self.handler({"step": state.global_step, **logs})
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerState
 
 from llm_assets.manifest import GrpoSpec, LoraSpec, PolicyRecipe, SftRecipe
-from llm_assets.posttrain.common import config_kwargs
+from llm_assets.posttrain.common import LogCallback, config_kwargs
 from llm_assets.posttrain.policy import run_policy
 from llm_assets.posttrain.rows import SFT_KEYS, records
 from llm_assets.posttrain.scoring import completion_loss, encode, pairwise, policy_kl, reward_pairwise
@@ -265,3 +265,17 @@ def test_config_kwargs_follow_the_recipe(tmp_path: Path) -> None:
     assert config_kwargs(SFT.model_copy(update={"precision": "bf16"}), tmp_path, seed=0)["bf16"] is True
     no_checkpoints = config_kwargs(SFT, tmp_path, seed=0)
     assert no_checkpoints["save_strategy"] == "no" and "save_steps" not in no_checkpoints
+
+
+def test_a_long_run_hands_on_about_twenty_training_lines_and_every_other_line() -> None:
+    handed: list[dict] = []
+    callback, state = LogCallback(handed.append), TrainerState(max_steps=120)
+    for step in range(1, 121):
+        state.global_step = step
+        callback.on_log(None, state, None, logs={"loss": 1.0})
+        if step % 50 == 0:
+            callback.on_log(None, state, None, logs={"eval_loss": 2.0})
+    callback.on_log(None, state, None, logs={"train_runtime": 3.0})
+    assert [line["step"] for line in handed if "loss" in line] == list(range(6, 121, 6))
+    assert [line["step"] for line in handed if "eval_loss" in line] == [50, 100]
+    assert handed[-1] == {"step": 120, "train_runtime": 3.0}
