@@ -22,6 +22,7 @@ from llm_assets.compute import k8s_op_tags
 from llm_assets.data.dataset_splits import file_digest, read_eval_set
 from llm_assets.launch import run_worker, torchrun_command
 from llm_assets.manifest import STAGE_GATES, PipelineManifest
+from llm_assets.plots import loss_curve_markdown
 from llm_assets.posttrain.dataset_files import write_dataset
 from llm_assets.posttrain.dataset_schema import DataSetError
 from llm_assets.posttrain.datasets import build_preference_dataset, build_sft_dataset
@@ -164,16 +165,16 @@ def train_step(
                                 narrowed_inputs=narrowed_inputs, input_files=input_files, build=build)
 
 
-def figures_metadata(figures: dict[str, Any]) -> dict[str, Any]:
-    """A trl stage's figures (`stage.run_stage`) as its metadata: the loss curve as an inline plot,
-    the step metrics as the tracker's curves."""
-    return {**figures, LOSS_CURVE: dg.MetadataValue.md(figures[LOSS_CURVE]),
+def figures_metadata(figures: dict[str, Any], title: str) -> dict[str, Any]:
+    """A trl stage's figures (`stage.run_stage`) as its metadata: the loss curve as an inline plot
+    titled `title`, the step metrics as the tracker's curves."""
+    return {**figures, LOSS_CURVE: dg.MetadataValue.md(loss_curve_markdown(figures[LOSS_CURVE], [], title)),
             STEP_METRICS: dg.MetadataValue.json(figures[STEP_METRICS])}
 
 
 def training_metadata(run: "TrainingRun", title: str) -> dict[str, Any]:
     """What every trl stage shows: steps, losses, throughput and the loss curve."""
-    return figures_metadata(training_figures(run, title))
+    return figures_metadata(training_figures(run), title)
 
 
 # The trl worker's entry point (`llm_assets/posttrain/__main__.py`).
@@ -232,7 +233,7 @@ def trl_step(context: dg.AssetExecutionContext, artifact_store: ArtifactStoreRes
             figures = run_in_processes(context, client, artifact_store, work, out, work_dir, resume,
                                        processes=processes, fingerprint=fingerprint_of(context, config, inputs))
         recorded = finish(figures, out) if finish else {}  # first: it takes the figures it records otherwise
-        return {**figures_metadata(figures), **recorded}
+        return {**figures_metadata(figures, work.title), **recorded}
 
     return train_step(context, store, config=config, inputs=inputs, narrowed_inputs=narrowed_inputs,
                       input_files=input_files, train=train)

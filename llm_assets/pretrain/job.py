@@ -29,7 +29,6 @@ from llm_assets.progress import StepProgress
 from llm_assets.tracing import REPORTED_PHASES, PhaseClock
 from llm_assets.tracking import STEP_METRICS
 from llm_assets.worker import Reporter, WorkerSpec, write_failure
-from resources.artifact_store_resource import store_from_config
 
 HISTORY_POINTS = 200  # loss-curve points reported to the UI
 
@@ -160,6 +159,10 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
         progress = None
         if spec.progress is not None and dist.is_main:
             where = spec.progress
+            # Rank 0 alone opens the store: the resource's module imports Dagster, a second of
+            # every rank's start otherwise.
+            from resources.artifact_store_resource import store_from_config
+
             progress = StepProgress(store_from_config(where.store), where.asset, where.partition, where.fingerprint)
         resume = broadcast_object(_resume_point(spec, progress, reporter) if dist.is_main else None)
     every = max(1, cfg.steps // 20)

@@ -61,7 +61,7 @@ def _launch(work: StageWork, root: Path, *, resume_from: Path | None = None,
                 pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
         figures = assets.run_in_processes(context, pipes_subprocess_client, artifact_store, work, root / "model",
                                           root / "work", resume_from, processes=2, fingerprint=fingerprint)
-        return dg.MaterializeResult(metadata=assets.figures_metadata(figures))
+        return dg.MaterializeResult(metadata=assets.figures_metadata(figures, work.title))
 
     resources = {"artifact_store": ArtifactStoreResource(uri=str(root / "store")),
                  "pipes_subprocess_client": dg.PipesSubprocessClient(env={"OMP_NUM_THREADS": "1"})}
