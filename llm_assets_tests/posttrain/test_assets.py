@@ -34,6 +34,9 @@ POSTTRAIN = {
 GATES = {"sft_val_loss": {"max": 8.0}, "reward_accuracy": {"min": 0.0}, "policy_kl": {"max": 100.0},
          "heldout_perplexity.bits_per_byte": {"max": 8.0}, **SAFETY_GATES}
 EVALUATION = {"max_docs": 12, "batch_size": 4, "safety_max_new_tokens": 8}
+# The same, with each shipped safety prompt file (32 prompts) answered in one batch: generating those
+# answers is most of an evaluation step. The tests that import EVALUATION keep the batch they were set with.
+ONE_BATCH_EVALUATION = {**EVALUATION, "batch_size": 32}
 
 
 def latest(instance: dg.DagsterInstance, asset: str) -> dg.AssetMaterialization:
@@ -50,20 +53,20 @@ def check_passed(instance: dg.DagsterInstance, asset: str, check: str) -> bool:
     return status == "SUCCEEDED"
 
 
-def with_posttraining(manifest_path: Path) -> dict:
+def with_posttraining(manifest_path: Path, evaluation: dict = EVALUATION) -> dict:
     with_training(manifest_path, steps=30)
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["model_sizes"] = {"xs": manifest["model_sizes"]["xs"]}
     manifest["stages"].update(POSTTRAIN)
     manifest["stages"]["posttrain_data"] = {"max_answer_chars": 160}
-    manifest["stages"]["evaluation"] = EVALUATION
+    manifest["stages"]["evaluation"] = evaluation
     manifest["gates"].update(GATES)
     manifest_path.write_text(yaml.safe_dump(manifest))
     return manifest
 
 
 def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_path, monkeypatch, capsys):
-    manifest = with_posttraining(manifest_path)
+    manifest = with_posttraining(manifest_path, ONE_BATCH_EVALUATION)
     home = tmp_path / "home"
     home.mkdir()
     defs = build_definitions(settings)
@@ -175,7 +178,7 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
         # and the thresholds.
         bpb = document["gate_values"]["heldout_perplexity.bits_per_byte"]
         manifest["gates"]["heldout_perplexity.bits_per_byte"] = {"max": 8.0, "baseline": "release", "max_delta": -1.0}
-        manifest["stages"]["evaluation"] = {**EVALUATION, "max_docs": 10}
+        manifest["stages"]["evaluation"] = {**ONE_BATCH_EVALUATION, "max_docs": 10}
         manifest_path.write_text(yaml.safe_dump(manifest))
         defs = build_definitions(settings)
         assert not materialize_graph(defs, instance, selection="key:eval_report", log=lambda _: None).success
@@ -191,7 +194,7 @@ def test_sft_reward_policy_train_resume_and_gate(settings, manifest_path, tmp_pa
         assert float(alert["metadata"]["gate_heldout_perplexity.bits_per_byte_max"]) == 8.0
         # The released report itself (the evaluation recipe put back: a cache hit) is not measured
         # against its own figure: the gate holds.
-        manifest["stages"]["evaluation"] = EVALUATION
+        manifest["stages"]["evaluation"] = ONE_BATCH_EVALUATION
         manifest_path.write_text(yaml.safe_dump(manifest))
         assert materialize_graph(build_definitions(settings), instance, selection="key:eval_report",
                                  log=lambda _: None).success

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +11,13 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
+from llm_assets.settings import Settings
+from llm_assets_tests.conftest import TEST_MANIFEST
 
 PRETRAIN = dg.AssetKey("pretrain_checkpoint")
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "vocab_size": 320,
@@ -33,6 +37,32 @@ def with_training(manifest_path: Path, **pretrain) -> None:
     manifest_path.write_text(yaml.safe_dump(manifest))
 
 
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """The data half, tokenizer and tokens of `with_training`'s manifest, materialized once for the
+    file into a Dagster home (`home`) and an artifact store (`artifacts`). The tests' manifests
+    differ only from the training step down: each starts from its own copy (the `home` fixture)."""
+    root = tmp_path_factory.mktemp("pretrain-upstream")
+    manifest_path = root / "pipeline.yaml"
+    manifest_path.write_text(yaml.safe_dump(TEST_MANIFEST, sort_keys=False))
+    with_training(manifest_path)
+    settings = Settings(manifest=str(manifest_path), store_uri=str(root / "artifacts"),
+                        alerts_jsonl=str(root / "alerts.jsonl"), alert_webhook_url=None, s3_endpoint_url=None)
+    (root / "home").mkdir()
+    with dg.DagsterInstance.local_temp(str(root / "home")) as instance:
+        assert materialize_graph(build_definitions(settings), instance,
+                                 selection="+key:token_shards or +key:heldout_tokens", log=lambda _: None).success
+    return root
+
+
+@pytest.fixture
+def home(upstream: Path, settings: Settings, tmp_path: Path) -> Path:
+    """This test's Dagster home, and its store at settings.store_uri: copies of `upstream`'s, so that
+    what a test trains, kills or forgets stays its own."""
+    shutil.copytree(upstream / "artifacts", settings.store_uri)
+    return Path(shutil.copytree(upstream / "home", tmp_path / "home"))
+
+
 def latest(instance, partition):
     return instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=PRETRAIN, asset_partitions=[partition]), limit=1
@@ -45,14 +75,14 @@ def mat_run_id(instance, partition):
     ).records[0].run_id
 
 
-def test_the_sweep_trains_every_size_under_torchrun_and_fits_a_scaling_law(settings, manifest_path):
+def test_the_sweep_trains_every_size_under_torchrun_and_fits_a_scaling_law(settings, manifest_path, home):
     with_training(manifest_path)
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["compute"] = {"training": {"gpus": 0, "nproc_per_node": 2}}  # two gloo ranks per size
     manifest_path.write_text(yaml.safe_dump(manifest))
     defs = build_definitions(settings)
-    with dg.DagsterInstance.local_temp() as instance:
-        assert materialize_graph(defs, instance, log=lambda _: None).success
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        assert materialize_graph(defs, instance, selection="key:pretrain_checkpoint+", log=lambda _: None).success
         for size in ("xs", "s"):
             mat = latest(instance, size)
             meta = mat.metadata
@@ -69,18 +99,12 @@ def test_the_sweep_trains_every_size_under_torchrun_and_fits_a_scaling_law(setti
         assert law["points_fitted"].value == 8 and law["sizes"].value == 2 and law["next_params"].value > 0
 
 
-def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manifest_path, tmp_path):
+def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manifest_path, home):
     with_training(manifest_path, steps=40)
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["model_sizes"] = {"xs": TINY}
     manifest_path.write_text(yaml.safe_dump(manifest))
-    home = tmp_path / "home"
-    home.mkdir()
     defs = build_definitions(settings)
-    with dg.DagsterInstance.local_temp(str(home)) as instance:
-        assert materialize_graph(
-            defs, instance, selection="+key:token_shards or +key:heldout_tokens", log=lambda _: None
-        ).success
 
     env = {**os.environ, "DAGSTER_HOME": str(home), "LLM_ASSETS_MANIFEST": settings.manifest,
            "LLM_ASSETS_STORE": settings.store_uri, "LLM_ASSETS_ALERTS_JSONL": settings.alerts_jsonl}
@@ -113,32 +137,34 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(settings, manife
         assert fresh["sha256"].value == resumed["sha256"].value
 
 
-def test_the_cost_gate_refuses_a_run_over_budget(settings, manifest_path, instance):
+def test_the_cost_gate_refuses_a_run_over_budget(settings, manifest_path, home):
     with_training(manifest_path)
     manifest = yaml.safe_load(manifest_path.read_text())
     # On a CPU the step is priced at CPU core-hours: a core this slow makes it cost more than the cap.
     manifest["budget"].update({"usd_cap": 0.01, "cpu_flops_per_core": 1.0})
     manifest_path.write_text(yaml.safe_dump(manifest))
     defs = build_definitions(settings)
-    result = materialize_graph(defs, instance, log=lambda _: None)
-    assert not result.success
-    failure = next(
-        e for run in instance.get_runs() if run.is_failure for e in instance.all_logs(run.run_id)
-        if e.dagster_event and e.dagster_event.is_step_failure
-    )
-    assert "refused: training" in failure.dagster_event.event_specific_data.error.message
-    assert "over budget.usd_cap $0.01" in failure.dagster_event.event_specific_data.error.message
+    with dg.DagsterInstance.local_temp(str(home)) as instance:
+        result = materialize_graph(defs, instance, selection="key:pretrain_checkpoint+", log=lambda _: None)
+        assert not result.success
+        failure = next(
+            e for run in instance.get_runs() if run.is_failure for e in instance.all_logs(run.run_id)
+            if e.dagster_event and e.dagster_event.is_step_failure
+        )
+        assert "refused: training" in failure.dagster_event.event_specific_data.error.message
+        assert "over budget.usd_cap $0.01" in failure.dagster_event.event_specific_data.error.message
 
-    # Within budget but a recipe the model cannot take: the worker's own error becomes the step's.
-    manifest["budget"].update({"usd_cap": 100.0, "cpu_flops_per_core": 1.5e10})
-    manifest["stages"]["pretrain"]["seq_len"] = 128  # the models hold 64 positions
-    manifest_path.write_text(yaml.safe_dump(manifest))
-    result = materialize_graph(build_definitions(settings), instance, selection="key:pretrain_checkpoint",
-                               log=lambda _: None)
-    assert not result.success
-    messages = [
-        e.dagster_event.event_specific_data.error.message for run in instance.get_runs() if run.is_failure
-        for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.is_step_failure
-    ]
-    assert any("training xs failed: ValueError: seq_len 128 exceeds the model's max_position_embeddings 64" in m
-               for m in messages), messages
+        # Within budget but a recipe the model cannot take: the worker's own error becomes the step's.
+        manifest["budget"].update({"usd_cap": 100.0, "cpu_flops_per_core": 1.5e10})
+        manifest["stages"]["pretrain"]["seq_len"] = 128  # the models hold 64 positions
+        manifest_path.write_text(yaml.safe_dump(manifest))
+        # One size shows it: each launches its own worker.
+        result = materialize_graph(build_definitions(settings), instance, selection="key:pretrain_checkpoint",
+                                   partitions=["xs"], log=lambda _: None)
+        assert not result.success
+        messages = [
+            e.dagster_event.event_specific_data.error.message for run in instance.get_runs() if run.is_failure
+            for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.is_step_failure
+        ]
+        assert any("training xs failed: ValueError: seq_len 128 exceeds the model's max_position_embeddings 64" in m
+                   for m in messages), messages

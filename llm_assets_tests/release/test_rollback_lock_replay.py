@@ -14,19 +14,19 @@ from llm_assets.cli import main
 from llm_assets.release_pointer import current_release
 from llm_assets.store import open_store
 from llm_assets_tests.conftest import SAFETY_GATES
-from llm_assets_tests.posttrain.test_assets import EVALUATION, POSTTRAIN
+from llm_assets_tests.posttrain.test_assets import EVALUATION, ONE_BATCH_EVALUATION, POSTTRAIN
 from llm_assets_tests.pretrain.test_assets import with_training
 from resources.handles import latest_materializations
 
 
-def with_sft_and_release(manifest_path: Path) -> dict:
+def with_sft_and_release(manifest_path: Path, evaluation: dict = EVALUATION) -> dict:
     """Pretraining of one tiny size, SFT, evaluation: the release promotes the SFT model, and the
     server spec serves it."""
     with_training(manifest_path, steps=30)
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["model_sizes"] = {"xs": manifest["model_sizes"]["xs"]}
     manifest["stages"].update(sft={**POSTTRAIN["sft"], "steps": 12}, posttrain_data={"max_answer_chars": 160},
-                              evaluation=EVALUATION, serving={"smoke_prompts": ["def parse(text):"]})
+                              evaluation=evaluation, serving={"smoke_prompts": ["def parse(text):"]})
     manifest["gates"].update({"sft_val_loss": {"max": 8.0}, "heldout_perplexity.bits_per_byte": {"max": 8.0},
                               **SAFETY_GATES})
     manifest_path.write_text(yaml.safe_dump(manifest))
@@ -47,7 +47,7 @@ def outcomes(output: str) -> dict[str, str]:
 
 def test_rollback_from_sft_restores_the_earlier_release_and_a_lock_replays(settings, manifest_path, tmp_path,
                                                                            monkeypatch, capsys):
-    manifest = with_sft_and_release(manifest_path)
+    manifest = with_sft_and_release(manifest_path, ONE_BATCH_EVALUATION)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LLM_ASSETS_STORE", settings.store_uri)
     monkeypatch.setenv("LLM_ASSETS_ALERTS_JSONL", settings.alerts_jsonl)
