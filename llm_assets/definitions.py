@@ -17,6 +17,7 @@ from llm_assets.compute import data_step_configs
 from llm_assets.data import assets as data
 from llm_assets.evaluation import assets as evaluation
 from llm_assets.evaluation import cai_gate
+from llm_assets.launch import DrainingFileMessageReader
 from llm_assets.manifest import PipelineManifest, load_manifest
 from llm_assets.monitoring import assets as monitoring
 from llm_assets.posttrain import assets as posttrain
@@ -43,7 +44,7 @@ def build_resources(settings: Settings, manifest: PipelineManifest | None = None
         "artifact_io": ArtifactHandleIOManager(),
         "pipeline": PipelineResource.for_manifest(settings.manifest, manifest) if manifest is not None
         else PipelineResource(manifest_path=settings.manifest),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(message_reader=DrainingFileMessageReader()),
         "quantize_environment": QuantizeEnvironmentResource(python=settings.quantize_python),
         "alert_sinks": AlertSinksResource(
             jsonl_path=settings.alerts_jsonl, webhook_url=settings.alert_webhook_url

@@ -3,12 +3,64 @@ its failure into one line the run's page shows."""
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster_pipes import PipesDefaultMessageWriter, PipesParams
+
+
+class DrainingFileMessageReader(dg.PipesMessageReader):
+    """Dagster's temporary-file message reader, except that once the session closes it reads the
+    file to its end. Dagster's own (1.13, `tail_file`) stops when a read finds nothing new and the
+    session has closed by the time it looks: a worker that writes its last messages (its result,
+    its closing message) and exits in between loses them, and the step fails on a result with
+    nothing in it. Here the session's state is taken before each read, so whatever was written
+    before it closed is read."""
+
+    @contextmanager
+    def read_messages(self, handler: Any) -> Iterator[PipesParams]:
+        with tempfile.TemporaryDirectory(prefix="llm-assets-pipes-") as scratch:
+            path = Path(scratch) / "messages"
+            path.touch()
+            closed = threading.Event()
+            reader = threading.Thread(target=self._read, args=(path, handler, closed), daemon=True)
+            reader.start()
+            try:
+                yield {PipesDefaultMessageWriter.FILE_PATH_KEY: str(path),
+                       PipesDefaultMessageWriter.INCLUDE_STDIO_IN_MESSAGES_KEY: False}
+            finally:
+                closed.set()
+                reader.join()
+
+    @staticmethod
+    def _read(path: Path, handler: Any, closed: threading.Event) -> None:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                while True:
+                    ended = closed.is_set()
+                    at = stream.tell()
+                    line = stream.readline()
+                    if line.endswith("\n"):
+                        handler.handle_message(json.loads(line))
+                    elif ended:  # all read (a killed worker's torn last line is not a message)
+                        return
+                    else:  # nothing new, or a line still being written
+                        stream.seek(at)
+                        time.sleep(0.01)
+        except Exception:
+            handler.report_pipes_framework_exception("the worker's message reader", sys.exc_info())
+            raise
+
+    def no_messages_debug_text(self) -> str:
+        return "Attempted to read messages from a local temporary file."
 
 
 def torchrun_command(module: str, spec_path: Path, processes: int) -> list[str]:
