@@ -34,6 +34,7 @@ from llm_assets.serving.records import DurableLog
 from llm_assets.serving.server import routes_to_candidate
 from llm_assets.store import open_store
 from llm_assets_tests.monitoring.conftest import IN_DISTRIBUTION, SHIFTED
+from llm_assets_tests.posttrain.test_assets import ONE_BATCH_EVALUATION
 from llm_assets_tests.release.test_rollback_lock_replay import with_sft_and_release
 from llm_assets_tests.serving.conftest import server_url
 
@@ -46,8 +47,9 @@ PROMPT_CHARS = 36  # the test model's context is 64 tokens of a 320-token (mostl
 def loop_manifest(manifest_path: Path, log_dir: Path) -> None:
     """The release tests' graph (pretraining, SFT, evaluation, release of one tiny size) with the loop:
     minute traffic windows (a test cannot wait an hour for one to close), a canary of half the
-    requests, a fine-tune on the feedback, and a bits-per-byte gate relative to the current release."""
-    manifest = with_sft_and_release(manifest_path)
+    requests, a fine-tune on the feedback, and a bits-per-byte gate relative to the current release.
+    Each of the loop's evaluations answers the safety prompts in one batch: most of an evaluation's time."""
+    manifest = with_sft_and_release(manifest_path, ONE_BATCH_EVALUATION)
     manifest["stages"]["serving"]["canary"] = {"fraction": FRACTION, "log_dir": str(log_dir)}
     manifest["stages"]["monitoring"] = {
         "log_dir": str(log_dir), "partitions": "minutely", "start": datetime.now(UTC).strftime("%Y-%m-%d"),

@@ -37,12 +37,11 @@ from llm_assets.checks.gate_check import Figures, gate_check
 from llm_assets.definitions import build_definitions
 from llm_assets.runner import materialize_graph
 from llm_assets.serving import ServeConfig, create_app, running
-from llm_assets.settings import PROJECT_ROOT
+from llm_assets.settings import PROJECT_ROOT, Settings
 from llm_assets.tracing import ENDPOINT_VARIABLES, run_trace_id
 from llm_assets.tracking import STEP_METRICS, flatten_params, step_series
-from llm_assets_tests.conftest import _free_port, stop_process_group
+from llm_assets_tests.conftest import TEST_MANIFEST, _free_port, stop_process_group
 from llm_assets_tests.posttrain.test_assets import with_posttraining
-from llm_assets_tests.pretrain.test_assets import with_training
 
 # The serving tests' tiny model, stored as an artifact: imported fixtures, not copies of them.
 from llm_assets_tests.serving.conftest import heldout, model_artifact, tokenizer_dir, trained_dir  # noqa: F401
@@ -100,12 +99,17 @@ def mlflow_server(tmp_path_factory) -> Iterator[Server]:
 def point_at(monkeypatch, url: str, experiment: str) -> str:
     """Track and trace to the server at `url` through the standard variables; the experiment's id."""
     experiment_id = mlflow.MlflowClient(url).create_experiment(experiment)
+    track_to(monkeypatch, url, experiment, experiment_id)
+    return experiment_id
+
+
+def track_to(monkeypatch, url: str, experiment: str, experiment_id: str) -> None:
+    """The variables that send runs and traces to an existing experiment on the server at `url`."""
     monkeypatch.setenv("LLM_ASSETS_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", url)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-mlflow-experiment-id={experiment_id}")
-    return experiment_id
 
 
 def step_resources(tmp_path: Path, manifest_path: Path) -> dict:
@@ -149,76 +153,110 @@ def test_every_training_evaluation_and_quantization_asset_is_tracked(settings) -
         assert "tracking" in defs.resolve_assets_def(key).required_resource_keys, f"{name} gets no tracking resource"
 
 
-@pytest.mark.slow
-def test_a_materialized_graph_is_tracked_and_traced_on_a_real_server(
-        settings, manifest_path, monkeypatch, mlflow_server) -> None:
-    experiment_id = point_at(monkeypatch, mlflow_server.url, "graph")
-    with_training(manifest_path, steps=20, eval_every=10, checkpoint_every=10)
+@dataclass(frozen=True)
+class TrackedGraph:
+    """The graph up to SFT of one size, materialized once with tracking on, for the tests that read it."""
+
+    url: str
+    experiment: str
+    experiment_id: str
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    records: dict[str, dg.EventLogRecord]  # the training stages' materializations, as first built
+
+
+@pytest.fixture(scope="module")
+def tracked_graph(tmp_path_factory, mlflow_server) -> Iterator[TrackedGraph]:
+    """Pretraining (20 steps) and a trl stage (SFT, 6 steps) of xs, and everything upstream of them,
+    tracked and traced to an experiment of their own: the most expensive set-up of this file, paid
+    once for the graph test and the trl test (the same upstream, built twice otherwise)."""
+    root = tmp_path_factory.mktemp("tracked-graph")
+    manifest_path = root / "pipeline.yaml"
+    manifest_path.write_text(yaml.safe_dump(TEST_MANIFEST, sort_keys=False))
+    manifest = with_posttraining(manifest_path)
+    manifest["stages"]["pretrain"].update(steps=20, eval_every=10, checkpoint_every=10)
+    manifest["stages"]["sft"].update(steps=6, eval_every=3, checkpoint_every=0)
     # About tracking, not the data half's gates: the tests' two stdlib packages share text across splits.
-    manifest = yaml.safe_load(manifest_path.read_text())
     manifest["stages"]["contamination"] = {"max_contaminated_fraction": 1.0}
     manifest_path.write_text(yaml.safe_dump(manifest))
-    defs = build_definitions(settings)
-    client = mlflow.MlflowClient(mlflow_server.url)
-    with dg.DagsterInstance.local_temp() as instance:
-        first = materialize_graph(defs, instance, selection=f"+key:{PRETRAIN}", partitions=["xs"], log=lambda _: None)
-        assert first.success
+    defs = build_definitions(Settings(manifest=str(manifest_path), store_uri=str(root / "artifacts"),
+                                      alerts_jsonl=str(root / "alerts.jsonl"), alert_webhook_url=None,
+                                      s3_endpoint_url=None))
+    # An in-memory instance: the claims are about MLflow's runs and traces, and a sqlite one costs
+    # seconds per run.
+    with pytest.MonkeyPatch.context() as monkeypatch, dg.DagsterInstance.ephemeral() as instance:
+        experiment_id = point_at(monkeypatch, mlflow_server.url, "graph")
+        assert materialize_graph(defs, instance, selection="+key:sft_model", partitions=["xs"],
+                                 log=lambda _: None).success
+        records = {asset: instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=["xs"]), limit=1).records[0]
+            for asset in (PRETRAIN, "sft_model")}
+        yield TrackedGraph(mlflow_server.url, "graph", experiment_id, defs, instance, records)
 
-        [run] = client.search_runs([experiment_id])  # only the training stage is tracked here
-        tags, params = run.data.tags, run.data.params
-        mat = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(PRETRAIN), asset_partitions=["xs"]), limit=1).records[0]
-        meta = {k: v.value for k, v in mat.asset_materialization.metadata.items()}
-        assert (tags["asset"], tags["partition"], tags["attempt"]) == (PRETRAIN, "xs", "1")
-        assert tags["dagster_run_id"] == mat.run_id and tags["fingerprint"] == meta["fingerprint"]
-        assert tags["artifact_sha256"] == meta["sha256"] and tags["artifact_uri"] == meta["uri"]
-        assert tags["git_commit"] and tags["code_version"] == meta["code_version"]
-        assert params["train.steps"] == "20" and "train.learning_rate" in params
-        assert meta[META_MLFLOW_RUN_ID] == run.info.run_id and meta[META_TRACKING].startswith("logged")
-        losses = client.get_metric_history(run.info.run_id, "train_loss")
-        assert len(losses) > 1 and sorted(m.step for m in losses) == [m.step for m in losses]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [10, 20]
-        assert run.data.metrics["final_train_loss"] == meta["final_train_loss"]
-        assert run.data.metrics["tokens_per_second"] > 0 and "cost_usd" in run.data.metrics
 
-        # One trace per Dagster run, a span per materialized asset partition with its phases.
-        traces = {t.info.trace_id: t for t in client.search_traces(locations=[experiment_id], max_results=100)}
-        trace = traces[f"tr-{run_trace_id(mat.run_id):032x}"]
-        spans = {s.name: s for s in trace.data.spans}
-        span = spans[f"materialize {PRETRAIN}[xs]"]
-        assert span.attributes["fingerprint"] == meta["fingerprint"] and span.attributes["cache_hit"] is False
-        assert span.attributes["final_train_loss"] == meta["final_train_loss"]
-        assert (span.attributes["asset"], span.attributes["partition"]) == (PRETRAIN, "xs")
-        assert span.attributes["sha256"] == meta["sha256"] and span.attributes["wall_seconds"] > 0
-        assert span.attributes["cost_usd"] == meta["cost_usd"] and span.attributes["tokens_seen"] == meta["tokens_seen"]
-        assert {"verify", "build", "save"} <= {s.name for s in trace.data.spans if s.parent_id == span.span_id}
-        # The gate's verdict on what this run built: a span of the same trace, in the check's step.
-        gate = spans[f"check {PRETRAIN}[xs] training_sane"]
-        assert gate.attributes["gate.check"] == "training_sane" and gate.attributes["sha256"] == meta["sha256"]
-        [evaluation] = [r.event_log_entry.dagster_event.event_specific_data for r in instance.get_records_for_run(
-            mat.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
-            if r.event_log_entry.dagster_event.event_specific_data.check_name == "training_sane"]
-        assert gate.attributes["gate.passed"] is evaluation.passed
-        assert gate.attributes["gate.pretrain_val_loss.value"] == meta["final_val_loss"]
-        for dagster_run in instance.get_runs():
-            in_run = instance.get_records_for_run(dagster_run.run_id,
-                                                  of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-            if not in_run:
-                continue
-            named = [s.name for s in traces[f"tr-{run_trace_id(dagster_run.run_id):032x}"].data.spans
-                     if s.name.startswith("materialize ")]
-            assert len(named) == len(in_run) == len(set(named)), f"one span per asset partition in {dagster_run.run_id}"
+@pytest.mark.slow
+def test_a_materialized_graph_is_tracked_and_traced_on_a_real_server(tracked_graph, monkeypatch) -> None:
+    experiment_id, defs, instance = tracked_graph.experiment_id, tracked_graph.defs, tracked_graph.instance
+    client = mlflow.MlflowClient(tracked_graph.url)
+    # The tracked stages' assets are (pretraining, SFT and its dataset); the data half and the tokenizer are not.
+    runs = {r.data.tags["asset"]: r for r in client.search_runs([experiment_id])}
+    assert sorted(runs) == [PRETRAIN, "sft_dataset", "sft_model"]
+    run = runs[PRETRAIN]
+    tags, params = run.data.tags, run.data.params
+    mat = tracked_graph.records[PRETRAIN]
+    meta = {k: v.value for k, v in mat.asset_materialization.metadata.items()}
+    assert (tags["asset"], tags["partition"], tags["attempt"]) == (PRETRAIN, "xs", "1")
+    assert tags["dagster_run_id"] == mat.run_id and tags["fingerprint"] == meta["fingerprint"]
+    assert tags["artifact_sha256"] == meta["sha256"] and tags["artifact_uri"] == meta["uri"]
+    assert tags["git_commit"] and tags["code_version"] == meta["code_version"]
+    assert params["train.steps"] == "20" and "train.learning_rate" in params
+    assert meta[META_MLFLOW_RUN_ID] == run.info.run_id and meta[META_TRACKING].startswith("logged")
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(losses) > 1 and sorted(m.step for m in losses) == [m.step for m in losses]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [10, 20]
+    assert run.data.metrics["final_train_loss"] == meta["final_train_loss"]
+    assert run.data.metrics["tokens_per_second"] > 0 and "cost_usd" in run.data.metrics
 
-        # All cache hits: no new MLflow run, and the materialization names the run that built it.
-        # Every step runs (skip_unchanged=False): the steps' own cache hits, not the driver's skip.
-        assert materialize_graph(defs, instance, selection=f"+key:{PRETRAIN}", partitions=["xs"],
-                                 log=lambda _: None, skip_unchanged=False).success
-        assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run.info.run_id]
-        again = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(PRETRAIN), asset_partitions=["xs"]), limit=1).records[0]
-        again_meta = again.asset_materialization.metadata
-        assert again_meta["cache_hit"].value and again_meta[META_MLFLOW_RUN_ID].value == run.info.run_id
-        assert META_TRACKING not in again_meta
+    # One trace per Dagster run, a span per materialized asset partition with its phases.
+    traces = {t.info.trace_id: t for t in client.search_traces(locations=[experiment_id], max_results=100)}
+    trace = traces[f"tr-{run_trace_id(mat.run_id):032x}"]
+    spans = {s.name: s for s in trace.data.spans}
+    span = spans[f"materialize {PRETRAIN}[xs]"]
+    assert span.attributes["fingerprint"] == meta["fingerprint"] and span.attributes["cache_hit"] is False
+    assert span.attributes["final_train_loss"] == meta["final_train_loss"]
+    assert (span.attributes["asset"], span.attributes["partition"]) == (PRETRAIN, "xs")
+    assert span.attributes["sha256"] == meta["sha256"] and span.attributes["wall_seconds"] > 0
+    assert span.attributes["cost_usd"] == meta["cost_usd"] and span.attributes["tokens_seen"] == meta["tokens_seen"]
+    assert {"verify", "build", "save"} <= {s.name for s in trace.data.spans if s.parent_id == span.span_id}
+    # The gate's verdict on what this run built: a span of the same trace, in the check's step.
+    gate = spans[f"check {PRETRAIN}[xs] training_sane"]
+    assert gate.attributes["gate.check"] == "training_sane" and gate.attributes["sha256"] == meta["sha256"]
+    [evaluation] = [r.event_log_entry.dagster_event.event_specific_data for r in instance.get_records_for_run(
+        mat.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+        if r.event_log_entry.dagster_event.event_specific_data.check_name == "training_sane"]
+    assert gate.attributes["gate.passed"] is evaluation.passed
+    assert gate.attributes["gate.pretrain_val_loss.value"] == meta["final_val_loss"]
+    for dagster_run in instance.get_runs():
+        in_run = instance.get_records_for_run(dagster_run.run_id,
+                                              of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        if not in_run:
+            continue
+        named = [s.name for s in traces[f"tr-{run_trace_id(dagster_run.run_id):032x}"].data.spans
+                 if s.name.startswith("materialize ")]
+        assert len(named) == len(in_run) == len(set(named)), f"one span per asset partition in {dagster_run.run_id}"
+
+    # A cache hit of the tracked step: no new MLflow run, and the materialization names the run that
+    # built it. The step runs (skip_unchanged=False): its own cache hit, not the driver's skip.
+    track_to(monkeypatch, tracked_graph.url, tracked_graph.experiment, experiment_id)
+    assert materialize_graph(defs, instance, selection=f"key:{PRETRAIN}", partitions=["xs"],
+                             log=lambda _: None, skip_unchanged=False).success
+    assert sorted(r.info.run_id for r in client.search_runs([experiment_id])) == sorted(
+        r.info.run_id for r in runs.values())
+    again = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(PRETRAIN), asset_partitions=["xs"]), limit=1).records[0]
+    again_meta = again.asset_materialization.metadata
+    assert again_meta["cache_hit"].value and again_meta[META_MLFLOW_RUN_ID].value == run.info.run_id
+    assert META_TRACKING not in again_meta
 
 
 def children(spans: list, parent) -> dict:
@@ -227,21 +265,9 @@ def children(spans: list, parent) -> dict:
 
 
 @pytest.mark.slow
-def test_a_trl_stage_logs_its_steps_and_traces_its_load_and_train_phases(
-        settings, manifest_path, monkeypatch, mlflow_server) -> None:
-    experiment_id = point_at(monkeypatch, mlflow_server.url, "sft")
-    manifest = with_posttraining(manifest_path)
-    manifest["stages"]["pretrain"].update(steps=20, eval_every=10, checkpoint_every=10)
-    manifest["stages"]["sft"].update(steps=6, eval_every=3, checkpoint_every=0)
-    manifest["stages"]["contamination"] = {"max_contaminated_fraction": 1.0}  # as in the graph test above
-    manifest_path.write_text(yaml.safe_dump(manifest))
-    client = mlflow.MlflowClient(mlflow_server.url)
-    with dg.DagsterInstance.local_temp() as instance:
-        assert materialize_graph(build_definitions(settings), instance, selection="+key:sft_model", partitions=["xs"],
-                                 log=lambda _: None).success
-        records = {asset: instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=["xs"]), limit=1).records[0]
-            for asset in (PRETRAIN, "sft_model")}
+def test_a_trl_stage_logs_its_steps_and_traces_its_load_and_train_phases(tracked_graph) -> None:
+    experiment_id, records = tracked_graph.experiment_id, tracked_graph.records
+    client = mlflow.MlflowClient(tracked_graph.url)
 
     # The SFT run: its recipe as params, trl's log lines as step metrics with their throughput.
     [run] = client.search_runs([experiment_id], "tags.asset = 'sft_model'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -37,15 +38,20 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A 2-CPU Ray head on 127.0.0.1 (`ray start --head --block` in its own process group, its
-    session files in a temp dir of its own), stopped afterwards even when a test fails."""
+    session files in a temp dir of its own), stopped afterwards even when a test fails. Only what the
+    tests use runs: no dashboard, no log monitor (the engine connects with log_to_driver=False; a
+    task's error reaches the driver as its exception). No drain on SIGTERM: Ray's default holds the
+    node up to 30 s for Ray Serve replicas, which this cluster never runs."""
     port = _free_port()
     # Short: Ray's unix sockets live under it, and a socket path may not exceed 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="ray-")
     ray = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=false", "--include-log-monitor=false", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
     )
     try:
         seen = []
@@ -86,7 +92,8 @@ def _dedup_chain_hashes(tmp_path: Path, manifest_path: Path, engine: str) -> dic
     path.write_text(yaml.safe_dump(manifest))
     settings = Settings(manifest=str(path), store_uri=str(tmp_path / f"artifacts-{engine}"),
                         alerts_jsonl=str(tmp_path / "alerts.jsonl"), alert_webhook_url=None, s3_endpoint_url=None)
-    with dg.DagsterInstance.local_temp() as instance:
+    # An in-memory instance: the claim is about the artifacts, and a sqlite one costs seconds per run.
+    with dg.DagsterInstance.ephemeral() as instance:
         result = materialize_graph(build_definitions(settings), instance, selection=DEDUP_CHAIN, log=lambda _: None)
         assert result.success, engine
         assert all(not o.cache_hit for o in result.outcomes)
