@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,29 @@ from llm_assets.definitions import build_definitions
 from llm_assets.settings import Settings
 from llm_assets.store import ArtifactStore, open_store
 
+
+def scratch_in_memory(min_free_bytes: int = 4 * 2**30) -> None:
+    """Put the tests' scratch (pytest's tmp_path, every temporary directory, the Dagster instances
+    and stores in them, and those of the processes the tests start) in RAM, on /dev/shm, when it
+    is a tmpfs with room. Every Dagster event is an SQLite commit and every artifact a synced
+    write: on a disk each waits for the device (ten tiny runs: 4.5 s on disk against 3.1 s in RAM
+    on a quiet machine, and the gap grows with two workers writing at once). An explicit TMPDIR
+    is kept; pytest keeps only the failed tests' folders (pyproject.toml), so little stays in RAM."""
+    if os.environ.get("TMPDIR"):
+        return
+    shm = Path("/dev/shm")
+    try:
+        roomy = shutil.disk_usage(shm).free >= min_free_bytes and os.access(shm, os.W_OK)
+    except OSError:
+        return
+    if roomy:
+        scratch = shm / f"llm-assets-tests-{os.getuid()}"
+        scratch.mkdir(mode=0o700, exist_ok=True)
+        os.environ["TMPDIR"] = str(scratch)
+        tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
+scratch_in_memory()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
