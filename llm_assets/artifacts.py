@@ -592,12 +592,20 @@ def _finish_tracked_run(context: dg.AssetExecutionContext, tracked: TrackedRun, 
     return f"failed: {tracked.failure}"
 
 
+# An artifact smaller than this is stored in moments: its write is not logged (the materialization
+# records its size); each log line is an event in the run, a database commit.
+_LOGGED_WRITE_BYTES = 64 * 2**20
+
+
 def _progress_logger(context: dg.AssetExecutionContext, asset: str) -> Callable[[str, int, int], None]:
-    """Log store writes at most every 10% so long uploads show progress without flooding."""
+    """Log the store write of a large artifact at most every 10%, so that a long upload shows
+    progress without flooding the run's log."""
     state = {"next": 0.1}
 
     def report(path: str, done: int, total: int) -> None:
-        fraction = done / total if total else 1.0
+        if total < _LOGGED_WRITE_BYTES:
+            return
+        fraction = done / total
         if fraction >= state["next"] or done == total:
             context.log.info(f"{asset}: stored {done / 1e6:.1f}/{total / 1e6:.1f} MB ({path})")
             state["next"] = fraction + 0.1

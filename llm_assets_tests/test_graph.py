@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 import yaml
 
+from llm_assets.artifacts import _progress_logger
 from llm_assets.definitions import build_definitions
 from llm_assets.manifest import ManifestError
 from llm_assets.runner import materialize_graph
@@ -150,3 +152,18 @@ def test_a_run_refuses_a_manifest_changed_since_the_definitions_were_built(defs,
     manifest_path.write_text(manifest_path.read_text() + "# edited after the Definitions were built\n")
     with pytest.raises(ManifestError, match="changed after the Definitions were built from it.*Reload the code"):
         materialize_graph(defs, instance, selection="key:raw_corpus", log=quiet)
+
+
+def test_the_write_of_a_large_artifact_is_logged_every_tenth_and_a_small_one_not_at_all() -> None:
+    logged: list[str] = []
+    context = SimpleNamespace(log=SimpleNamespace(info=logged.append))
+    mb = 2**20
+    small = _progress_logger(context, "tokenizer")
+    for done in (1 * mb, 2 * mb):
+        small("part", done, 2 * mb)
+    assert logged == []
+
+    large = _progress_logger(context, "pretrain_checkpoint")
+    for n in range(1, 41):  # 40 files of 5 MB
+        large(f"shard-{n}", n * 5 * mb, 200 * mb)
+    assert len(logged) == 10 and logged[-1] == "pretrain_checkpoint: stored 209.7/209.7 MB (shard-40)"
