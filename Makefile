@@ -45,14 +45,16 @@ quickstart: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/llm-assets plan
 	$(BIN)/llm-assets materialize
 
-# Two workers: most of a test's time is single-threaded (Dagster runs, data stages); the slow
-# end-to-end tests are scheduled first (llm_assets_tests/conftest.py).
+# Three workers on two cores: a test's time is mostly single-threaded (Dagster runs, data stages),
+# and much of it waits (servers starting, workers launched, traffic windows closing): with two
+# workers the cores were busy 139% of 200%. The slow end-to-end tests are scheduled first
+# (llm_assets_tests/conftest.py).
 # Lint (ruff, configured in pyproject.toml), then `dg check defs`: the code location (llm_assets.definitions, [tool.dg] in pyproject.toml)
 # loads as Dagster would load it, on the embedded default instance.
 test: install system-packages $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/ruff check .
 	$(BIN)/dg check defs
-	$(BIN)/python -m pytest -q -ra -n 2
+	$(BIN)/python -m pytest -q -ra -n 3
 
 test-fast: install system-packages
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -39,7 +39,10 @@ def scratch_in_memory(min_free_bytes: int = 4 * 2**30) -> None:
         return
     if roomy:
         scratch = shm / f"llm-assets-tests-{os.getuid()}"
-        scratch.mkdir(mode=0o700, exist_ok=True)
+        scratch.mkdir(exist_ok=True)
+        # Open to all, sticky, as /tmp is: a test's server may run as another user (PostgreSQL
+        # under root) and must reach the folder the test made for it.
+        scratch.chmod(0o1777)
         os.environ["TMPDIR"] = str(scratch)
         tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
@@ -52,8 +55,8 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # MLflow tracking costs seconds per step process; test_tracking.py turns it on against its own server.
 os.environ.setdefault("LLM_ASSETS_TRACKING", "off")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one thread each (and in every process a test starts), instead of
-    # two workers' thread pools spinning against each other.
+    # Several workers on two cores: one thread each (and in every process a test starts), instead
+    # of the workers' thread pools spinning against each other.
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 

@@ -80,7 +80,8 @@ ML_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "lm_eval", "
 def test_the_definitions_and_the_cli_load_without_the_ml_libraries() -> None:
     probe = ("import sys, llm_assets.definitions, llm_assets.cli; "
              f"print(' '.join(name for name in {ML_LIBRARIES!r} if name in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                            cwd=PROJECT_ROOT).stdout.split()
+    probed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    loaded = probed.stdout.split()
     assert loaded == [], (f"importing the definitions loads {loaded}: import the module that needs it inside "
                           "the step (python -X importtime -c 'import llm_assets.definitions' shows who imports it)")

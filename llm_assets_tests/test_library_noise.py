@@ -23,6 +23,6 @@ def test_only_the_known_library_warnings_are_dropped() -> None:
 
 
 def test_loading_the_definitions_prints_no_library_warning() -> None:
-    loaded = subprocess.run([sys.executable, "-c", "import llm_assets.definitions"], capture_output=True, text=True,
-                            check=True)
+    loaded = subprocess.run([sys.executable, "-c", "import llm_assets.definitions"], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "torchao" not in loaded.stderr and "Enum subclass" not in loaded.stderr, loaded.stderr[-2000:]
