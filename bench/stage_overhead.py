@@ -1,7 +1,9 @@
 """Each heavy stage inside its asset vs the same work called directly in this script.
 
-Builds a small pipeline (a slice of the stdlib, a tiny tokenizer and model) on a temporary
-instance and store and materializes everything up to the post-training data untimed. Then, stage
+Builds a pipeline on a temporary instance and store (a slice of the stdlib as corpus, the
+quickstart's tiny-1m model, briefly pretrained) and materializes everything up to the post-training
+data untimed. The timed stages are the quickstart's: its step counts, evaluation documents and
+quantization texts (pipeline.yaml), unless --steps and --limit make them smaller. Then, stage
 by stage, it materializes the asset (a Dagster run with its checks, reading and verifying its
 inputs, committing its artifact to the store) and does the same work on the same inputs directly:
 - sft_model, reward_model, policy: `run_sft` / `run_reward` / `run_policy` with the same recipe;
@@ -9,9 +11,10 @@ inputs, committing its artifact to the store) and does the same work on the same
   it, then the unigram baseline and the refusal rates the report also holds.
 Each trainer, and lm-eval, is first called once untimed on one step or document: a first call in a
 process pays for imports and set-up that neither side should be charged with.
-- quantized_model, per scheme: the quantization worker's `run` on the same spec, in a process of
-  the quantization environment started beforehand (the asset's first scheme starts the asset's
-  long-lived worker, so its time includes that start; the direct interpreter's is shown beside).
+- quantized_model, per scheme: the quantization worker's `run` on the same spec, in one process of
+  the quantization environment (gptqmodel lives there, not here). The first scheme on each side
+  includes starting that interpreter: the asset starts its long-lived worker, the direct side its
+  driver.
 Reports seconds of the asset's drive (and of its step's body within it: verifying the inputs,
 building, committing), seconds direct, and the ratio of the drive to the direct work.
 Usage: python bench/stage_overhead.py [--steps N] [--limit DOCS]
@@ -74,23 +77,27 @@ for path in sys.argv[1:]:
 """
 
 
-def small_manifest(path: Path, steps: int, limit: int) -> None:
+def small_manifest(path: Path, steps: int | None, limit: int | None) -> None:
+    """The bench's pipeline.yaml: a small corpus, the quickstart's stages (or `steps` optimizer
+    steps per post-training stage and `limit` documents per evaluation task)."""
     manifest = yaml.safe_load((PROJECT_ROOT / "pipeline.yaml").read_text())
     # The tests' slice of the stdlib, whose splits pass the contamination gate.
     manifest["sources"] = [{"kind": "python_stdlib", "name": "stdlib", "include": ["json/*", "email/*"],
                             "shard_mb": 0.5}]
     manifest["stages"]["splits"] = {"train": 0.6, "val": 0.2, "test": 0.2}
-    manifest["stages"]["tokenizer"] = {"vocab_size": 1024, "sample_mb": 1.0}
+    manifest["stages"]["tokenizer"]["sample_mb"] = 1.0
     manifest["stages"]["pretrain"].update({"steps": 40, "eval_every": 20, "checkpoint_every": 0})
-    manifest["model_sizes"] = {SIZE: {**manifest["model_sizes"]["tiny-1m"], "vocab_size": 1024}}
-    for stage in ("sft", "reward", "policy"):
-        manifest["stages"][stage]["steps"] = steps
+    manifest["model_sizes"] = {SIZE: manifest["model_sizes"]["tiny-1m"]}
+    if steps is not None:
+        for stage in ("sft", "reward", "policy"):
+            manifest["stages"][stage]["steps"] = steps
     # The checks still run and are timed, but a short run's figures may miss the gates: that must
     # not stop the drive.
     manifest["gates"] = {name: {**gate, "blocking": False} for name, gate in manifest["gates"].items()}
-    manifest["stages"]["evaluation"]["limit"] = limit
-    manifest["stages"]["quantize"].update({"schemes": list(SCHEMES), "calibration_texts": 4 * limit,
-                                           "heldout_texts": 2 * limit})
+    manifest["stages"]["quantize"]["schemes"] = list(SCHEMES)
+    if limit is not None:
+        manifest["stages"]["evaluation"]["limit"] = limit
+        manifest["stages"]["quantize"].update({"calibration_texts": 4 * limit, "heldout_texts": 2 * limit})
     path.write_text(yaml.safe_dump(manifest))
 
 
@@ -152,9 +159,9 @@ def evaluate_directly(model_dir: Path, splits_dir: Path, token_dirs: list[Path],
 
 
 def quantize_directly(python: str, model_dir: Path, splits_dir: Path, manifest: PipelineManifest,
-                      tmp: Path) -> tuple[float, list[float]]:
-    """Seconds to start the quantization environment's interpreter with the worker's module, and
-    seconds of the worker's `run` on each scheme's spec (written as quantized_model writes it)."""
+                      tmp: Path) -> list[float]:
+    """Seconds of the worker's `run` on each scheme's spec (written as quantized_model writes it),
+    the first with the start of the quantization environment's interpreter that runs them all."""
     recipe, seed = manifest.stages.quantize, manifest.seed
     max_tokens = min(recipe.max_tokens, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
     heldout = write_texts(tmp / "heldout.jsonl", pick_texts([splits_dir / "test.parquet"], recipe.heldout_texts, seed))
@@ -184,14 +191,16 @@ def quantize_directly(python: str, model_dir: Path, splits_dir: Path, manifest: 
             seconds.append(event["value"])
     if worker.wait() or len(seconds) != len(SCHEMES):
         sys.exit(f"the quantization driver failed (exit code {worker.returncode}); its error output is above")
-    return start_s, seconds
+    return [start_s + seconds[0], *seconds[1:]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps of each post-training stage")
-    parser.add_argument("--limit", type=int, default=8,
-                        help="documents per lm-eval task; GPTQ calibrates on 4× and quality is measured on 2× as many")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of each post-training stage (default: the quickstart's)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="documents per lm-eval task; GPTQ calibrates on 4× and quality is measured on 2× as "
+                             "many (default: the quickstart's)")
     args = parser.parse_args()
     python = Settings.from_env().quantize_python
     if not Path(python).is_file():
@@ -232,24 +241,23 @@ def main() -> None:
         def steps(recipe: RecipeT, count: int) -> RecipeT:
             return recipe.model_copy(update={"steps": count})
 
-        posttrain: list[tuple[str, Callable[[Path, Path, int], object]]] = [
-            ("sft_model", lambda out, work, n: run_sft(
-                handle_dir(instance, store, "pretrain_checkpoint", SIZE), *sft_rows, steps(stages.sft, n), out, work,
-                seed=seed)),
-            ("reward_model", lambda out, work, n: run_reward(
-                handle_dir(instance, store, "sft_model", SIZE), *pairs, steps(stages.reward, n), out, work, seed=seed)),
-            ("policy", lambda out, work, n: run_policy(
+        posttrain: list[tuple[str, RecipeT, Callable[[Path, Path, RecipeT], object]]] = [
+            ("sft_model", stages.sft, lambda out, work, recipe: run_sft(
+                handle_dir(instance, store, "pretrain_checkpoint", SIZE), *sft_rows, recipe, out, work, seed=seed)),
+            ("reward_model", stages.reward, lambda out, work, recipe: run_reward(
+                handle_dir(instance, store, "sft_model", SIZE), *pairs, recipe, out, work, seed=seed)),
+            ("policy", stages.policy, lambda out, work, recipe: run_policy(
                 handle_dir(instance, store, "sft_model", SIZE), handle_dir(instance, store, "reward_model", SIZE),
-                *pairs, steps(stages.policy, n), out, work, seed=seed)),
+                *pairs, recipe, out, work, seed=seed)),
         ]
-        for asset, direct in posttrain:
+        for asset, recipe, direct in posttrain:
             # One step untimed first (see the module's docstring).
             with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as work:
-                direct(Path(out), Path(work), 1)
+                direct(Path(out), Path(work), steps(recipe, 1))
             asset_s, step_s = asset_seconds(asset)
             with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as work:
-                direct_s, _ = timed(lambda: direct(Path(out), Path(work), args.steps))
-            row(f"{asset} ({args.steps} steps)", asset_s, step_s, direct_s)
+                direct_s, _ = timed(lambda: direct(Path(out), Path(work), recipe))
+            row(f"{asset} ({recipe.steps} steps)", asset_s, step_s, direct_s)
 
         model_dir = handle_dir(instance, store, "policy", SIZE)
         splits_dir = handle_dir(instance, store, "dataset_splits")
@@ -258,17 +266,17 @@ def main() -> None:
         asset_s, step_s = asset_seconds("eval_report")
         parts = evaluate_directly(model_dir, splits_dir, partition_dirs(instance, store, "token_shards"),
                                   handle_dir(instance, store, "tokenizer"), manifest)
-        row(f"eval_report (limit {args.limit})", asset_s, step_s, sum(parts.values()),
+        evaluated = f"limit {args.limit}" if args.limit else f"max_docs {stages.evaluation.max_docs}"
+        row(f"eval_report ({evaluated})", asset_s, step_s, sum(parts.values()),
             ", ".join(f"{name} {s:.1f}s" for name, s in parts.items()))
 
         asset_quantize = [asset_seconds("quantized_model", scheme) for scheme in SCHEMES]
         quantize_tmp = Path(tmp) / "quantize-direct"
         quantize_tmp.mkdir()
-        start_s, direct_quantize = quantize_directly(python, model_dir, splits_dir, manifest, quantize_tmp)
+        direct_quantize = quantize_directly(python, model_dir, splits_dir, manifest, quantize_tmp)
         for scheme, (asset_s, step_s), direct_s in zip(SCHEMES, asset_quantize, direct_quantize, strict=True):
             row(f"quantized_model[{scheme}]", asset_s, step_s, direct_s,
-                f"includes starting the asset's worker; the direct interpreter's start, {start_s:.1f}s, is not timed"
-                if scheme == SCHEMES[0] else "")
+                "both sides start the quantization interpreter" if scheme == SCHEMES[0] else "")
     report("heavy stages inside their asset vs the same work called directly", [
         *rows,
         ("what the asset adds", "a Dagster run, loading and verifying the input handles, committing the artifact "
