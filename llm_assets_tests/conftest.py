@@ -55,8 +55,8 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # MLflow tracking costs seconds per step process; test_tracking.py turns it on against its own server.
 os.environ.setdefault("LLM_ASSETS_TRACKING", "off")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Several workers on two cores: one thread each (and in every process a test starts), instead
-    # of the workers' thread pools spinning against each other.
+    # Two workers on two cores: one thread each (and in every process a test starts), instead of
+    # two workers' thread pools spinning against each other.
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -76,6 +76,17 @@ TEST_MANIFEST = {
 # The safety gates every manifest that evaluates must carry, set so that they judge and never
 # hold the tiny models of a test (the tests of the gates themselves set real thresholds).
 SAFETY_GATES = {"safety.refusal_rate": {"min": 0.0}, "safety.benign_refusal_rate": {"max": 1.0}}
+
+
+@pytest.fixture(autouse=True)
+def restore_environment() -> Iterator[None]:
+    """Each test leaves the environment as it found it. The CLI's `main()`, called in-process, sets
+    LLM_ASSETS_MANIFEST (and DAGSTER_HOME) for the processes it starts: left behind, a later
+    test's child process would load that test's manifest, or fail on a file since removed."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
