@@ -132,6 +132,12 @@ def test_stale_input_fails_the_input_chain_and_names_the_parent(defs, instance, 
     assert not evaluation.passed
     assert "consumed raw_corpus[stdlib-0000]" in evaluation.description
     assert "rematerialize corpus_inventory" in evaluation.description
+    # The two gates share a step; one of them runs alone (the UI's "execute" on one check).
+    alone = dg.materialize([*defs.assets, *defs.asset_checks], instance=instance, resources=defs.resources,
+                           selection=dg.AssetSelection.checks(dg.AssetCheckKey(INVENTORY, INPUT_CHAIN)),
+                           raise_on_error=False)
+    assert list(evaluations(alone)) == [("corpus_inventory", INPUT_CHAIN)]
+    assert not evaluations(alone)[("corpus_inventory", INPUT_CHAIN)].passed
 
     assert materialize_graph(defs, instance, selection="key:corpus_inventory", log=quiet).success
     fresh = run_checks(defs, instance, [INVENTORY])
