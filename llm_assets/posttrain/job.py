@@ -19,7 +19,6 @@ from llm_assets.posttrain.common import log_line
 from llm_assets.posttrain.stage import StageWork, run_stage
 from llm_assets.pretrain.distributed import maybe_init_distributed
 from llm_assets.pretrain.job import StoreProgress
-from llm_assets.progress import StepProgress
 from llm_assets.worker import Reporter, WorkerSpec, write_failure
 
 
@@ -38,14 +37,7 @@ def run(spec: TrlRunSpec) -> dict[str, Any]:
     dist = maybe_init_distributed()
     reporter = Reporter.open(dist.is_main)
     try:
-        progress = None
-        if spec.progress is not None and dist.is_main:
-            where = spec.progress
-            # Rank 0 alone opens the store: the resource's module imports Dagster, a second of
-            # every rank's start otherwise.
-            from resources.artifact_store_resource import store_from_config
-
-            progress = StepProgress(store_from_config(where.store), where.asset, where.partition, where.fingerprint)
+        progress = spec.progress.open() if spec.progress is not None and dist.is_main else None
 
         def on_checkpoint(path: Path, step: int) -> None:  # rank 0 only (common.CheckpointCallback)
             if progress is None:

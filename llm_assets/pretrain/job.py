@@ -41,6 +41,13 @@ class StoreProgress(WorkerSpec):
     partition: str | None
     fingerprint: str
 
+    def open(self) -> StepProgress:
+        """The step's progress in the store. Only rank 0 calls it: the resource's module imports
+        Dagster, a second of every rank's start otherwise."""
+        from resources.artifact_store_resource import store_from_config
+
+        return StepProgress(store_from_config(self.store), self.asset, self.partition, self.fingerprint)
+
 
 class RunSpec(WorkerSpec):
     model: ModelSize | None = None  # the architecture of a fresh model
@@ -156,14 +163,7 @@ def _run(spec: RunSpec, dist: DistInfo, reporter: Reporter) -> TrainResult:
         params = matmul_parameters(model)  # before FSDP shards it
         train_data = TokenData.from_bin_files(spec.train_bins, spec.token_dtype)
         val_data = TokenData.from_bin_files(spec.val_bins, spec.token_dtype) if spec.val_bins else None
-        progress = None
-        if spec.progress is not None and dist.is_main:
-            where = spec.progress
-            # Rank 0 alone opens the store: the resource's module imports Dagster, a second of
-            # every rank's start otherwise.
-            from resources.artifact_store_resource import store_from_config
-
-            progress = StepProgress(store_from_config(where.store), where.asset, where.partition, where.fingerprint)
+        progress = spec.progress.open() if spec.progress is not None and dist.is_main else None
         resume = broadcast_object(_resume_point(spec, progress, reporter) if dist.is_main else None)
     every = max(1, cfg.steps // 20)
 
