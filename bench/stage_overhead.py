@@ -1,11 +1,12 @@
 """Each heavy stage inside its asset vs the same work called directly in this script.
 
-Builds a pipeline on a temporary instance and store (a slice of the stdlib as corpus, the
-quickstart's tiny-1m model, briefly pretrained) and materializes everything up to the post-training
-data untimed. The timed stages are the quickstart's: its step counts, evaluation documents and
-quantization texts (pipeline.yaml), unless --steps and --limit make them smaller. Then, stage
-by stage, it materializes the asset (a Dagster run with its checks, reading and verifying its
-inputs, committing its artifact to the store) and does the same work on the same inputs directly:
+Builds a pipeline on a temporary instance (with the project's instance config, as the quickstart's)
+and store (a slice of the stdlib as corpus, the quickstart's tiny-1m model, briefly pretrained) and
+materializes everything up to the post-training data untimed. The timed stages are the quickstart's:
+its step counts, evaluation documents and quantization texts (pipeline.yaml), unless --steps and
+--limit make them smaller. Then, stage by stage, it materializes the asset (a Dagster run with its
+checks, reading and verifying its inputs, committing its artifact to the store) and does the same
+work on the same inputs directly:
 - sft_model, reward_model, policy: `run_sft` / `run_reward` / `run_policy` with the same recipe;
 - eval_report: the held-out tasks written and lm-eval's `simple_evaluate` called as the asset calls
   it, then the unigram baseline and the refusal rates the report also holds.
@@ -54,7 +55,7 @@ from llm_assets.posttrain.sft import run_sft  # noqa: E402
 from llm_assets.quantize.assets import pick_texts, write_texts  # noqa: E402
 from llm_assets.quantize.worker import QuantizeSpec  # noqa: E402
 from llm_assets.runner import materialize_graph  # noqa: E402
-from llm_assets.settings import PROJECT_ROOT, Settings  # noqa: E402
+from llm_assets.settings import PROJECT_ROOT, Settings, prepare_dagster_home  # noqa: E402
 from llm_assets.store import open_store  # noqa: E402
 from llm_assets.tokenizer.assets import TOKENIZER_FILE  # noqa: E402
 
@@ -211,7 +212,8 @@ def main() -> None:
         rows.append((name, f"asset {asset_s:6.1f}s (step body {step_s:6.1f}s)  direct {direct_s:6.1f}s  "
                            f"ratio {asset_s / direct_s:.2f}" + (f"  ({note})" if note else "")))
 
-    with tempfile.TemporaryDirectory() as tmp, dg.DagsterInstance.local_temp() as instance:
+    with tempfile.TemporaryDirectory() as tmp, \
+            dg.DagsterInstance.local_temp(str(prepare_dagster_home(Path(tmp) / "dagster_home"))) as instance:
         manifest_path = Path(tmp) / "pipeline.yaml"
         small_manifest(manifest_path, args.steps, args.limit)
         manifest = load_manifest(manifest_path)
