@@ -18,16 +18,19 @@ UI_PORT ?= 3000
 
 # pip takes torch (pinned, the CPU build) and uv; uv then resolves and installs the rest many times
 # faster than pip. torch==2.13.0 is already there, so nothing asks for another build.
+# --compile-bytecode: uv, unlike pip, leaves the bytecode to the first import, and where
+# PYTHONDONTWRITEBYTECODE is set (CI containers) no import writes it, so every process compiles
+# transformers, Dagster and the rest again (a torchrun rank, a CLI call, the quantization worker).
 $(BIN)/llm-assets: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0 'uv>=0.9,<1'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]'
 	touch $@
 
 $(QUANT_VENV)/installed: requirements-quantize.txt pyproject.toml
 	$(PYTHON) -m venv $(QUANT_VENV)
 	$(QUANT_VENV)/bin/pip install --quiet torch==2.13.0 'uv>=0.9,<1'
-	$(QUANT_VENV)/bin/uv pip install --quiet --python $(QUANT_VENV)/bin/python -r requirements-quantize.txt
+	$(QUANT_VENV)/bin/uv pip install --quiet --compile-bytecode --python $(QUANT_VENV)/bin/python -r requirements-quantize.txt
 	$(QUANT_VENV)/bin/uv pip install --quiet --python $(QUANT_VENV)/bin/python --no-deps -e .
 	touch $@
 
